@@ -1,0 +1,1 @@
+"""Datasets: the built-in shapes toy set and COCO-format folders."""

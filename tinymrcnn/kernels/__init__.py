@@ -1,0 +1,1 @@
+"""Numba kernels behind tinymrcnn.ops: cpu/ (numba.njit) and cuda/ (numba.cuda)."""

@@ -1,0 +1,1 @@
+"""The Mask R-CNN pipeline, one file per stage in the order the data flows."""

@@ -1,0 +1,1 @@
+"""Functional forward/backward pairs: conv, boxes, NMS, RoI pooling, RoIAlign."""
