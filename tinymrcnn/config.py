@@ -1,0 +1,205 @@
+"""MaskRCNNConfig: every constant of the pipeline in one dataclass.
+
+Two presets:
+
+* :meth:`MaskRCNNConfig.shapes` -- the toy default. A small GroupNorm ResNet
+  trained from scratch on 128x128 shapes images on a laptop CPU.
+* :meth:`MaskRCNNConfig.torchvision_r50_fpn` -- the values of torchvision's
+  ``maskrcnn_resnet50_fpn`` (SPEC.md), so that with the same weights
+  tinymrcnn computes the same thing.
+
+Field names say which stage uses them (``rpn_*``, ``box_*``, ``mask_*``).
+Where torchvision and detectron2 differ, a field is the switch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MaskRCNNConfig:
+    # ---- classes --------------------------------------------------------
+    num_classes: int = 4                      # including background (label 0)
+    class_names: tuple = ("background", "square", "circle", "triangle")
+
+    # ---- input transform (SPEC "Input transform") -------------------------
+    min_size: int | None = None               # resize short side to this; None keeps the size
+    max_size: int | None = None               # cap on the long side (torchvision: 1333)
+    image_mean: tuple = (0.485, 0.456, 0.406)
+    image_std: tuple = (0.229, 0.224, 0.225)
+    size_divisible: int = 32                  # zero-pad H and W up to a multiple of this
+
+    # ---- backbone (SPEC "Backbone and FPN") -------------------------------
+    block: str = "basic"                      # "basic" (ResNet-18/34) or "bottleneck" (ResNet-50+)
+    blocks_per_stage: tuple = (2, 2, 2, 2)    # layer1..layer4
+    stem_channels: int = 64
+    stage_channels: tuple = (64, 128, 256, 512)   # output channels of C2..C5
+    norm: str = "group"                       # "group", "batch" or "frozen_bn"
+    group_norm_groups: int = 32               # capped so every group has >= 4 channels
+    frozen_stages: int = 0                    # 0: train all; 1: freeze stem; k: stem + layer1..k-1
+    stem_maxpool: bool = True
+
+    # ---- FPN -------------------------------------------------------------
+    fpn_channels: int = 256
+
+    # ---- anchors (SPEC "Anchors") ----------------------------------------
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)     # one per level P2..P6
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)            # h / w
+    anchor_cell_centered: bool = False                # torchvision: False (centres at cell corners)
+
+    # ---- RPN (SPEC "RPN and the proposal layer") ---------------------------
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_score_thresh: float = 0.0
+    rpn_min_size: float = 1e-3
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_smooth_l1_beta: float = 1.0 / 9
+
+    # ---- RoI feature extraction (SPEC "RoIAlign", "LevelMapper") ------------
+    roi_op: str = "roi_align"                 # "roi_align" or "roi_pool" (Table 2c ablation)
+    roi_align_mode: str = "avg"               # "avg" or "max" (the blog's step 5)
+    roi_aligned: bool = False                 # half-pixel offset (detectron2: True)
+    roi_sampling_ratio: int = 2               # <= 0: adaptive ceil(roi / bins)
+    canonical_scale: float = 224.0
+    canonical_level: int = 4
+    box_roi_size: int = 7
+    mask_roi_size: int = 14
+
+    # ---- box head (SPEC "Box head") -----------------------------------------
+    box_fg_iou_thresh: float = 0.5
+    box_bg_iou_thresh: float = 0.5
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    box_coder_weights: tuple = (10.0, 10.0, 5.0, 5.0)
+    box_representation_size: int = 1024       # TwoMLPHead width
+    box_smooth_l1_beta: float = 1.0 / 9       # 0 gives plain L1 (detectron2)
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+    box_min_size: float = 1e-2
+
+    # ---- mask head (SPEC "Mask head") ---------------------------------------
+    mask_num_convs: int = 4
+    mask_channels: int = 256
+    mask_target_mode: str = "soft"            # "soft" (torchvision) or "threshold" (detectron2)
+    mask_target_aligned: bool = False         # RoIAlign of GT masks: torchvision False
+    mask_loss_type: str = "sigmoid"           # "sigmoid" (per class) or "softmax" (Table 2b)
+
+    # ---- numerics ----------------------------------------------------------
+    dtype: str = "float32"
+
+    # ------------------------------------------------------------------------
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"MaskRCNNConfig: {msg}")
+        need(self.num_classes >= 2, f"num_classes must count background too (>= 2), got {self.num_classes}")
+        need(len(self.class_names) == self.num_classes,
+             f"class_names has {len(self.class_names)} names for num_classes={self.num_classes}")
+        need(self.block in ("basic", "bottleneck"), f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+        need(len(self.blocks_per_stage) == 4, "blocks_per_stage needs 4 entries (layer1..layer4)")
+        need(len(self.stage_channels) == 4, "stage_channels needs 4 entries (C2..C5)")
+        need(self.norm in ("group", "batch", "frozen_bn"), f"unknown norm {self.norm!r}")
+        need(0 <= self.frozen_stages <= 5, f"frozen_stages must be in 0..5, got {self.frozen_stages}")
+        need(len(self.anchor_sizes) == 5, "anchor_sizes needs one size per level P2..P6")
+        need(self.roi_op in ("roi_align", "roi_pool"), f"roi_op must be roi_align or roi_pool, got {self.roi_op!r}")
+        need(self.roi_align_mode in ("avg", "max"), f"roi_align_mode must be avg or max, got {self.roi_align_mode!r}")
+        need(self.mask_target_mode in ("soft", "threshold"), f"unknown mask_target_mode {self.mask_target_mode!r}")
+        need(self.mask_loss_type in ("sigmoid", "softmax"), f"unknown mask_loss_type {self.mask_loss_type!r}")
+        need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
+        need(self.size_divisible >= 1, "size_divisible must be >= 1")
+        need(self.mask_num_convs >= 1, "mask_num_convs must be >= 1")
+
+    # -- presets -----------------------------------------------------------------
+    @classmethod
+    def shapes(cls, **overrides) -> "MaskRCNNConfig":
+        """The toy preset: trains from scratch on 128x128 shapes images on a CPU.
+
+        Small GroupNorm ResNet (one BasicBlock per stage, 32..256 channels),
+        FPN width 64, anchors 16..256 px for 20-64 px objects, RoI counts sized
+        for a CPU, aligned RoIAlign (detectron2) and a 2-conv, 64-wide mask head
+        that still predicts 28x28 masks from 14x14 RoI features.
+        """
+        cfg = dict(
+            num_classes=4,
+            class_names=("background", "square", "circle", "triangle"),
+            min_size=None, max_size=None,
+            image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25),
+            block="basic", blocks_per_stage=(1, 1, 1, 1),
+            stem_channels=32, stage_channels=(32, 64, 128, 256),
+            norm="group", group_norm_groups=8, frozen_stages=0,
+            fpn_channels=64,
+            anchor_sizes=(16, 32, 64, 128, 256),
+            rpn_pre_nms_top_n_train=600, rpn_pre_nms_top_n_test=300,
+            rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=100,
+            rpn_batch_size_per_image=128,
+            roi_aligned=True, roi_sampling_ratio=2,
+            canonical_scale=224.0,
+            box_batch_size_per_image=64, box_representation_size=256,
+            mask_num_convs=2, mask_channels=64,
+            mask_target_mode="soft", mask_target_aligned=True,
+            box_detections_per_img=20,
+        )
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    @classmethod
+    def torchvision_r50_fpn(cls, **overrides) -> "MaskRCNNConfig":
+        """torchvision's maskrcnn_resnet50_fpn (91 COCO classes), values from SPEC.md."""
+        cfg = dict(
+            num_classes=91,
+            class_names=tuple(["background"] + [f"class_{i}" for i in range(1, 91)]),
+            min_size=800, max_size=1333,
+            image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
+            block="bottleneck", blocks_per_stage=(3, 4, 6, 3),
+            stem_channels=64, stage_channels=(256, 512, 1024, 2048),
+            norm="frozen_bn", frozen_stages=2,
+            fpn_channels=256,
+            anchor_sizes=(32, 64, 128, 256, 512),
+            roi_aligned=False, roi_sampling_ratio=2,
+            mask_num_convs=4, mask_channels=256,
+            mask_target_mode="soft", mask_target_aligned=False,
+        )
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    # -- derived values ----------------------------------------------------------
+    @property
+    def num_anchors_per_location(self) -> int:
+        return len(self.aspect_ratios)
+
+    @property
+    def bbox_xform_clip(self) -> float:
+        return math.log(1000.0 / 16)
+
+    # -- (de)serialisation, used by checkpoints (JSON, never pickle) -------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MaskRCNNConfig":
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("config JSON must be an object")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ValueError(f"config JSON has unknown fields: {', '.join(unknown)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> "MaskRCNNConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,218 @@
+"""MaskRCNN: the whole pipeline, forward and explicit backward, top to bottom.
+
+He, Gkioxari, Dollar, Girshick, "Mask R-CNN", ICCV 2017 (arXiv 1703.06870).
+
+Data flow (BLOG.md section 4; one file per stage in this folder):
+
+    images --transform--> batch (N, 3, H, W)
+      --backbone--> C2..C5 --fpn--> P2..P6
+      --rpn--> proposals (+ RPN losses)
+      --roi_heads--> box losses and mask loss          (training)
+                 \\-> detections and 28x28 masks       (inference)
+      --transform.postprocess--> boxes and masks in the input image
+
+The training step's backward is :meth:`MaskRCNN.backward`: the same stages
+in reverse, each stage's hand-written backward, gradients added where
+branches meet (the box and mask heads both read P2..P5; the RPN reads
+P2..P6). No gradient flows through the proposals or the targets.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..checkpoint import load_npz, save_npz_atomic
+from ..config import MaskRCNNConfig
+from ..nn import Module
+from .backbone import ResNet
+from .fpn import FPN
+from .roi_heads import RoIHeads
+from .rpn import RegionProposalNetwork
+from .transform import Transform
+
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
+
+
+class Backbone(Module):
+    """ResNet body + FPN, named ``body`` and ``fpn`` as in torchvision."""
+
+    def __init__(self, config, rng):
+        super().__init__()
+        self.body = ResNet(config, rng)
+        self.fpn = FPN(self.body.out_channels, config.fpn_channels, rng)
+
+    def forward(self, x):
+        return self.fpn(self.body(x))                       # [P2, P3, P4, P5, P6]
+
+    def backward(self, d_levels):
+        return self.body.backward(self.fpn.backward(d_levels))
+
+
+class MaskRCNN(Module):
+    """Mask R-CNN with every stage's backward written by hand.
+
+    Args:
+        config: a :class:`MaskRCNNConfig` (default: the shapes preset).
+        seed: seeds the weight initialisation and the training-time samplers.
+    """
+
+    def __init__(self, config: MaskRCNNConfig | None = None, seed: int = 0):
+        super().__init__()
+        self.config = config if config is not None else MaskRCNNConfig.shapes()
+        rng = np.random.default_rng(seed)
+        self.transform = Transform(self.config)
+        self.backbone = Backbone(self.config, rng)
+        self.rpn = RegionProposalNetwork(self.config, rng)
+        self.roi_heads = RoIHeads(self.config, rng)
+        self.rng = np.random.default_rng(seed + 1)           # anchor / proposal sampling
+        if self.config.dtype == "float64":
+            self.to_dtype(np.float64)
+
+    @property
+    def dtype(self):
+        return self.backbone.body.conv1.weight.data.dtype
+
+    # ------------------------------------------------------------------ checks
+    def _check_images(self, images):
+        if not isinstance(images, (list, tuple)) or len(images) == 0:
+            raise ValueError("images must be a non-empty list of (3, H, W) arrays")
+        for i, img in enumerate(images):
+            if not isinstance(img, np.ndarray):
+                raise TypeError(f"image {i} must be a numpy array, got {type(img).__name__}")
+            if img.ndim != 3 or img.shape[0] != 3:
+                raise ValueError(f"image {i} must have shape (3, H, W), got {img.shape}")
+            if not np.issubdtype(img.dtype, np.floating):
+                raise ValueError(f"image {i} must be float in [0, 1], got dtype {img.dtype}")
+            if not np.isfinite(img).all():
+                raise ValueError(f"image {i} contains NaN or inf")
+            if min(img.shape[1:]) < 32:
+                raise ValueError(f"image {i} is {img.shape[1]}x{img.shape[2]}; the smallest side must be "
+                                 "at least 32 pixels (the coarsest feature map has stride 32)")
+
+    def _check_targets(self, images, targets):
+        if targets is None or len(targets) != len(images):
+            raise ValueError(f"need one target dict per image ({len(images)} images)")
+        k = self.config.num_classes
+        for i, (img, t) in enumerate(zip(images, targets)):
+            for key in ("boxes", "labels", "masks"):
+                if key not in t:
+                    raise ValueError(f"target {i} has no {key!r}")
+            boxes, labels, masks = t["boxes"], np.asarray(t["labels"]), t["masks"]
+            n = len(labels)
+            if boxes.shape != (n, 4):
+                raise ValueError(f"target {i}: boxes must be ({n}, 4) for {n} labels, got {boxes.shape}")
+            if masks.shape != (n,) + img.shape[1:]:
+                raise ValueError(f"target {i}: masks must be ({n}, {img.shape[1]}, {img.shape[2]}) "
+                                 f"to match the image, got {masks.shape}")
+            if not np.isfinite(boxes).all():
+                raise ValueError(f"target {i}: boxes contain NaN or inf")
+            if n and (labels.min() < 1 or labels.max() >= k):
+                raise ValueError(f"target {i}: labels must be in 1..{k - 1}, got {labels.min()}..{labels.max()}")
+            if n and np.any((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])):
+                bad = int(np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0])
+                raise ValueError(f"target {i}: box {bad} {boxes[bad].tolist()} has zero or negative size")
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, images, targets) -> dict:
+        """One forward pass with losses; keeps every cache for :meth:`backward`.
+
+        Returns {loss_objectness, loss_rpn_box_reg, loss_classifier,
+        loss_box_reg, loss_mask} as floats (torchvision's names).
+        """
+        self._check_images(images)
+        self._check_targets(images, targets)
+        self.train()
+        self.clear_cache()                                    # drop any unfinished step
+        x, sizes, targets = self.transform(images, targets, dtype=self.dtype)
+        for t in targets:
+            t["boxes"] = t["boxes"].astype(self.dtype)
+        features = self.backbone(x)                          # [P2..P6]
+        proposals, rpn_losses, _ = self.rpn(features, sizes, x.shape[-2:], targets, self.rng)
+        head_losses, _ = self.roi_heads(features[:4], proposals, sizes, targets, self.rng)
+        out = {**rpn_losses, **head_losses}
+        return {k: out[k] for k in LOSS_NAMES}
+
+    def backward(self) -> None:
+        """Backpropagate the sum of the five losses through every stage.
+
+        Order (the reverse of the forward): mask head -> mask RoIAlign, box
+        head -> box RoIAlign (inside roi_heads.backward), RPN head on each
+        level, FPN, backbone. Parameter gradients accumulate into ``.grad``.
+        """
+        d_heads = self.roi_heads.backward()                  # [dP2..dP5] from the box and mask branches
+        d_rpn = self.rpn.backward()                          # [dP2..dP6] from the RPN losses
+        d_levels = []
+        for k, d in enumerate(d_rpn):
+            h = d_heads[k] if k < len(d_heads) else None
+            d_levels.append(d if h is None else (h if d is None else d + h))
+        self.backbone.backward(d_levels)
+
+    # ------------------------------------------------------------------ inference
+    def _run_inference(self, images):
+        self._check_images(images)
+        self.eval()
+        x, sizes, _ = self.transform(images, None, dtype=self.dtype)
+        features = self.backbone(x)
+        proposals, _, rpn_info = self.rpn(features, sizes, x.shape[-2:])
+        detections, head_info = self.roi_heads(features[:4], proposals, sizes)
+        results = self.transform.postprocess(detections, sizes, [img.shape[-2:] for img in images])
+        return x, sizes, features, proposals, rpn_info, detections, head_info, results
+
+    def predict(self, images) -> list[dict]:
+        """Detect and segment: one dict per image with boxes (N, 4), labels (N,)
+        in 1..K-1, scores (N,) and masks (N, H, W) probabilities at the image's size.
+        Threshold masks at 0.5 for binary masks (:func:`binarize_masks`)."""
+        *_, results = self._run_inference(images)
+        self.train()
+        return results
+
+    def inspect(self, image) -> dict:
+        """Every intermediate of one inference pass, for step-through notebooks."""
+        x, sizes, features, proposals, rpn_info, detections, head_info, results = self._run_inference([image])
+        self.train()
+        from .poolers import LevelMapper
+        mapper = LevelMapper(self.config.canonical_scale, self.config.canonical_level)
+        rois = head_info["rois"]
+        return {
+            "image": image, "transformed": x[0], "image_size": sizes[0],
+            "features": {f"P{k + 2}": f[0] for k, f in enumerate(features)},
+            "anchors": rpn_info["anchors"],
+            "objectness": [o[0] for o in rpn_info["objectness"]],
+            "rpn_deltas": [d[0] for d in rpn_info["rpn_deltas"]],
+            "proposal_steps": rpn_info["proposal_steps"],
+            "proposals": proposals[0],
+            "roi_levels": mapper(rois[:, 1:]) if len(rois) else np.zeros(0, np.int64),
+            "class_logits": head_info["class_logits"],
+            "box_regression": head_info["box_regression"],
+            "detections": detections[0],
+            "mask_logits": head_info["mask_logits"],
+            "result": results[0],
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str, extra_arrays: dict | None = None, extra_meta: dict | None = None) -> None:
+        """Write weights and config to ``path`` (.npz, atomic, no pickle)."""
+        arrays = {f"model/{k}": v for k, v in self.state_dict().items()}
+        arrays.update(extra_arrays or {})
+        meta = {"config": self.config.to_json(), "format": "tinymrcnn-checkpoint-v1"}
+        meta.update(extra_meta or {})
+        save_npz_atomic(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: str, return_extra: bool = False):
+        """Rebuild a model from :meth:`save`'s file; checks every name and shape."""
+        arrays, meta = load_npz(path)
+        if meta.get("format") != "tinymrcnn-checkpoint-v1" or "config" not in meta:
+            raise ValueError(f"{path} is not a tinymrcnn checkpoint (no config/format entry)")
+        config = MaskRCNNConfig.from_json(meta["config"])
+        model = cls(config)
+        state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+        model.load_state_dict(state, strict=True)
+        if return_extra:
+            extra = {k: v for k, v in arrays.items() if not k.startswith("model/")}
+            return model, extra, meta
+        return model
+
+
+def binarize_masks(masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Probabilities -> uint8 {0, 1} masks (BLOG.md step 8: >= 0.5 -> 1)."""
+    return (masks >= threshold).astype(np.uint8)

@@ -1,0 +1,258 @@
+"""RoI heads: proposal targets, box head, mask head, their losses and inference.
+
+BLOG.md steps 5-8 and section 5; SPEC.md "Box head", "Mask head".
+
+Training (``forward`` with targets):
+  1. proposal targets: append the GT boxes to the proposals, match them
+     (IoU >= 0.5 foreground), sample ``box_batch_size_per_image`` with at
+     most 25 % positives, and encode the regression targets;
+  2. box branch: MultiScaleRoIAlign 7x7 -> TwoMLPHead -> class logits and
+     class-specific deltas; softmax cross-entropy + smooth L1 on the GT class;
+  3. mask branch, positives only: MultiScaleRoIAlign 14x14 -> FCN -> K masks of
+     28x28; per-pixel sigmoid BCE on the GT class's channel only.
+Every loss gradient is computed right away and kept for :meth:`backward`.
+
+Inference (``forward`` without targets): softmax, per-class decode, clip,
+score threshold, per-class NMS, top-N, then the mask branch on the kept boxes
+only and the predicted class's channel through a sigmoid.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import losses
+from ..nn import Linear, Module, ReLU
+from ..ops import roi_align
+from ..ops.boxes import BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes
+from ..ops.nms import batched_nms
+from .mask_head import MaskHead
+from .matcher import BalancedPositiveNegativeSampler, Matcher
+from .poolers import MultiScaleRoIAlign
+
+
+class TwoMLPHead(Module):
+    """flatten (R, D*7*7) -> fc6 -> ReLU -> fc7 -> ReLU -> (R, rep)."""
+
+    def __init__(self, in_features: int, representation_size: int, rng=None):
+        super().__init__()
+        self.fc6 = Linear(in_features, representation_size, rng=rng)
+        self.relu6 = ReLU()
+        self.fc7 = Linear(representation_size, representation_size, rng=rng)
+        self.relu7 = ReLU()
+
+    def forward(self, x):                                   # x (R, D, 7, 7)
+        self.save(x.shape)
+        h = x.reshape(x.shape[0], -1)                       # (R, D*49)
+        return self.relu7(self.fc7(self.relu6(self.fc6(h))))
+
+    def backward(self, dy):
+        (shape,) = self.restore()
+        d = self.fc6.backward(self.relu6.backward(self.fc7.backward(self.relu7.backward(dy))))
+        return d.reshape(shape)
+
+
+class FastRCNNPredictor(Module):
+    """cls_score (rep -> K) and bbox_pred (rep -> 4K) on the same features."""
+
+    def __init__(self, in_features: int, num_classes: int, rng=None):
+        super().__init__()
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.cls_score = Linear(in_features, num_classes, rng=rng)
+        self.bbox_pred = Linear(in_features, num_classes * 4, rng=rng)
+        # Small initial outputs (detectron2: std 0.01 and 0.001) so the first
+        # steps start from uniform class scores and near-zero box deltas.
+        self.cls_score.weight.data = (rng.standard_normal(self.cls_score.weight.shape) * 0.01).astype(np.float32)
+        self.bbox_pred.weight.data = (rng.standard_normal(self.bbox_pred.weight.shape) * 0.001).astype(np.float32)
+        self.cls_score.bias.data[...] = 0.0
+        self.bbox_pred.bias.data[...] = 0.0
+
+    def forward(self, x):
+        return self.cls_score(x), self.bbox_pred(x)
+
+    def backward(self, grads):
+        d_cls, d_box = grads
+        return self.cls_score.backward(d_cls) + self.bbox_pred.backward(d_box)
+
+
+def _make_rois(boxes_per_image):
+    """[(R_i, 4)] -> (sum R_i, 5) rows [batch_index, x1, y1, x2, y2]."""
+    if not boxes_per_image:
+        return np.zeros((0, 5), np.float32)
+    parts = [np.concatenate([np.full((len(b), 1), i, dtype=b.dtype), b], axis=1)
+             for i, b in enumerate(boxes_per_image)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=0))
+
+
+class RoIHeads(Module):
+    def __init__(self, config, rng=None):
+        super().__init__()
+        c = self.config = config
+        rng = np.random.default_rng(0) if rng is None else rng
+        pool_kw = dict(op=c.roi_op, mode=c.roi_align_mode, aligned=c.roi_aligned,
+                       sampling_ratio=c.roi_sampling_ratio, canonical_scale=c.canonical_scale,
+                       canonical_level=c.canonical_level)
+        self.box_roi_pool = MultiScaleRoIAlign(output_size=c.box_roi_size, **pool_kw)
+        self.box_head = TwoMLPHead(c.fpn_channels * c.box_roi_size ** 2, c.box_representation_size, rng)
+        self.box_predictor = FastRCNNPredictor(c.box_representation_size, c.num_classes, rng)
+        self.mask_roi_pool = MultiScaleRoIAlign(output_size=c.mask_roi_size, **pool_kw)
+        self.mask_head = MaskHead(c.fpn_channels, c.mask_channels, c.mask_num_convs, c.num_classes, rng)
+        self.box_coder = BoxCoder(weights=c.box_coder_weights)
+        self.matcher = Matcher(c.box_fg_iou_thresh, c.box_bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = BalancedPositiveNegativeSampler(c.box_batch_size_per_image, c.box_positive_fraction)
+
+    # ------------------------------------------------------------------ targets
+    def select_training_samples(self, proposals, targets, rng):
+        """Proposal target layer (SPEC "Box head"): per image, returns
+
+        sampled proposals (S_i, 4), their labels (S_i,) in 0..K-1, regression
+        targets (S_i, 4) and the index of the matched GT (S_i,) (-1 for background).
+        """
+        out = []
+        for props, tgt in zip(proposals, targets):
+            gt_boxes = tgt["boxes"].astype(props.dtype)
+            gt_labels = tgt["labels"]
+            props = np.concatenate([props, gt_boxes], axis=0)          # GT boxes join the proposals
+            if len(gt_boxes) == 0:
+                matched = np.full(len(props), -1, dtype=np.int64)
+            else:
+                matched = self.matcher(box_iou(gt_boxes, props))       # (P,) gt index, -1 bg, -2 ignore
+            labels = np.where(matched >= 0, gt_labels[np.maximum(matched, 0)], 0).astype(np.int64)
+            sampler_labels = np.where(matched >= 0, 1, np.where(matched == -1, 0, -1))
+            pos, neg = self.sampler(sampler_labels, rng)
+            keep = np.flatnonzero(pos | neg)
+            props, labels, matched = props[keep], labels[keep], matched[keep]
+            targets_reg = np.zeros_like(props)
+            fg = matched >= 0
+            if fg.any():
+                targets_reg[fg] = self.box_coder.encode(gt_boxes[matched[fg]], props[fg])
+            out.append((np.ascontiguousarray(props), labels, targets_reg, np.where(fg, matched, -1)))
+        return out
+
+    def mask_targets(self, gt_masks, boxes, matched):
+        """RoIAlign the matched GT masks onto the positive proposals: (P, M, M) in [0, 1].
+
+        torchvision: aligned=False, adaptive sampling, soft targets; detectron2:
+        aligned=True and threshold at 0.5. Both are config switches.
+        """
+        c = self.config
+        m = 2 * c.mask_roi_size
+        if len(boxes) == 0:
+            return np.zeros((0, m, m), dtype=boxes.dtype)
+        masks = np.ascontiguousarray(gt_masks[:, None].astype(boxes.dtype))   # (G, 1, H, W)
+        rois = np.concatenate([matched[:, None].astype(boxes.dtype), boxes], axis=1)
+        t = roi_align(masks, np.ascontiguousarray(rois), (m, m), spatial_scale=1.0, sampling_ratio=0,
+                      aligned=c.mask_target_aligned)[:, 0]
+        if c.mask_target_mode == "threshold":
+            t = (t >= 0.5).astype(boxes.dtype)
+        return t
+
+    # ------------------------------------------------------------------ training
+    def forward(self, features, proposals, image_sizes, targets=None, rng=None):
+        """features: [P2, P3, P4, P5]; proposals: [(R_i, 4)].
+
+        Training returns (losses dict, info); inference returns (detections, info)
+        with detections a list of dicts boxes/labels/scores/mask_probs (28x28).
+        """
+        if targets is None:
+            return self._inference(features, proposals, image_sizes)
+        c = self.config
+        samples = self.select_training_samples(proposals, targets, rng)
+        rois = _make_rois([s[0] for s in samples])                          # (R, 5)
+        labels = np.concatenate([s[1] for s in samples])                    # (R,)
+        reg_targets = np.concatenate([s[2] for s in samples])               # (R, 4)
+        box_feats = self.box_roi_pool(features, rois)                       # (R, D, 7, 7)
+        class_logits, box_regression = self.box_predictor(self.box_head(box_feats))
+        r = len(labels)
+        loss_cls, d_cls = losses.softmax_cross_entropy(class_logits, labels, reduction="mean")
+        # Box loss: smooth L1 on the GT-class deltas of positives, / number sampled (SPEC).
+        pos = np.flatnonzero(labels > 0)
+        d_box = np.zeros_like(box_regression)
+        loss_box = 0.0
+        if len(pos):
+            cols = 4 * labels[pos][:, None] + np.arange(4)                  # (P, 4)
+            pred = box_regression[pos[:, None], cols]
+            loss_box, g = losses.smooth_l1(pred, reg_targets[pos], beta=c.box_smooth_l1_beta, reduction="sum")
+            loss_box = float(loss_box) / max(r, 1)
+            d_box[pos[:, None], cols] = g / max(r, 1)
+        # Mask branch on the positives only.
+        pos_boxes = [s[0][s[1] > 0] for s in samples]
+        pos_matched = [s[3][s[1] > 0] for s in samples]
+        mask_rois = _make_rois(pos_boxes)
+        mask_labels = labels[pos]
+        loss_mask, d_mask_logits, mask_logits = 0.0, None, None
+        if len(mask_rois):
+            mask_feats = self.mask_roi_pool(features, mask_rois)           # (P, D, 14, 14)
+            mask_logits = self.mask_head(mask_feats)                        # (P, K, 28, 28)
+            mask_tgts = np.concatenate([self.mask_targets(t["masks"], b, m)
+                                        for t, b, m in zip(targets, pos_boxes, pos_matched)])
+            loss_fn = losses.mask_loss if c.mask_loss_type == "sigmoid" else losses.mask_loss_softmax
+            loss_mask, d_mask_logits = loss_fn(mask_logits, mask_labels, mask_tgts)
+        self.save(d_cls, d_box, d_mask_logits)
+        loss_dict = {"loss_classifier": float(loss_cls), "loss_box_reg": float(loss_box),
+                     "loss_mask": float(loss_mask)}
+        info = {"rois": rois, "roi_labels": labels, "class_logits": class_logits,
+                "mask_rois": mask_rois, "mask_logits": mask_logits}
+        return loss_dict, info
+
+    def backward(self):
+        """Gradients of the three head losses w.r.t. P2..P5 (a list of 4 arrays or None)."""
+        d_cls, d_box, d_mask_logits = self.restore()
+        d_levels = self.box_roi_pool.backward(self.box_head.backward(self.box_predictor.backward((d_cls, d_box))))
+        if d_mask_logits is not None:
+            d_mask = self.mask_roi_pool.backward(self.mask_head.backward(d_mask_logits))
+            d_levels = [a if b is None else (b if a is None else a + b) for a, b in zip(d_levels, d_mask)]
+        return d_levels
+
+    # ------------------------------------------------------------------ inference
+    def _inference(self, features, proposals, image_sizes):
+        c = self.config
+        rois = _make_rois(proposals)
+        box_feats = self.box_roi_pool(features, rois)
+        class_logits, box_regression = self.box_predictor(self.box_head(box_feats))
+        detections = self.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+        det_rois = _make_rois([d["boxes"] for d in detections])
+        if len(det_rois):
+            mask_logits = self.mask_head(self.mask_roi_pool(features, det_rois))   # (D, K, 28, 28)
+            labels = np.concatenate([d["labels"] for d in detections])
+            chosen = mask_logits[np.arange(len(labels)), labels]                    # the predicted class
+            probs = 1.0 / (1.0 + np.exp(-chosen))
+        else:
+            mask_logits = np.zeros((0, c.num_classes, 2 * c.mask_roi_size, 2 * c.mask_roi_size), np.float32)
+            probs = np.zeros((0, 2 * c.mask_roi_size, 2 * c.mask_roi_size), np.float32)
+        start = 0
+        for d in detections:
+            n = len(d["boxes"])
+            d["mask_probs"] = probs[start:start + n]
+            start += n
+        info = {"rois": rois, "class_logits": class_logits, "box_regression": box_regression,
+                "mask_logits": mask_logits}
+        return detections, info
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_sizes):
+        """Softmax, per-class decode, clip, threshold, per-class NMS, top-N (SPEC "Box head")."""
+        c = self.config
+        k = c.num_classes
+        z = class_logits - class_logits.max(axis=1, keepdims=True)
+        scores_all = np.exp(z)
+        scores_all /= scores_all.sum(axis=1, keepdims=True)                # (R, K)
+        out = []
+        start = 0
+        for props, size in zip(proposals, image_sizes):
+            n = len(props)
+            sc = scores_all[start:start + n]
+            reg = box_regression[start:start + n]
+            start += n
+            boxes = self.box_coder.decode(reg, props).reshape(n, k, 4)       # (n, K, 4)
+            boxes = clip_boxes_to_image(boxes.reshape(-1, 4), size).reshape(n, k, 4)
+            labels = np.broadcast_to(np.arange(k), (n, k))
+            boxes, sc, labels = boxes[:, 1:].reshape(-1, 4), sc[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            keep = np.flatnonzero(sc > c.box_score_thresh)
+            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
+            keep = remove_small_boxes(boxes, c.box_min_size)
+            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
+            keep = batched_nms(np.ascontiguousarray(boxes), np.ascontiguousarray(sc), labels, c.box_nms_thresh)
+            keep = keep[:c.box_detections_per_img]
+            out.append({"boxes": np.ascontiguousarray(boxes[keep], dtype=np.float32),
+                        "scores": np.ascontiguousarray(sc[keep], dtype=np.float32),
+                        "labels": labels[keep].astype(np.int64)})
+        return out

@@ -1,0 +1,151 @@
+"""Input transform and output post-processing (BLOG.md steps 1 and 8, SPEC "Input transform").
+
+Before the network: normalise each image, optionally resize it (short side
+to ``min_size``, long side at most ``max_size``), and zero-pad the batch at
+the bottom/right to a common size that is a multiple of 32, so every
+pyramid level has an integer size.
+
+After the network: scale the boxes back to the original image and paste
+each 28x28 mask probability map into the original image (SPEC "Mask head",
+paste with padding 1).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def interpolate_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (..., H, W) to (..., h, w) with half-pixel centres.
+
+    PyTorch's ``align_corners=False``: output pixel i samples the input at
+    ``(i + 0.5) * H / h - 0.5``, clamped below at 0; the neighbours are
+    ``floor`` and ``floor + 1`` (clamped at H - 1).
+    """
+    h_in, w_in = x.shape[-2:]
+    h, w = int(size[0]), int(size[1])
+
+    def axis(n_out, n_in):
+        src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+        src = np.maximum(src, 0.0)
+        lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        frac = (src - lo).astype(x.dtype)
+        return lo, hi, frac
+
+    y0, y1, fy = axis(h, h_in)
+    x0, x1, fx = axis(w, w_in)
+    top = x[..., y0, :] * (1 - fy)[:, None] + x[..., y1, :] * fy[:, None]          # (..., h, W)
+    out = top[..., x0] * (1 - fx) + top[..., x1] * fx                                 # (..., h, w)
+    return np.ascontiguousarray(out.astype(x.dtype, copy=False))
+
+
+def resize_nearest(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest resize of (..., H, W) (PyTorch 'nearest': src = floor(dst * H / h)), for masks."""
+    h_in, w_in = x.shape[-2:]
+    ys = np.minimum(np.floor(np.arange(size[0]) * (h_in / size[0])).astype(np.int64), h_in - 1)
+    xs = np.minimum(np.floor(np.arange(size[1]) * (w_in / size[1])).astype(np.int64), w_in - 1)
+    return np.ascontiguousarray(x[..., ys[:, None], xs[None, :]])
+
+
+def resized_shape(h: int, w: int, min_size: int | None, max_size: int | None) -> tuple[tuple[int, int], float]:
+    """(new_h, new_w), scale = min(min_size / short, max_size / long); floor(side * scale)."""
+    if min_size is None:
+        return (h, w), 1.0
+    scale = min_size / min(h, w)
+    if max_size is not None:
+        scale = min(scale, max_size / max(h, w))
+    return (int(math.floor(h * scale)), int(math.floor(w * scale))), scale
+
+
+class Transform:
+    """Normalise, resize and batch images; undo the resize on the outputs."""
+
+    def __init__(self, config):
+        self.mean = np.asarray(config.image_mean, dtype=np.float64)[:, None, None]
+        self.std = np.asarray(config.image_std, dtype=np.float64)[:, None, None]
+        self.min_size = config.min_size
+        self.max_size = config.max_size
+        self.size_divisible = config.size_divisible
+
+    def __call__(self, images, targets=None, dtype=np.float32):
+        """images: list of (3, H_i, W_i) in [0, 1]; targets: optional list of dicts.
+
+        Returns batch (N, 3, H, W) zero-padded, the (h_i, w_i) of each image
+        after resizing, and the targets resized alike (boxes scaled per axis,
+        masks resized nearest).
+        """
+        sizes, resized, new_targets = [], [], []
+        for i, img in enumerate(images):
+            h, w = img.shape[-2:]
+            (nh, nw), _ = resized_shape(h, w, self.min_size, self.max_size)
+            x = (img.astype(np.float64) - self.mean) / self.std
+            if (nh, nw) != (h, w):
+                x = interpolate_bilinear(x, (nh, nw))
+            resized.append(x.astype(dtype))
+            sizes.append((nh, nw))
+            if targets is not None:
+                t = dict(targets[i])
+                if (nh, nw) != (h, w):
+                    ratio = np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float64)
+                    t["boxes"] = (t["boxes"] * ratio).astype(np.float32)
+                    t["masks"] = resize_nearest(t["masks"], (nh, nw))
+                new_targets.append(t)
+        s = self.size_divisible
+        H = int(math.ceil(max(h for h, _ in sizes) / s) * s)
+        W = int(math.ceil(max(w for _, w in sizes) / s) * s)
+        batch = np.zeros((len(images), 3, H, W), dtype=dtype)
+        for i, x in enumerate(resized):
+            batch[i, :, :x.shape[1], :x.shape[2]] = x
+        return batch, sizes, (new_targets if targets is not None else None)
+
+    @staticmethod
+    def postprocess(detections, resized_sizes, original_sizes):
+        """Boxes back to the original image and masks pasted at its size."""
+        out = []
+        for det, (rh, rw), (oh, ow) in zip(detections, resized_sizes, original_sizes):
+            ratio = np.array([ow / rw, oh / rh, ow / rw, oh / rh], dtype=np.float32)
+            boxes = (det["boxes"] * ratio).astype(np.float32)
+            masks = paste_masks_in_image(det["mask_probs"], boxes, (oh, ow))
+            out.append({"boxes": boxes, "labels": det["labels"], "scores": det["scores"], "masks": masks})
+        return out
+
+
+def expand_boxes(boxes: np.ndarray, scale: float) -> np.ndarray:
+    """Scale (x1, y1, x2, y2) boxes about their centres by ``scale``."""
+    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    cx = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    cy = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    return np.stack([cx - w_half, cy - h_half, cx + w_half, cy + h_half], axis=1)
+
+
+def paste_masks_in_image(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
+                         padding: int = 1) -> np.ndarray:
+    """Paste (D, M, M) mask probabilities into (D, H, W) canvases (SPEC "Mask head").
+
+    The M x M map covers the box. It is padded by one zero pixel on each side
+    and the box is enlarged by (M + 2) / M to match, so the mask can fall off
+    smoothly to 0 at the box edge instead of being cut there. The enlarged box
+    is cast to integer pixels, the padded mask resized bilinearly to it, and
+    the part inside the image copied.
+    """
+    H, W = image_size
+    d = len(masks)
+    out = np.zeros((d, H, W), dtype=np.float32)
+    if d == 0:
+        return out
+    m = masks.shape[-1]
+    scale = (m + 2 * padding) / m
+    padded = np.pad(masks, ((0, 0), (padding, padding), (padding, padding)))
+    boxes_i = expand_boxes(boxes.astype(np.float32), scale).astype(np.int64)  # truncation, as torch
+    for i in range(d):
+        x1, y1, x2, y2 = boxes_i[i]
+        w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+        resized = interpolate_bilinear(padded[i].astype(np.float32), (h, w))
+        xa, xb = max(x1, 0), min(x2 + 1, W)
+        ya, yb = max(y1, 0), min(y2 + 1, H)
+        if xb > xa and yb > ya:
+            out[i, ya:yb, xa:xb] = resized[ya - y1:yb - y1, xa - x1:xb - x1]
+    return out
