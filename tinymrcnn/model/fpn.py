@@ -91,7 +91,7 @@ class FPN(Module):
             if d_levels[k] is not None:
                 d_last = self.layer_blocks[k].backward(d_levels[k])
             if d_last_below is not None:
-                up = upsample_nearest_backward(d_last_below, shapes[k][-2:])
+                up = upsample_nearest_backward(d_last_below, shapes[k])
                 d_last = up if d_last is None else d_last + up
             if d_last is None:
                 d_feats[k] = None

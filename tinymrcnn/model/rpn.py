@@ -108,7 +108,8 @@ class RegionProposalNetwork(Module):
             fl, fd = flatten_head_outputs(l, d)
             logits.append(fl)
             deltas.append(fd)
-        anchors = self.anchor_generator.anchors_per_level(padded_size, [s[-2:] for s in shapes])
+        anchors = self.anchor_generator.anchors_per_level(padded_size, [s[-2:] for s in shapes],
+                                                          dtype=features[0].dtype)
         training = targets is not None
         pre_n = c.rpn_pre_nms_top_n_train if training else c.rpn_pre_nms_top_n_test
         post_n = c.rpn_post_nms_top_n_train if training else c.rpn_post_nms_top_n_test

@@ -1,0 +1,205 @@
+"""The whole model: finite-difference check of the full backward, over-fitting, options, bad input."""
+import numpy as np
+import pytest
+
+import tinymrcnn.model.rpn as rpn_module
+from tinymrcnn import MaskRCNN, MaskRCNNConfig
+from tinymrcnn.gradcheck import numerical_gradient, relative_error
+from tinymrcnn.model.mask_rcnn import LOSS_NAMES
+
+
+def tiny_config(**kw):
+    base = dict(block="basic", blocks_per_stage=(1, 1, 1, 1), stem_channels=4, stage_channels=(4, 8, 8, 8),
+                norm="group", group_norm_groups=2, fpn_channels=4,
+                anchor_sizes=(8, 16, 32, 64, 128),
+                rpn_pre_nms_top_n_train=40, rpn_post_nms_top_n_train=16, rpn_batch_size_per_image=32,
+                box_batch_size_per_image=12, box_positive_fraction=0.5, box_representation_size=8,
+                box_roi_size=3, mask_roi_size=4, mask_num_convs=1, mask_channels=4, dtype="float64")
+    base.update(kw)
+    return MaskRCNNConfig.shapes(**base)
+
+
+def toy_batch(n=2, size=64, seed=0, dtype=np.float64):
+    """Images with 1-2 filled rectangles / discs each, and their targets."""
+    rng = np.random.default_rng(seed)
+    images, targets = [], []
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    for _ in range(n):
+        img = np.empty((3, size, size), dtype)
+        img[:] = rng.uniform(0, 1, (3, 1, 1))
+        boxes, labels, masks = [], [], []
+        for j in range(2):
+            cx, cy = rng.uniform(18, size - 18, 2)
+            r = rng.uniform(8, 14)
+            if j == 0:
+                m = (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r)
+            else:
+                m = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
+            for prev in masks:
+                m &= ~prev.astype(bool)
+            if m.sum() < 20:
+                continue
+            img[:, m] = rng.uniform(0, 1, (3, 1))
+            ys, xs = np.nonzero(m)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            labels.append(1 + j)
+            masks.append(m.astype(np.uint8))
+        images.append(img)
+        targets.append({"boxes": np.array(boxes, dtype), "labels": np.array(labels, np.int64),
+                        "masks": np.stack(masks)})
+    return images, targets
+
+
+@pytest.fixture
+def frozen_proposals(monkeypatch):
+    """Hold the proposals fixed across calls (they are detached in the model: no gradient
+    flows through them, so the loss must be differentiated with them held constant)."""
+    cache = {}
+    original = rpn_module.generate_proposals
+
+    def fixed(*args, **kw):
+        if "result" not in cache:
+            cache["result"] = original(*args, **kw)
+        return cache["result"]
+
+    monkeypatch.setattr(rpn_module, "generate_proposals", fixed)
+    return cache
+
+
+def test_whole_model_backward_matches_finite_differences(frozen_proposals):
+    model = MaskRCNN(tiny_config(), seed=3)
+    rng = np.random.default_rng(0)
+    # Zero-initialised norms switch residual branches off at start; perturb every
+    # parameter so each one affects the loss.
+    for p in model.parameters():
+        p.data = p.data + 0.05 * rng.standard_normal(p.data.shape)
+    images, targets = toy_batch(2)
+
+    def loss():
+        model.rng = np.random.default_rng(11)          # the same samples every call
+        return sum(model.forward_train(images, targets).values())
+
+    model.zero_grad()
+    losses_now = loss()
+    assert np.isfinite(losses_now)
+    model.backward()
+    assert model.roi_heads.box_roi_pool._caches == [] and model.backbone.body.conv1._caches == []
+    worst = {}
+    for name, p in model.named_parameters():
+        analytic = p.grad.copy()
+        all_idx = list(np.ndindex(*p.data.shape))
+        pick = [all_idx[j] for j in rng.choice(len(all_idx), size=min(3, len(all_idx)), replace=False)]
+        num = numerical_gradient(loss, p.data, 1e-6, pick)
+        sel = tuple(np.array(pick).T)
+        worst[name] = relative_error(analytic[sel], num[sel], floor=1e-7)
+    groups = {n.split(".")[0] + "." + n.split(".")[1] for n in worst}
+    assert {"backbone.body", "backbone.fpn", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor",
+            "roi_heads.mask_head"} <= groups
+    bad = {k: v for k, v in worst.items() if v > 1e-5}
+    assert not bad, bad
+
+
+def test_losses_have_torchvision_names_and_are_finite_without_objects():
+    model = MaskRCNN(tiny_config(dtype="float32"), seed=0)
+    images, targets = toy_batch(2, dtype=np.float32)
+    targets[1] = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
+                  "masks": np.zeros((0, 64, 64), np.uint8)}
+    losses = model.forward_train(images, targets)
+    assert tuple(losses) == LOSS_NAMES
+    assert all(np.isfinite(v) for v in losses.values())
+    model.backward()
+    assert all(np.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_softmax_mask_loss_changes_only_the_mask_loss():
+    images, targets = toy_batch(2, dtype=np.float32)
+    out = {}
+    for kind in ("sigmoid", "softmax"):
+        model = MaskRCNN(tiny_config(dtype="float32", mask_loss_type=kind), seed=0)
+        model.rng = np.random.default_rng(5)
+        out[kind] = model.forward_train(images, targets)
+    for k in LOSS_NAMES[:-1]:
+        assert out["sigmoid"][k] == out["softmax"][k], k
+    assert out["sigmoid"]["loss_mask"] != out["softmax"]["loss_mask"]
+
+
+def test_images_of_different_sizes_are_padded():
+    model = MaskRCNN(tiny_config(dtype="float32"), seed=0)
+    a, ta = toy_batch(1, size=64, seed=1, dtype=np.float32)
+    b, tb = toy_batch(1, size=96, seed=2, dtype=np.float32)
+    losses = model.forward_train(a + b, ta + tb)
+    assert all(np.isfinite(v) for v in losses.values())
+    model.backward()
+    preds = model.predict(a + b)
+    assert preds[0]["masks"].shape[1:] == (64, 64) and preds[1]["masks"].shape[1:] == (96, 96)
+
+
+def test_bad_input_is_named():
+    model = MaskRCNN(tiny_config(dtype="float32"), seed=0)
+    images, targets = toy_batch(1, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"labels must be in 1\.\.3"):
+        t = dict(targets[0], labels=np.array([1, 4]))
+        model.forward_train(images, [t])
+    with pytest.raises(ValueError, match="masks must be"):
+        t = dict(targets[0], masks=targets[0]["masks"][:, :32])
+        model.forward_train(images, [t])
+    with pytest.raises(ValueError, match=r"shape \(3, H, W\)"):
+        model.predict([images[0][0]])
+    with pytest.raises(ValueError, match="NaN"):
+        bad = images[0].copy()
+        bad[0, 0, 0] = np.nan
+        model.predict([bad])
+    with pytest.raises(ValueError, match="at least 32 pixels"):
+        model.predict([np.zeros((3, 16, 64), np.float32)])
+    with pytest.raises(ValueError, match="zero or negative size"):
+        t = dict(targets[0], boxes=targets[0]["boxes"].copy())
+        t["boxes"][0, 2] = t["boxes"][0, 0]
+        model.forward_train(images, [t])
+
+
+def test_checkpoint_round_trip_and_corrupt_file(tmp_path):
+    model = MaskRCNN(tiny_config(dtype="float32"), seed=0)
+    path = tmp_path / "m.npz"
+    model.save(str(path))
+    again = MaskRCNN.load(str(path))
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), again.named_parameters()):
+        assert n1 == n2 and np.array_equal(p1.data, p2.data)
+    assert again.config == model.config
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt checkpoint"):
+        MaskRCNN.load(str(bad))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "evil.npz", "w") as z:
+        z.write(tmp_path / "obj.npy", "x.npy")
+    with pytest.raises(ValueError, match="refusing checkpoint|not a tinymrcnn checkpoint"):
+        MaskRCNN.load(str(tmp_path / "evil.npz"))
+
+
+def test_overfits_two_images_and_recovers_the_masks():
+    from tinymrcnn.data.shapes import ShapesDataset
+    from tinymrcnn.optim import AdamW
+    ds = ShapesDataset(2, seed=123)
+    images, targets = zip(*[ds[i] for i in range(2)])
+    model = MaskRCNN(MaskRCNNConfig.shapes(), seed=0)
+    opt = AdamW([p for p in model.parameters()], lr=2e-3, weight_decay=0.0)
+    first = None
+    for step in range(300):
+        model.zero_grad()
+        losses = model.forward_train(list(images), list(targets))
+        total = sum(losses.values())
+        first = total if first is None else first
+        model.backward()
+        opt.step()
+    assert total < first / 10, (first, total)
+    preds = model.predict(list(images))
+    for pred, tgt in zip(preds, targets):
+        for gt_mask, label in zip(tgt["masks"], tgt["labels"]):
+            best = 0.0
+            for m, l, s in zip(pred["masks"], pred["labels"], pred["scores"]):
+                if l != label or s < 0.5:
+                    continue
+                b = m >= 0.5
+                best = max(best, (b & (gt_mask > 0)).sum() / (b | (gt_mask > 0)).sum())
+            assert best > 0.8, (label, best)

@@ -1,0 +1,287 @@
+"""The training loop: seeded, resumable, with progress, evaluation and plots.
+
+One step = load a batch -> ``model.forward_train`` -> ``model.backward`` ->
+clip the gradient norm -> optimizer step with the scheduled learning rate.
+
+Reproducibility: every random choice of step ``s`` (which images, the
+flips, the anchor and proposal samplers) comes from generators seeded with
+``(seed, s)``. A run stopped after N steps and resumed therefore sees exactly
+what an uninterrupted run sees at step N + 1, and the checkpoint only has to
+hold the weights, the optimizer state and the step number.
+
+Files written to ``out_dir``:
+    checkpoint.npz      latest checkpoint (atomic writes; a bad step never overwrites it)
+    metrics.jsonl       one JSON object per logged step / evaluation
+    loss_curve.png      the five losses and their sum against steps
+    ap_curve.png        mask and box AP on the held-out split against minutes
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import MaskRCNNConfig
+from .model.mask_rcnn import LOSS_NAMES, MaskRCNN
+from .optim import SGD, AdamW, WarmupCosine, clip_grad_norm
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/shapes"
+    iters: int | None = None          # number of steps; None: as many as fit in `minutes`
+    minutes: float | None = None      # wall-clock budget for the steps (evaluation not counted)
+    batch_size: int = 4
+    optimizer: str = "adamw"          # "adamw" or "sgd"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_iters: int = 100
+    min_lr_factor: float = 0.02       # cosine decays to lr * this
+    grad_clip: float = 10.0
+    hflip: bool = True
+    num_train_images: int = 4000
+    num_val_images: int = 200
+    dataset: str = "shapes"           # "shapes" or "shapes-hard"
+    eval_every: int = 0               # steps between evaluations (0: only at the end)
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+CALIBRATION_STEPS = 20  # steps timed before a --minutes run fixes its schedule length
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or inf; training stopped and the last good checkpoint was kept."""
+
+
+def make_datasets(cfg: TrainConfig, image_size: int = 128):
+    from .data.shapes import ShapesDataset
+    difficulty = "hard" if cfg.dataset == "shapes-hard" else "normal"
+    train = ShapesDataset(cfg.num_train_images, image_size=image_size, seed=cfg.seed, split="train",
+                          difficulty=difficulty)
+    val = ShapesDataset(cfg.num_val_images, image_size=image_size, seed=cfg.seed, split="val",
+                        difficulty=difficulty)
+    return train, val
+
+
+def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """The dataset indices of step ``step``: epochs are seeded permutations."""
+    per_epoch = max(n_items // batch_size, 1)
+    epoch, pos = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, 7919, epoch]).permutation(n_items)
+    return perm[pos * batch_size:(pos + 1) * batch_size]
+
+
+def load_batch(dataset, indices, step: int, seed: int, hflip: bool):
+    from .data.transforms import random_horizontal_flip
+    rng = np.random.default_rng([seed, 104729, step])
+    images, targets = [], []
+    for i in indices:
+        img, tgt = dataset[int(i)]
+        if hflip:
+            img, tgt = random_horizontal_flip(img, tgt, rng, p=0.5)
+        images.append(img)
+        targets.append(tgt)
+    return images, targets
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw or sgd)")
+
+
+def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | None):
+    """One step; returns the losses and the gradient norm before clipping."""
+    model.zero_grad()
+    loss_dict = model.forward_train(images, targets)
+    total = sum(loss_dict.values())
+    if not math.isfinite(total):
+        bad = [k for k, v in loss_dict.items() if not math.isfinite(v)]
+        raise NonFiniteLossError(", ".join(f"{k}={loss_dict[k]}" for k in bad))
+    model.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = clip_grad_norm(params, grad_clip) if grad_clip else float("nan")
+    optimizer.lr = lr
+    optimizer.step()
+    return loss_dict, norm
+
+
+def evaluate_model(model, dataset, batch_size: int = 8) -> dict:
+    """Mask and box COCO AP of ``model`` on ``dataset``."""
+    from .evaluate import coco_evaluate
+    preds = []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        preds.extend(model.predict([img for img, _ in items]))
+    segm = coco_evaluate(preds, dataset, iou_type="segm")
+    bbox = coco_evaluate(preds, dataset, iou_type="bbox")
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    return {**{f"mask_{k}": float(segm[k]) for k in keys}, **{f"box_{k}": float(bbox[k]) for k in keys}}
+
+
+def _save(model, optimizer, path, step, cfg, elapsed, total_iters):
+    extra = {f"optim/{k}": v for k, v in optimizer.state_dict().items()}
+    meta = {"train": {"step": step, "config": cfg.to_dict(), "elapsed_s": elapsed, "total_iters": total_iters}}
+    model.save(path, extra_arrays=extra, extra_meta=meta)
+
+
+def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: bool = False,
+          progress: bool = True, log=print) -> dict:
+    """Train (or resume) a model; returns a summary dict with the final metrics and paths."""
+    from tqdm.auto import tqdm
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.npz")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    start_step, elapsed, total_iters = 0, 0.0, cfg.iters
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        model, extra, meta = MaskRCNN.load(ckpt_path, return_extra=True)
+        state = meta.get("train")
+        if not state:
+            raise ValueError(f"{ckpt_path} holds no training state; cannot resume from it")
+        start_step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        total_iters = state["total_iters"] if cfg.iters is None else cfg.iters
+        optimizer = make_optimizer(model, cfg)
+        optimizer.load_state_dict({k[len("optim/"):]: v for k, v in extra.items() if k.startswith("optim/")})
+    else:
+        model = MaskRCNN(model_config or MaskRCNNConfig.shapes(), seed=cfg.seed)
+        optimizer = make_optimizer(model, cfg)
+        with open(metrics_path, "w"):
+            pass
+    train_set, val_set = make_datasets(cfg)
+    if total_iters is None and cfg.minutes is None:
+        raise ValueError("give iters or minutes")
+    budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
+
+    step = start_step
+    history = []
+    bar = tqdm(total=total_iters, initial=start_step, disable=not progress, dynamic_ncols=True,
+               desc="train", unit="step")
+    t_last = time.perf_counter()
+    last_good = None
+    elapsed_at_5 = elapsed
+    while True:
+        if total_iters is not None and step >= total_iters:
+            break
+        if budget is not None and elapsed >= budget:
+            break
+        if total_iters is None and step >= CALIBRATION_STEPS:
+            # Time-budget mode: fix the schedule's length once, from the speed of the
+            # first steps; it is stored in checkpoints so a resumed run keeps it.
+            # The first steps include Numba compilation, so time steps 5..20 only.
+            rate = (step - 5) / max(elapsed - elapsed_at_5, 1e-9)
+            total_iters = max(int(step + rate * (budget - elapsed)), cfg.warmup_iters + 1)
+            bar.total = total_iters
+        sched_total = total_iters if total_iters is not None else 10 ** 9
+        schedule = WarmupCosine(cfg.lr, cfg.warmup_iters, max(sched_total, cfg.warmup_iters + 1),
+                                cfg.lr * cfg.min_lr_factor)
+        idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed)
+        images, targets = load_batch(train_set, idx, step, cfg.seed, cfg.hflip)
+        model.rng = np.random.default_rng([cfg.seed, 15485863, step])
+        t0 = time.perf_counter()
+        try:
+            losses, gnorm = train_step(model, optimizer, images, targets, schedule.lr_at(step), cfg.grad_clip)
+        except NonFiniteLossError as e:
+            bar.close()
+            kept = f"; the last good checkpoint ({last_good}) is kept" if last_good else ""
+            raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {e}{kept}") from None
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        step += 1
+        if step == 5:
+            elapsed_at_5 = elapsed
+        record = {"step": step, "elapsed_s": round(elapsed, 3), "lr": schedule.lr_at(step - 1),
+                  "grad_norm": float(gnorm), **losses, "loss": float(sum(losses.values()))}
+        history.append(record)
+        if step % cfg.log_every == 0 or step == 1:
+            _append_jsonl(metrics_path, record)
+        bar.update(1)
+        if progress and (step % 5 == 0 or step == 1):
+            now = time.perf_counter()
+            bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()},
+                             "s/step": f"{dt:.2f}"})
+            t_last = now
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            _save(model, optimizer, ckpt_path, step, cfg, elapsed, total_iters)
+            last_good = ckpt_path
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            ev = evaluate_model(model, val_set)
+            _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": ev})
+            log(f"step {step}  mask AP {ev['mask_AP']:.3f}  AP50 {ev['mask_AP50']:.3f}  box AP {ev['box_AP']:.3f}")
+    bar.close()
+    _save(model, optimizer, ckpt_path, step, cfg, elapsed, total_iters)
+    final = evaluate_model(model, val_set)
+    _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": final})
+    plot_training_curves(metrics_path, cfg.out_dir)
+    return {"step": step, "elapsed_s": elapsed, "eval": final, "checkpoint": ckpt_path,
+            "metrics": metrics_path, "history": history}
+
+
+def _append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> tuple[list, list]:
+    steps, evals = [], []
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            (evals if "eval" in r else steps).append(r)
+    return steps, evals
+
+
+def plot_training_curves(metrics_path: str, out_dir: str) -> list[str]:
+    """loss_curve.png (losses vs step) and, if evaluated, ap_curve.png (AP vs minutes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps, evals = read_metrics(metrics_path)
+    paths = []
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        s = [r["step"] for r in steps]
+        for k in LOSS_NAMES + ("loss",):
+            ax.plot(s, [r[k] for r in steps], label=k.replace("loss_", "") if k != "loss" else "total",
+                    lw=2 if k == "loss" else 1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+        ax.set_title("training losses")
+        fig.tight_layout()
+        p = os.path.join(out_dir, "loss_curve.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        t = [r["elapsed_s"] / 60 for r in evals]
+        for k in ("mask_AP", "mask_AP50", "box_AP"):
+            ax.plot(t, [r["eval"][k] for r in evals], marker="o", label=k)
+        ax.set_xlabel("training minutes")
+        ax.set_ylabel("AP on the held-out split")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        p = os.path.join(out_dir, "ap_curve.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
