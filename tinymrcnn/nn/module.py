@@ -110,7 +110,9 @@ class Module:
 
     # -- children, parameters, buffers -------------------------------------
     def register_buffer(self, name: str, value: np.ndarray) -> None:
-        self._buffers[name] = np.ascontiguousarray(value)
+        # asarray(order="C"), not ascontiguousarray: the latter turns a 0-d
+        # buffer (BatchNorm's num_batches_tracked) into shape (1,).
+        self._buffers[name] = np.asarray(value, order="C")
         object.__setattr__(self, name, self._buffers[name])
 
     def __setattr__(self, name, value):
@@ -194,7 +196,7 @@ class Module:
             else:
                 owner, leaf = self._buffer_owner(k)
                 old = owner._buffers[leaf]
-                setattr(owner, leaf, np.ascontiguousarray(value.astype(old.dtype, copy=True)))
+                setattr(owner, leaf, np.asarray(value.astype(old.dtype, copy=True), order="C"))
 
     def _buffer_owner(self, dotted: str) -> tuple["Module", str]:
         *path, leaf = dotted.split(".")
