@@ -1,0 +1,1 @@
+"""Pictures: predictions drawn on images, precision-recall curves."""
