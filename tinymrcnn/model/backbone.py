@@ -69,8 +69,8 @@ class BasicBlock(Module):
 
     def backward(self, dy):
         g = self.relu_out.backward(dy)                       # gradient of the residual sum
-        d_main = self.conv1.backward(self.relu1.backward(self.bn1.backward(
-            self.conv2.backward(self.bn2.backward(g)))))
+        d = self.conv2.backward(self.bn2.backward(g))
+        d_main = self.conv1.backward(self.bn1.backward(self.relu1.backward(d)))
         d_skip = g if self.downsample is None else self.downsample.backward(g)
         return d_main + d_skip
 
