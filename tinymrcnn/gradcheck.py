@@ -126,11 +126,12 @@ def check_module(module, inputs: Sequence[np.ndarray], h: float = 1e-6,
     """Gradient-check a Module's input(s) and every trainable parameter.
 
     The module must already hold float64 parameters (``module.to_dtype``).
-    ``scale_floor`` > 0 raises each tensor's floor to ``scale_floor * max|grad|``:
-    in a deep network some gradient entries are exactly zero (e.g. a shift that
-    a later BatchNorm removes) while the finite difference carries rounding
-    noise of about ``1e-16 * |L| / h``; such entries are then compared in
-    absolute terms, relative to the tensor's largest entry.
+    ``scale_floor`` > 0 raises the floor to ``scale_floor`` times the largest
+    analytic gradient entry of all checked tensors: in a deep network some
+    entries are exactly zero (e.g. a shift that a later BatchNorm removes) while
+    the finite difference carries rounding noise of about
+    ``1e-16 * sum|f * g| / h``; such entries are then compared in absolute
+    terms, against the scale of the whole gradient.
     ``richardson``: see :func:`numerical_gradient`.
     Returns ``{"input0": err, ..., "<param name>": err}``.
     """
@@ -159,6 +160,8 @@ def check_module(module, inputs: Sequence[np.ndarray], h: float = 1e-6,
     targets = [(f"input{i}", x, a) for i, (x, a) in enumerate(zip(inputs, dxs))]
     targets += [(name, p.data, p.grad.copy()) for name, p in module.named_parameters()
                 if p.requires_grad]
+    scale = max((float(np.max(np.abs(a))) for _, _, a in targets if np.size(a)), default=0.0)
+    floor = max(floor, scale_floor * scale)
     for name, x, a in targets:
         idx = pick(x.shape)
         num = numerical_gradient(loss, x, h, idx, richardson)
@@ -166,6 +169,5 @@ def check_module(module, inputs: Sequence[np.ndarray], h: float = 1e-6,
             result[name] = 0.0
             continue
         sel = tuple(np.array(idx).T)
-        tensor_floor = max(floor, scale_floor * float(np.max(np.abs(a)))) if np.size(a) else floor
-        result[name] = relative_error(np.asarray(a)[sel], num[sel], tensor_floor)
+        result[name] = relative_error(np.asarray(a)[sel], num[sel], floor)
     return result
