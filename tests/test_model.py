@@ -89,9 +89,15 @@ def test_whole_model_backward_matches_finite_differences(frozen_proposals):
         analytic = p.grad.copy()
         all_idx = list(np.ndindex(*p.data.shape))
         pick = [all_idx[j] for j in rng.choice(len(all_idx), size=min(3, len(all_idx)), replace=False)]
-        num = numerical_gradient(loss, p.data, 1e-5, pick, richardson=True)
+        # Backbone gradients are ~1e-5 at this init while the loss is ~3: at h=1e-6
+        # the difference is noise-limited (1e-5 relative), and at h=1e-4 a bias shift
+        # moves a whole channel, so some ReLU input crosses 0. h=1e-5 sits between
+        # (measured: <= 7e-7). Entries below 1e-3 of their tensor's largest are
+        # compared against that scale.
+        num = numerical_gradient(loss, p.data, 1e-5, pick)
         sel = tuple(np.array(pick).T)
-        worst[name] = relative_error(analytic[sel], num[sel], floor=1e-7)
+        floor = max(1e-3 * float(np.abs(analytic).max()), 1e-12)
+        worst[name] = relative_error(analytic[sel], num[sel], floor=floor)
     groups = {n.split(".")[0] + "." + n.split(".")[1] for n in worst}
     assert {"backbone.body", "backbone.fpn", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor",
             "roi_heads.mask_head"} <= groups

@@ -116,7 +116,8 @@ class RoIHeads(Module):
                 matched = np.full(len(props), -1, dtype=np.int64)
             else:
                 matched = self.matcher(box_iou(gt_boxes, props))       # (P,) gt index, -1 bg, -2 ignore
-            labels = np.where(matched >= 0, gt_labels[np.maximum(matched, 0)], 0).astype(np.int64)
+            labels = np.zeros(len(props), dtype=np.int64)                 # background
+            labels[matched >= 0] = gt_labels[matched[matched >= 0]]
             sampler_labels = np.where(matched >= 0, 1, np.where(matched == -1, 0, -1))
             pos, neg = self.sampler(sampler_labels, rng)
             keep = np.flatnonzero(pos | neg)
@@ -143,8 +144,9 @@ class RoIHeads(Module):
         t = roi_align(masks, np.ascontiguousarray(rois), (m, m), spatial_scale=1.0, sampling_ratio=0,
                       aligned=c.mask_target_aligned)[:, 0]
         if c.mask_target_mode == "threshold":
-            t = (t >= 0.5).astype(boxes.dtype)
-        return t
+            return (t >= 0.5).astype(boxes.dtype)
+        # Averages of 0/1 pixels, but float rounding can overshoot 1 by an ulp.
+        return np.clip(t, 0.0, 1.0)
 
     # ------------------------------------------------------------------ training
     def forward(self, features, proposals, image_sizes, targets=None, rng=None):
