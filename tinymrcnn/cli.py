@@ -68,7 +68,7 @@ def cmd_demo(args):
           f"held-out COCO AP ({cfg.num_val_images} images):")
     _print_ap_table(summary["eval"])
     model = MaskRCNN.load(summary["checkpoint"])
-    val = ShapesDataset(cfg.num_val_images, seed=cfg.seed, split="val")
+    val = ShapesDataset.heldout(cfg.num_val_images)
     n = min(8, len(val))
     items = [val[i] for i in range(n)]
     preds = model.predict([img for img, _ in items])
@@ -105,7 +105,7 @@ def cmd_evaluate(args):
         ds = CocoDataset(args.coco, args.images)
     else:
         from .data.shapes import ShapesDataset
-        ds = ShapesDataset(args.num_images, seed=args.seed, split="val")
+        ds = ShapesDataset.heldout(args.num_images)
     ev = evaluate_model(model, ds)
     _print_ap_table(ev)
     return ev

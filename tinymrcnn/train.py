@@ -69,8 +69,9 @@ def make_datasets(cfg: TrainConfig, image_size: int = 128):
     difficulty = "hard" if cfg.dataset == "shapes-hard" else "normal"
     train = ShapesDataset(cfg.num_train_images, image_size=image_size, seed=cfg.seed, split="train",
                           difficulty=difficulty)
-    val = ShapesDataset(cfg.num_val_images, image_size=image_size, seed=cfg.seed, split="val",
-                        difficulty=difficulty)
+    # The held-out split is fixed (seed 0 of the "val" split) whatever the training seed,
+    # so numbers from different runs are comparable.
+    val = ShapesDataset.heldout(cfg.num_val_images, image_size=image_size, difficulty=difficulty)
     return train, val
 
 
