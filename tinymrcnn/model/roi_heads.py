@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import losses
 from ..nn import Linear, Module, ReLU
-from ..ops import roi_align
+from ..ops import channels_last, roi_align
 from ..ops.boxes import BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes
 from ..ops.nms import batched_nms
 from .mask_head import MaskHead
@@ -155,6 +155,10 @@ class RoIHeads(Module):
         Training returns (losses dict, info); inference returns (detections, info)
         with detections a list of dicts boxes/labels/scores/mask_probs (28x28).
         """
+        # RoIAlign gathers along channels; transposing each level once to (N, H, W, C)
+        # serves both the box and the mask pooler (ops/roi_align.py explains why).
+        if self.config.roi_op == "roi_align":
+            features = [channels_last(f) for f in features]
         if targets is None:
             return self._inference(features, proposals, image_sizes)
         c = self.config
