@@ -20,7 +20,10 @@ Rows
 Times are the minimum and the median wall time of repeated runs, and the
 minimum CPU time of the process (all threads); us/RoI is min wall / K. The
 machine may be shared: the minimum is the least disturbed run, and the load
-average is printed with the table. Usage:
+average is printed with the table. On a loaded machine Numba's OpenMP
+threads spin while they wait for a descheduled sibling, which made the
+2-thread backward 3x slower than 1 thread during development; run with
+OMP_WAIT_POLICY=passive (or NUMBA_THREADING_LAYER=workqueue) there. Usage:
 
     python benchmarks/bench_roi.py [--repeats 20] [--threads N]
 """
