@@ -224,6 +224,7 @@ def mask_loss(mask_logits: np.ndarray, labels: np.ndarray, mask_targets: np.ndar
         other channel. R = 0 gives loss 0 and an empty gradient.
     """
     R, K, M1, M2 = _check_mask_args(mask_logits, labels, mask_targets)
+    # --- exercise: mask_loss ---
     grad = np.zeros_like(mask_logits)
     if R == 0:
         return 0.0, grad
@@ -232,6 +233,7 @@ def mask_loss(mask_logits: np.ndarray, labels: np.ndarray, mask_targets: np.ndar
     loss, g = sigmoid_bce_with_logits(chosen, mask_targets, reduction="mean")
     grad[rows, labels] = g
     return loss, grad
+    # --- end exercise ---
 
 
 def mask_loss_softmax(mask_logits: np.ndarray, labels: np.ndarray, mask_targets: np.ndarray,

@@ -61,6 +61,7 @@ def generate_proposals(objectness, deltas, anchors, image_sizes, pre_nms_top_n: 
     if not 0.0 <= min_size < np.inf:
         raise ValueError(f"min_size must be a finite number >= 0, got {min_size}")
     level_offsets = np.concatenate([[0], np.cumsum(num_per_level)[:-1]]).astype(np.int64)
+    # --- exercise: proposals ---
 
     all_boxes, all_scores, records = [], [], []
     for i in range(num_images):
@@ -107,6 +108,7 @@ def generate_proposals(objectness, deltas, anchors, image_sizes, pre_nms_top_n: 
         all_scores.append(record["final"]["scores"])
         records.append(record)
     return all_boxes, all_scores, records
+    # --- end exercise ---
 
 
 def assign_rpn_targets(anchors: np.ndarray, gt_boxes: np.ndarray, matcher, sampler, box_coder: BoxCoder,

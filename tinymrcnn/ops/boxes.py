@@ -131,6 +131,7 @@ class BoxCoder:
         for name, b in (("reference_boxes", reference_boxes), ("proposals", proposals)):
             if b.size and ((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])).any():
                 raise ValueError(f"{name} must have positive width and height to be encoded")
+        # --- exercise: box_coder ---
         wx, wy, ww, wh = self.weights
         ex_widths = proposals[:, 2] - proposals[:, 0]                  # (N,)
         ex_heights = proposals[:, 3] - proposals[:, 1]
@@ -147,6 +148,7 @@ class BoxCoder:
         dw = ww * np.log(gt_widths / ex_widths)
         dh = wh * np.log(gt_heights / ex_heights)
         return np.stack((dx, dy, dw, dh), axis=1)                     # (N, 4)
+        # --- end exercise ---
 
     def decode(self, deltas: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Apply deltas to reference boxes.
@@ -162,6 +164,7 @@ class BoxCoder:
         if boxes.shape[0] != deltas.shape[0]:
             raise ValueError(f"deltas {deltas.shape} and boxes {boxes.shape} need the same number of rows")
         boxes = boxes.astype(deltas.dtype, copy=False)
+        # --- exercise: box_coder ---
         wx, wy, ww, wh = self.weights
         widths = boxes[:, 2] - boxes[:, 0]                              # (N,)
         heights = boxes[:, 3] - boxes[:, 1]
@@ -182,6 +185,7 @@ class BoxCoder:
         out = np.stack((pred_ctr_x - half_w, pred_ctr_y - half_h,
                         pred_ctr_x + half_w, pred_ctr_y + half_h), axis=2)  # (N, k, 4)
         return out.reshape(deltas.shape[0], -1)                             # (N, 4k)
+        # --- end exercise ---
 
 
 def _image_size(size) -> tuple[float, float]:
