@@ -306,6 +306,7 @@ def roi_sample_points(box, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     """
     ph_, pw_ = pair(output_size, "output_size")
     x1, y1, x2, y2 = (float(v) for v in box)
+    # --- exercise: roi_align_forward ---
     offset = 0.5 if aligned else 0.0                       # SPEC: offset = 0.5 if aligned else 0
     start_w, start_h = x1 * spatial_scale - offset, y1 * spatial_scale - offset
     end_w, end_h = x2 * spatial_scale - offset, y2 * spatial_scale - offset
@@ -329,10 +330,12 @@ def roi_sample_points(box, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     xs = np.array([[start_w + p * bin_w + (i + 0.5) * bin_w / grid_w for i in range(grid_w)]
                    for p in range(pw_)]).reshape(pw_, grid_w)
     return ys, xs, count
+    # --- end exercise ---
 
 
 def bilinear_reference(y, x, height, width):
     """The four (row, col, weight) taps of a sample at (y, x); [] outside the map."""
+    # --- exercise: roi_align_forward ---
     if not (-1.0 <= y <= height and -1.0 <= x <= width):   # out of range or NaN: contributes 0
         return []
     y, x = max(y, 0.0), max(x, 0.0)                        # clamp y, x <= 0 to 0
@@ -351,6 +354,7 @@ def bilinear_reference(y, x, height, width):
     hy, hx = 1.0 - ly, 1.0 - lx
     return [(y_low, x_low, hy * hx), (y_low, x_high, hy * lx),
             (y_high, x_low, ly * hx), (y_high, x_high, ly * lx)]
+    # --- end exercise ---
 
 
 def _bin_samples(feat, ys, xs):
@@ -374,6 +378,7 @@ def roi_align_reference(x, rois, output_size, spatial_scale=1.0, sampling_ratio=
     ph_, pw_ = _check_args(output_size, sampling_ratio, mode, spatial_scale)
     check_float_array(x, "x", ndim=4)
     r = check_rois(rois, x.shape[0])
+    # --- exercise: roi_align_forward ---
     out = np.zeros((len(r), x.shape[1], ph_, pw_), x.dtype)
     for k, roi in enumerate(r):
         feat = x[int(roi[0])]                                            # (C, H, W)
@@ -388,6 +393,7 @@ def roi_align_reference(x, rois, output_size, spatial_scale=1.0, sampling_ratio=
                 else:
                     out[k, :, ph, pw] = values.max(axis=0)
     return out
+    # --- end exercise ---
 
 
 def roi_align_backward_reference(dy, rois, input_shape, spatial_scale=1.0, sampling_ratio=-1,
@@ -398,6 +404,7 @@ def roi_align_backward_reference(dy, rois, input_shape, spatial_scale=1.0, sampl
     r = check_rois(rois, N)
     if mode == "max" and x is None:
         raise ValueError('mode="max" needs the forward input x to find the winning samples')
+    # --- exercise: roi_align_backward ---
     dx = np.zeros((N, C, H, W), dy.dtype)
     chans = np.arange(C)
     for k, roi in enumerate(r):
@@ -420,3 +427,4 @@ def roi_align_backward_reference(dy, rois, input_shape, spatial_scale=1.0, sampl
                     for ty, tx, w in taps[s]:
                         dx[b, c, ty, tx] += g[c] * w                     # only the winner's taps
     return dx
+    # --- end exercise ---
