@@ -23,6 +23,7 @@ import numpy as np
 from ..checkpoint import load_npz, save_npz_atomic
 from ..config import MaskRCNNConfig
 from ..nn import Module
+from ..profiling import timed
 from .backbone import ResNet
 from .fpn import FPN
 from .roi_heads import RoIHeads
@@ -64,8 +65,13 @@ class MaskRCNN(Module):
         self.rpn = RegionProposalNetwork(self.config, rng)
         self.roi_heads = RoIHeads(self.config, rng)
         self.rng = np.random.default_rng(seed + 1)           # anchor / proposal sampling
+        self.timer = None                                    # see set_timer
         if self.config.dtype == "float64":
             self.to_dtype(np.float64)
+
+    def set_timer(self, timer) -> None:
+        """Report each stage's time to a :class:`tinymrcnn.profiling.StageTimer` (None: off)."""
+        self.timer = self.rpn.timer = self.roi_heads.timer = timer
 
     @property
     def dtype(self):
@@ -122,10 +128,14 @@ class MaskRCNN(Module):
         self._check_targets(images, targets)
         self.train()
         self.clear_cache()                                    # drop any unfinished step
-        x, sizes, targets = self.transform(images, targets, dtype=self.dtype)
-        for t in targets:
-            t["boxes"] = t["boxes"].astype(self.dtype)
-        features = self.backbone(x)                          # [P2..P6]
+        with timed(self.timer, "transform"):
+            x, sizes, targets = self.transform(images, targets, dtype=self.dtype)
+            for t in targets:
+                t["boxes"] = t["boxes"].astype(self.dtype)
+        with timed(self.timer, "backbone"):
+            c_feats = self.backbone.body(x)                  # [C2..C5]
+        with timed(self.timer, "fpn"):
+            features = self.backbone.fpn(c_feats)            # [P2..P6]
         proposals, rpn_losses, _ = self.rpn(features, sizes, x.shape[-2:], targets, self.rng)
         head_losses, _ = self.roi_heads(features[:4], proposals, sizes, targets, self.rng)
         out = {**rpn_losses, **head_losses}
@@ -139,22 +149,31 @@ class MaskRCNN(Module):
         level, FPN, backbone. Parameter gradients accumulate into ``.grad``.
         """
         d_heads = self.roi_heads.backward()                  # [dP2..dP5] from the box and mask branches
-        d_rpn = self.rpn.backward()                          # [dP2..dP6] from the RPN losses
+        with timed(self.timer, "backward rpn"):
+            d_rpn = self.rpn.backward()                      # [dP2..dP6] from the RPN losses
         d_levels = []
         for k, d in enumerate(d_rpn):
             h = d_heads[k] if k < len(d_heads) else None
             d_levels.append(d if h is None else (h if d is None else d + h))
-        self.backbone.backward(d_levels)
+        with timed(self.timer, "backward fpn"):
+            d_c = self.backbone.fpn.backward(d_levels)
+        with timed(self.timer, "backward backbone"):
+            self.backbone.body.backward(d_c)
 
     # ------------------------------------------------------------------ inference
     def _run_inference(self, images):
         self._check_images(images)
         self.eval()
-        x, sizes, _ = self.transform(images, None, dtype=self.dtype)
-        features = self.backbone(x)
+        with timed(self.timer, "transform"):
+            x, sizes, _ = self.transform(images, None, dtype=self.dtype)
+        with timed(self.timer, "backbone"):
+            c_feats = self.backbone.body(x)
+        with timed(self.timer, "fpn"):
+            features = self.backbone.fpn(c_feats)
         proposals, _, rpn_info = self.rpn(features, sizes, x.shape[-2:])
         detections, head_info = self.roi_heads(features[:4], proposals, sizes)
-        results = self.transform.postprocess(detections, sizes, [img.shape[-2:] for img in images])
+        with timed(self.timer, "paste masks"):
+            results = self.transform.postprocess(detections, sizes, [img.shape[-2:] for img in images])
         return x, sizes, features, proposals, rpn_info, detections, head_info, results
 
     def predict(self, images) -> list[dict]:

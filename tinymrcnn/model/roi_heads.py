@@ -25,6 +25,7 @@ from ..nn import Linear, Module, ReLU
 from ..ops import channels_last, roi_align
 from ..ops.boxes import BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes
 from ..ops.nms import batched_nms
+from ..profiling import timed
 from .mask_head import MaskHead
 from .matcher import BalancedPositiveNegativeSampler, Matcher
 from .poolers import MultiScaleRoIAlign
@@ -99,6 +100,7 @@ class RoIHeads(Module):
         self.box_coder = BoxCoder(weights=c.box_coder_weights)
         self.matcher = Matcher(c.box_fg_iou_thresh, c.box_bg_iou_thresh, allow_low_quality_matches=False)
         self.sampler = BalancedPositiveNegativeSampler(c.box_batch_size_per_image, c.box_positive_fraction)
+        self.timer = None
 
     # ------------------------------------------------------------------ targets
     def select_training_samples(self, proposals, targets, rng):
@@ -158,28 +160,34 @@ class RoIHeads(Module):
         # RoIAlign gathers along channels; transposing each level once to (N, H, W, C)
         # serves both the box and the mask pooler (ops/roi_align.py explains why).
         if self.config.roi_op == "roi_align":
-            features = [channels_last(f) for f in features]
+            with timed(self.timer, "roi ops"):
+                features = [channels_last(f) for f in features]
         if targets is None:
             return self._inference(features, proposals, image_sizes)
         c = self.config
-        samples = self.select_training_samples(proposals, targets, rng)
-        rois = _make_rois([s[0] for s in samples])                          # (R, 5)
-        labels = np.concatenate([s[1] for s in samples])                    # (R,)
-        reg_targets = np.concatenate([s[2] for s in samples])               # (R, 4)
-        box_feats = self.box_roi_pool(features, rois)                       # (R, D, 7, 7)
-        class_logits, box_regression = self.box_predictor(self.box_head(box_feats))
+        with timed(self.timer, "proposal targets"):
+            samples = self.select_training_samples(proposals, targets, rng)
+            rois = _make_rois([s[0] for s in samples])                      # (R, 5)
+            labels = np.concatenate([s[1] for s in samples])                # (R,)
+            reg_targets = np.concatenate([s[2] for s in samples])           # (R, 4)
+        with timed(self.timer, "roi ops"):
+            box_feats = self.box_roi_pool(features, rois)                   # (R, D, 7, 7)
+        with timed(self.timer, "box head"):
+            class_logits, box_regression = self.box_predictor(self.box_head(box_feats))
         r = len(labels)
-        loss_cls, d_cls = losses.softmax_cross_entropy(class_logits, labels, reduction="mean")
+        with timed(self.timer, "box losses"):
+            loss_cls, d_cls = losses.softmax_cross_entropy(class_logits, labels, reduction="mean")
         # Box loss: smooth L1 on the GT-class deltas of positives, / number sampled (SPEC).
-        pos = np.flatnonzero(labels > 0)
-        d_box = np.zeros_like(box_regression)
-        loss_box = 0.0
-        if len(pos):
-            cols = 4 * labels[pos][:, None] + np.arange(4)                  # (P, 4)
-            pred = box_regression[pos[:, None], cols]
-            loss_box, g = losses.smooth_l1(pred, reg_targets[pos], beta=c.box_smooth_l1_beta, reduction="sum")
-            loss_box = float(loss_box) / max(r, 1)
-            d_box[pos[:, None], cols] = g / max(r, 1)
+            pos = np.flatnonzero(labels > 0)
+            d_box = np.zeros_like(box_regression)
+            loss_box = 0.0
+            if len(pos):
+                cols = 4 * labels[pos][:, None] + np.arange(4)              # (P, 4)
+                pred = box_regression[pos[:, None], cols]
+                loss_box, g = losses.smooth_l1(pred, reg_targets[pos], beta=c.box_smooth_l1_beta,
+                                               reduction="sum")
+                loss_box = float(loss_box) / max(r, 1)
+                d_box[pos[:, None], cols] = g / max(r, 1)
         # Mask branch on the positives only.
         pos_boxes = [s[0][s[1] > 0] for s in samples]
         pos_matched = [s[3][s[1] > 0] for s in samples]
@@ -187,12 +195,15 @@ class RoIHeads(Module):
         mask_labels = labels[pos]
         loss_mask, d_mask_logits, mask_logits = 0.0, None, None
         if len(mask_rois):
-            mask_feats = self.mask_roi_pool(features, mask_rois)           # (P, D, 14, 14)
-            mask_logits = self.mask_head(mask_feats)                        # (P, K, 28, 28)
-            mask_tgts = np.concatenate([self.mask_targets(t["masks"], b, m)
-                                        for t, b, m in zip(targets, pos_boxes, pos_matched)])
-            loss_fn = losses.mask_loss if c.mask_loss_type == "sigmoid" else losses.mask_loss_softmax
-            loss_mask, d_mask_logits = loss_fn(mask_logits, mask_labels, mask_tgts)
+            with timed(self.timer, "roi ops"):
+                mask_feats = self.mask_roi_pool(features, mask_rois)       # (P, D, 14, 14)
+            with timed(self.timer, "mask head"):
+                mask_logits = self.mask_head(mask_feats)                    # (P, K, 28, 28)
+            with timed(self.timer, "mask targets + loss"):
+                mask_tgts = np.concatenate([self.mask_targets(t["masks"], b, m)
+                                            for t, b, m in zip(targets, pos_boxes, pos_matched)])
+                loss_fn = losses.mask_loss if c.mask_loss_type == "sigmoid" else losses.mask_loss_softmax
+                loss_mask, d_mask_logits = loss_fn(mask_logits, mask_labels, mask_tgts)
         self.save(d_cls, d_box, d_mask_logits)
         loss_dict = {"loss_classifier": float(loss_cls), "loss_box_reg": float(loss_box),
                      "loss_mask": float(loss_mask)}
@@ -203,9 +214,16 @@ class RoIHeads(Module):
     def backward(self):
         """Gradients of the three head losses w.r.t. P2..P5 (a list of 4 arrays or None)."""
         d_cls, d_box, d_mask_logits = self.restore()
-        d_levels = self.box_roi_pool.backward(self.box_head.backward(self.box_predictor.backward((d_cls, d_box))))
         if d_mask_logits is not None:
-            d_mask = self.mask_roi_pool.backward(self.mask_head.backward(d_mask_logits))
+            with timed(self.timer, "backward mask head"):
+                d_mask_feats = self.mask_head.backward(d_mask_logits)
+            with timed(self.timer, "backward roi ops"):
+                d_mask = self.mask_roi_pool.backward(d_mask_feats)
+        with timed(self.timer, "backward box head"):
+            d_box_feats = self.box_head.backward(self.box_predictor.backward((d_cls, d_box)))
+        with timed(self.timer, "backward roi ops"):
+            d_levels = self.box_roi_pool.backward(d_box_feats)
+        if d_mask_logits is not None:
             d_levels = [a if b is None else (b if a is None else a + b) for a, b in zip(d_levels, d_mask)]
         return d_levels
 
@@ -213,12 +231,18 @@ class RoIHeads(Module):
     def _inference(self, features, proposals, image_sizes):
         c = self.config
         rois = _make_rois(proposals)
-        box_feats = self.box_roi_pool(features, rois)
-        class_logits, box_regression = self.box_predictor(self.box_head(box_feats))
-        detections = self.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+        with timed(self.timer, "roi ops"):
+            box_feats = self.box_roi_pool(features, rois)
+        with timed(self.timer, "box head"):
+            class_logits, box_regression = self.box_predictor(self.box_head(box_feats))
+        with timed(self.timer, "detections (softmax, nms)"):
+            detections = self.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
         det_rois = _make_rois([d["boxes"] for d in detections])
         if len(det_rois):
-            mask_logits = self.mask_head(self.mask_roi_pool(features, det_rois))   # (D, K, 28, 28)
+            with timed(self.timer, "roi ops"):
+                mask_feats = self.mask_roi_pool(features, det_rois)
+            with timed(self.timer, "mask head"):
+                mask_logits = self.mask_head(mask_feats)                               # (D, K, 28, 28)
             labels = np.concatenate([d["labels"] for d in detections])
             chosen = mask_logits[np.arange(len(labels)), labels]                    # the predicted class
             probs = 1.0 / (1.0 + np.exp(-chosen))

@@ -19,6 +19,7 @@ import numpy as np
 from .. import losses
 from ..nn import Conv2d, Module, ReLU
 from ..ops.boxes import BoxCoder
+from ..profiling import timed
 from .anchors import AnchorGenerator
 from .matcher import BalancedPositiveNegativeSampler, Matcher
 from .proposals import assign_rpn_targets, generate_proposals
@@ -84,6 +85,7 @@ class RegionProposalNetwork(Module):
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(c.rpn_fg_iou_thresh, c.rpn_bg_iou_thresh, allow_low_quality_matches=True)
         self.sampler = BalancedPositiveNegativeSampler(c.rpn_batch_size_per_image, c.rpn_positive_fraction)
+        self.timer = None
 
     def forward(self, features, image_sizes, padded_size, targets=None, rng=None):
         """Run the head on every level and make proposals.
@@ -102,26 +104,29 @@ class RegionProposalNetwork(Module):
         """
         c = self.config
         logits, deltas, shapes = [], [], []
-        for p in features:
-            l, d = self.head(p)
-            shapes.append(l.shape)
-            fl, fd = flatten_head_outputs(l, d)
-            logits.append(fl)
-            deltas.append(fd)
+        with timed(self.timer, "rpn head"):
+            for p in features:
+                l, d = self.head(p)
+                shapes.append(l.shape)
+                fl, fd = flatten_head_outputs(l, d)
+                logits.append(fl)
+                deltas.append(fd)
         anchors = self.anchor_generator.anchors_per_level(padded_size, [s[-2:] for s in shapes],
                                                           dtype=features[0].dtype)
         training = targets is not None
         pre_n = c.rpn_pre_nms_top_n_train if training else c.rpn_pre_nms_top_n_test
         post_n = c.rpn_post_nms_top_n_train if training else c.rpn_post_nms_top_n_test
-        proposals, scores, record = generate_proposals(
-            logits, deltas, anchors, image_sizes, pre_nms_top_n=pre_n, post_nms_top_n=post_n,
-            nms_thresh=c.rpn_nms_thresh, score_thresh=c.rpn_score_thresh, min_size=c.rpn_min_size,
-            box_coder=self.box_coder)
+        with timed(self.timer, "proposals"):
+            proposals, scores, record = generate_proposals(
+                logits, deltas, anchors, image_sizes, pre_nms_top_n=pre_n, post_nms_top_n=post_n,
+                nms_thresh=c.rpn_nms_thresh, score_thresh=c.rpn_score_thresh, min_size=c.rpn_min_size,
+                box_coder=self.box_coder)
         info = {"anchors": anchors, "objectness": logits, "rpn_deltas": deltas,
                 "proposal_steps": record, "proposal_scores": scores}
         loss_dict = {}
         if training:
-            loss_dict, grads = self._losses(logits, deltas, anchors, targets, rng)
+            with timed(self.timer, "rpn targets + losses"):
+                loss_dict, grads = self._losses(logits, deltas, anchors, targets, rng)
             self.save(grads, shapes)
         return proposals, loss_dict, info
 
