@@ -169,6 +169,9 @@ def build_parser():
     r.add_argument("--out", required=True)
     r.add_argument("--score-thresh", type=float, default=0.5)
     r.set_defaults(func=cmd_predict)
+
+    from .torchvision_compat import add_convert_parser
+    add_convert_parser(sub)
     return p
 
 

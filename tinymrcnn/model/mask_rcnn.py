@@ -28,7 +28,7 @@ from .backbone import ResNet
 from .fpn import FPN
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
-from .transform import Transform
+from .transform import Transform, resized_shape
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 
@@ -90,8 +90,9 @@ class MaskRCNN(Module):
                 raise ValueError(f"image {i} must be float in [0, 1], got dtype {img.dtype}")
             if not np.isfinite(img).all():
                 raise ValueError(f"image {i} contains NaN or inf")
-            if min(img.shape[1:]) < 32:
-                raise ValueError(f"image {i} is {img.shape[1]}x{img.shape[2]}; the smallest side must be "
+            (h, w), _ = resized_shape(*img.shape[1:], self.config.min_size, self.config.max_size)
+            if min(h, w) < 32:
+                raise ValueError(f"image {i} is {h}x{w} after resizing; the smallest side must be "
                                  "at least 32 pixels (the coarsest feature map has stride 32)")
 
     def _check_targets(self, images, targets):
@@ -230,6 +231,15 @@ class MaskRCNN(Module):
             extra = {k: v for k, v in arrays.items() if not k.startswith("model/")}
             return model, extra, meta
         return model
+
+    @classmethod
+    def from_torchvision(cls, state_dict: dict, config: MaskRCNNConfig | None = None, bn_eps: float = 0.0):
+        """A model with torchvision's ``maskrcnn_resnet50_fpn`` weights (name -> ndarray).
+
+        See :mod:`tinymrcnn.torchvision_compat` and docs/torchvision.md.
+        """
+        from ..torchvision_compat import model_from_torchvision
+        return model_from_torchvision(state_dict, config=config, bn_eps=bn_eps)
 
 
 def binarize_masks(masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:

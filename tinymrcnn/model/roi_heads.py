@@ -19,6 +19,7 @@ only and the predicted class's channel through a sigmoid.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
 from .. import losses
 from ..nn import Linear, Module, ReLU
@@ -245,7 +246,7 @@ class RoIHeads(Module):
                 mask_logits = self.mask_head(mask_feats)                               # (D, K, 28, 28)
             labels = np.concatenate([d["labels"] for d in detections])
             chosen = mask_logits[np.arange(len(labels)), labels]                    # the predicted class
-            probs = 1.0 / (1.0 + np.exp(-chosen))
+            probs = expit(chosen)
         else:
             mask_logits = np.zeros((0, c.num_classes, 2 * c.mask_roi_size, 2 * c.mask_roi_size), np.float32)
             probs = np.zeros((0, 2 * c.mask_roi_size, 2 * c.mask_roi_size), np.float32)
