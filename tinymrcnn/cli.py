@@ -172,6 +172,8 @@ def build_parser():
 
     from .torchvision_compat import add_convert_parser
     add_convert_parser(sub)
+    from .course.cli import add_course_parser
+    add_course_parser(sub)
     return p
 
 
