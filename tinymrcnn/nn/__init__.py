@@ -5,3 +5,4 @@ from .linear import Flatten, Linear
 from .norm import BatchNorm2d, FrozenBatchNorm2d, GroupNorm
 from .pooling import MaxPool2d
 from .upsample import UpsampleNearest, upsample_nearest, upsample_nearest_backward
+from .conv import Conv2d, ConvTranspose2d

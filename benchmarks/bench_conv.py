@@ -1,0 +1,241 @@
+"""Benchmark: conv2d forward + backward, tinymrcnn vs a plain NumPy im2col vs torch.
+
+    python benchmarks/bench_conv.py               # the table (float32)
+    python benchmarks/bench_conv.py --repeats 9   # more repeats (the median is reported)
+    python benchmarks/bench_conv.py --stat min    # the fastest repeat (a busy machine)
+    python benchmarks/bench_conv.py --cold-start  # first call with an empty / a warm Numba cache
+    python benchmarks/bench_conv.py --profile     # our time split into BLAS and data movement
+
+Each row times one forward and one backward (dx, dw, db) of a convolution at
+(N, C, H, W) -> O channels: 3x3 with padding 1 on three shapes, and a 1x1. All
+three implementations run in the same process, one after the other, each with
+a warm-up call and then ``--repeats`` timed calls; the table gives the median.
+torch (``torch.nn.functional.conv2d`` + autograd) is used when importable.
+
+"vs torch" is torch's time / ours (throughput ratio; target >= 0.7), and
+"vs NumPy" is the NumPy baseline's time / ours (target >= 5).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from tinymrcnn.ops import conv2d, conv2d_backward
+
+SHAPES = [  # (N, C, H, W, O, k)
+    (1, 256, 64, 64, 256, 3),
+    (8, 32, 64, 64, 32, 3),
+    (2, 64, 128, 128, 64, 3),
+    (1, 256, 64, 64, 256, 1),
+]
+
+
+# ---------------------------------------------------------------------------
+# The plain NumPy baseline: im2col by stride tricks, one matmul, col2im by adds
+# ---------------------------------------------------------------------------
+def numpy_conv2d(x, w, b, pad):
+    """Forward; returns y and the im2col matrix (kept for the backward)."""
+    N, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))                  # (N, C, Ho, Wo, kh, kw)
+    Ho, Wo = win.shape[2:4]
+    cols = win.transpose(1, 4, 5, 0, 2, 3).reshape(C * kh * kw, N * Ho * Wo)  # copy
+    y = (w.reshape(O, -1) @ cols).reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3) + b[None, :, None, None]
+    return np.ascontiguousarray(y), cols
+
+
+def numpy_conv2d_backward(dy, x, w, cols, pad):
+    N, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Ho, Wo = dy.shape[2:]
+    dyr = dy.transpose(1, 0, 2, 3).reshape(O, -1)                         # (O, N*Ho*Wo)
+    dw = (dyr @ cols.T).reshape(w.shape)
+    dcols = (w.reshape(O, -1).T @ dyr).reshape(C, kh, kw, N, Ho, Wo)
+    dxp = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=x.dtype)
+    for i in range(kh):                                                   # col2im
+        for j in range(kw):
+            dxp[:, :, i:i + Ho, j:j + Wo] += dcols[:, i, j].transpose(1, 0, 2, 3)
+    return dxp[:, :, pad:pad + H, pad:pad + W], dw, dy.sum(axis=(0, 2, 3))
+
+
+# ---------------------------------------------------------------------------
+STAT = {"median": np.median, "min": np.min}
+
+
+def _time_ms(fn, repeats, stat):
+    fn()                                                                  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(STAT[stat](times))
+
+
+def _torch():
+    try:
+        import torch
+        import torch.nn.functional as F
+        return torch, F
+    except ImportError:
+        return None, None
+
+
+def run_table(repeats: int, stat: str) -> None:
+    torch, F = _torch()
+    rng = np.random.default_rng(0)
+    print(f"# conv2d forward+backward, float32, {stat} of {repeats} after a warm-up")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load:.1f}; "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
+          + (f"torch {torch.__version__}, {torch.get_num_threads()} threads" if torch else "torch: not installed"))
+    head = f"{'(N, C, H, W) -> O, k':<28}{'tinymrcnn':>11}{'NumPy':>10}{'torch':>10}{'vs torch':>10}{'vs NumPy':>10}"
+    print(head)
+    print("-" * len(head))
+    for N, C, H, W, O, k in SHAPES:
+        pad = k // 2
+        x = rng.standard_normal((N, C, H, W), dtype=np.float32)
+        w = (rng.standard_normal((O, C, k, k), dtype=np.float32) / np.sqrt(C * k * k)).astype(np.float32)
+        b = rng.standard_normal(O, dtype=np.float32)
+        dy = rng.standard_normal((N, O, H, W), dtype=np.float32)
+
+        def ours():
+            conv2d(x, w, b, 1, pad)
+            conv2d_backward(dy, x, w, 1, pad)
+
+        def numpy_baseline():
+            _, cols = numpy_conv2d(x, w, b, pad)
+            numpy_conv2d_backward(dy, x, w, cols, pad)
+
+        t_ours = _time_ms(ours, repeats, stat)
+        t_np = _time_ms(numpy_baseline, max(1, min(repeats, 3)), stat)
+        t_torch = float("nan")
+        if torch is not None:
+            tx = torch.from_numpy(x).requires_grad_()
+            tw = torch.from_numpy(w).requires_grad_()
+            tb = torch.from_numpy(b).requires_grad_()
+            tdy = torch.from_numpy(dy)
+
+            def torch_fb():
+                tx.grad = tw.grad = tb.grad = None
+                F.conv2d(tx, tw, tb, padding=pad).backward(tdy)
+
+            t_torch = _time_ms(torch_fb, repeats, stat)
+        name = f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}"
+        vs_torch = f"{t_torch / t_ours:.2f}x" if torch is not None else "-"
+        print(f"{name:<28}{t_ours:>9.1f}ms{t_np:>8.1f}ms"
+              + (f"{t_torch:>8.1f}ms" if torch is not None else f"{'-':>10}")
+              + f"{vs_torch:>10}{t_np / t_ours:>9.1f}x", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Profile: where the time of one forward+backward goes
+# ---------------------------------------------------------------------------
+def run_profile(repeats: int) -> None:
+    """Time every BLAS call and every Numba data-movement kernel of the fast path."""
+    import tinymrcnn.kernels.cpu.conv as kc
+
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return wrapper
+
+    originals = {name: getattr(kc, name) for name in
+                 ("gemm", "pad_phases", "gather_output", "scatter_wide", "gather_phases",
+                  "copy_windows", "add_windows")}
+    for name, fn in originals.items():
+        setattr(kc, name, timed("BLAS gemm" if name == "gemm" else name, fn))
+    try:
+        rng = np.random.default_rng(0)
+        print(f"# where the time goes (min over {repeats} runs of each part; ms)")
+        for N, C, H, W, O, k in SHAPES:
+            pad = k // 2
+            x = rng.standard_normal((N, C, H, W), dtype=np.float32)
+            w = rng.standard_normal((O, C, k, k), dtype=np.float32)
+            dy = rng.standard_normal((N, O, H, W), dtype=np.float32)
+            best: dict[str, float] = {}
+            for r in range(repeats + 1):
+                spent.clear()
+                t0 = time.perf_counter()
+                conv2d(x, w, None, 1, pad)
+                conv2d_backward(dy, x, w, 1, pad)
+                spent["total"] = time.perf_counter() - t0
+                if r:                                                    # the first is a warm-up
+                    for name, t in spent.items():
+                        best[name] = min(best.get(name, np.inf), t)
+            gflop = 3 * 2 * N * O * C * k * k * H * W / 1e9
+            parts = ", ".join(f"{n} {1e3 * t:.1f}" for n, t in best.items() if n != "total")
+            print(f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}: total {1e3 * best['total']:.1f}: {parts}; "
+                  f"GEMM rate {gflop / best['BLAS gemm']:.0f} GFLOP/s")
+    finally:
+        for name, fn in originals.items():
+            setattr(kc, name, fn)
+
+
+# ---------------------------------------------------------------------------
+# Cold start: the first call in a fresh process, empty and warm Numba cache
+# ---------------------------------------------------------------------------
+_CHILD = r"""
+import time
+t0 = time.perf_counter()
+import numpy as np
+from tinymrcnn.ops import conv2d, conv2d_backward
+t1 = time.perf_counter()
+rng = np.random.default_rng(0)
+x = rng.standard_normal((2, 16, 32, 32), dtype=np.float32)
+w = rng.standard_normal((16, 16, 3, 3), dtype=np.float32)
+b = np.zeros(16, np.float32)
+t2 = time.perf_counter()
+y = conv2d(x, w, b, 1, 1)
+conv2d_backward(np.ones_like(y), x, w, 1, 1)
+t3 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t3 - t2:.3f}")
+"""
+
+
+def run_cold_start() -> None:
+    print("# first conv2d forward+backward (float32, 3x3 pad 1) in a fresh process")
+    print(f"{'Numba cache':<14}{'import':>10}{'first fwd+bwd':>16}")
+    with tempfile.TemporaryDirectory(prefix="tinymrcnn-numba-cache-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for label in ("empty", "warm", "warm"):
+            out = subprocess.run([sys.executable, "-c", _CHILD], env=env, check=True,
+                                 capture_output=True, text=True).stdout.split()
+            t_import, t_first = float(out[-2]), float(out[-1])
+            print(f"{label:<14}{t_import:>9.2f}s{t_first:>15.2f}s", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--stat", choices=sorted(STAT), default="median",
+                    help="how the repeats are summarised (min: the least disturbed run)")
+    ap.add_argument("--cold-start", action="store_true",
+                    help="measure the first call with an empty and with a warm Numba cache")
+    ap.add_argument("--profile", action="store_true",
+                    help="split tinymrcnn's time into BLAS and the Numba data movement")
+    args = ap.parse_args(argv)
+    if args.cold_start:
+        run_cold_start()
+    elif args.profile:
+        run_profile(args.repeats)
+    else:
+        run_table(args.repeats, args.stat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""The fast CPU convolution: shifted-window GEMMs in BLAS, data movement in Numba.
+
+Readable reference: ``tinymrcnn/ops/conv.py`` (``conv2d_reference`` & co.);
+derivation: ``docs/derivations/conv.md``. The public functions are
+``tinymrcnn.ops.conv2d`` etc., which validate their input and call these.
+
+The idea (one picture, then every pass is a handful of GEMMs)
+-------------------------------------------------------------
+Pad every input channel and lay the N images of a channel end to end in one
+row: ``xpad`` is (C, N*P) with P = Hp*Wp. An output pixel (n, oh, ow) gets the
+*column* ``m = n*P + oh*Wp + ow`` of a "wide" output (O, M). For stride 1,
+kernel tap (i, j) reads input column ``m + i*Wp + j`` for every m: the same
+matrix ``xpad`` shifted by ``shift_ij = i*Wp + j``. So
+
+    y_wide = sum over taps (i, j) of  W[:, :, i, j] (O, C)  @  xpad[:, shift_ij : shift_ij + M]
+
+and ``xpad[:, shift:shift+M]`` is a plain view (rows N*P apart) that BLAS
+reads in place. That is im2col without building the im2col matrix: the nine
+taps of a 3x3 kernel are nine GEMMs that accumulate into one output
+(``beta = 1``). The price: the columns that fall in the padding (ow >= Wo, or
+between images) are computed and thrown away (6% at 64x64 with padding 1).
+
+Stride s > 1 is turned into stride 1 by splitting the padded input into s*s
+*phases* (even/odd rows and columns for s = 2): tap (i, j) only ever reads
+phase (i % s, j % s), at offset (i // s, j // s) inside it, with stride 1.
+
+The backward passes are the same windows used the other way round:
+
+    dW[:, :, i, j] = dy_wide (O, M) @ xpad[:, shift_ij : shift_ij + M]^T
+    dxpad[:, shift_ij : shift_ij + M] += W[:, :, i, j]^T (C, O) @ dy_wide   (for every tap)
+
+where ``dy_wide`` holds zeros in the thrown-away columns, so they add nothing.
+A 1x1 convolution with stride 1 and no padding needs no copy at all: each
+image's (C, H*W) block is already the window. With very few input channels
+(the 3-channel stem), a GEMM per tap would have an inner dimension of 3 and
+re-read the whole output for every tap, so there the windows of all taps are
+copied into one im2col chunk (``copy_windows``; its adjoint ``add_windows`` is
+col2im) and multiplied in one GEMM.
+
+What Numba does: the O(input + output) copies between (N, C, H, W) and the
+wide layout (``pad_phases``, ``gather_output``, ``scatter_wide``,
+``gather_phases``, and ``copy_windows``/``add_windows`` for few channels).
+They are serial: on the benchmark shapes they take ~5% (256 channels) to ~20%
+(32 channels) of a forward+backward, and a parallel Numba region next to
+OpenBLAS's threads made both slower (up to 2x measured: each pool's threads
+spin for a while after their work and steal the other's cores on a 2-core box).
+What BLAS does: every multiply-add (``tinymrcnn/kernels/cpu/blas.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from .blas import gemm
+
+# Wide buffers are processed in column chunks of about this many bytes per
+# output row block, so that one chunk of the accumulated output stays in cache
+# while all the taps add into it.
+CHUNK_BYTES = 8 << 20
+# With fewer input channels than this (the 3-channel stem), one GEMM per tap
+# has a tiny inner dimension K = C and is bound by re-reading the output for
+# every tap; then the taps' windows are copied into one im2col chunk
+# (K = C*kh*kw) and multiplied at once.
+IM2COL_MAX_CHANNELS = 16
+# A 1x1 / stride 1 / padding 0 convolution runs per image on the input itself
+# when the maps have at least this many pixels (fewer: the batched wide layout
+# gives BLAS one big product instead of N small ones).
+DIRECT_1X1_MIN_PIXELS = 1024
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of one convolution and of its wide layout.
+
+    Input (N, C, H, W), weight (O, C, kh, kw), stride (sh, sw), padding
+    (ph, pw), output (N, O, Ho, Wo). Phase images are (Hq, Wq), P = Hq*Wq
+    columns per image; M = number of wide columns that hold an output pixel
+    (up to the last valid one); taps[t] = (phase row, phase col, shift) of
+    tap t = i*kw + j.
+    """
+    N: int
+    C: int
+    H: int
+    W: int
+    O: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    Ho: int
+    Wo: int
+    Hq: int
+    Wq: int
+    P: int
+    M: int
+    taps: np.ndarray
+
+    @property
+    def phases(self) -> tuple[int, int]:
+        return min(self.sh, self.kh), min(self.sw, self.kw)
+
+    @property
+    def im2col(self) -> bool:
+        """Few input channels: copy the taps into one (kh*kw*C, chunk) matrix."""
+        return self.C < IM2COL_MAX_CHANNELS and len(self.taps) > 1
+
+    @property
+    def direct(self) -> bool:
+        """1x1, stride 1, no padding, big maps: use the input as the window."""
+        return (self.kh == self.kw == self.sh == self.sw == 1 and self.ph == self.pw == 0
+                and self.H * self.W >= DIRECT_1X1_MIN_PIXELS)
+
+
+def geometry(x_shape, w_shape, stride, padding) -> Geometry:
+    """The Geometry of conv2d(x, w) for x (N, C, H, W), w (O, C, kh, kw); sizes already checked."""
+    N, C, H, W = (int(v) for v in x_shape)
+    O, _, kh, kw = (int(v) for v in w_shape)
+    sh, sw = stride
+    ph, pw = padding
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Hq, Wq = -(-(H + 2 * ph) // sh), -(-(W + 2 * pw) // sw)
+    P = Hq * Wq
+    M = (N - 1) * P + (Ho - 1) * Wq + Wo
+    taps = np.array([[i % sh, j % sw, (i // sh) * Wq + j // sw]
+                     for i in range(kh) for j in range(kw)], dtype=np.int64).reshape(-1, 3)
+    return Geometry(N, C, H, W, O, kh, kw, sh, sw, ph, pw, Ho, Wo, Hq, Wq, P, M, taps)
+
+
+# ---------------------------------------------------------------------------
+# Numba: between (N, C, H, W) and the wide layout
+# ---------------------------------------------------------------------------
+@njit(cache=True)
+def pad_phases(x, sh, sw, ph, pw, Hq, Wq, out):
+    """x (N, C, H, W) -> out (nph, npw, C, N*Hq*Wq), zero padded and split in phases.
+
+    out[a, b, c, n*P + u*Wq + v] = x[n, c, u*sh + a - ph, v*sw + b - pw] (0 outside x).
+    """
+    N, C, H, W = x.shape
+    nph, npw = out.shape[0], out.shape[1]
+    P = Hq * Wq
+    for a in range(nph):
+        for b in range(npw):
+            # columns v whose input column v*sw + b - pw lies inside [0, W)
+            vlo = max(0, (pw - b + sw - 1) // sw)
+            vhi = min(Wq, (W - 1 + pw - b) // sw + 1)
+            vlo = min(vlo, vhi)
+            off = b - pw
+            for c in range(C):
+                row = out[a, b, c]
+                for n in range(N):
+                    for u in range(Hq):
+                        h = u * sh + a - ph
+                        base = n * P + u * Wq
+                        if h < 0 or h >= H:
+                            row[base:base + Wq] = 0
+                            continue
+                        src = x[n, c, h]
+                        row[base:base + vlo] = 0
+                        if sw == 1:
+                            for v in range(vlo, vhi):          # contiguous: vectorises
+                                row[base + v] = src[v + off]
+                        else:
+                            for v in range(vlo, vhi):
+                                row[base + v] = src[v * sw + off]
+                        row[base + vhi:base + Wq] = 0
+
+
+@njit(cache=True)
+def gather_output(yw, bias, Ho, Wo, Wq, P, y):
+    """Wide (O, M) -> y (N, O, Ho, Wo) = yw[o, n*P + oh*Wq + ow] + bias[o]."""
+    N, O = y.shape[0], y.shape[1]
+    for n in range(N):
+        for o in range(O):
+            bo = bias[o]
+            for oh in range(Ho):
+                src = yw[o, n * P + oh * Wq:n * P + oh * Wq + Wo]
+                dst = y[n, o, oh]
+                for ow in range(Wo):
+                    dst[ow] = src[ow] + bo
+
+
+@njit(cache=True)
+def scatter_wide(dy, Wq, P, dyw):
+    """dy (N, O, Ho, Wo) -> wide (O, M) with zeros in the columns that hold no pixel."""
+    N, O, Ho, Wo = dy.shape
+    M = dyw.shape[1]
+    for o in range(O):
+        row = dyw[o]
+        row[:] = 0
+        for n in range(N):
+            for oh in range(Ho):
+                base = n * P + oh * Wq
+                src = dy[n, o, oh]
+                for ow in range(Wo):
+                    row[base + ow] = src[ow]
+
+
+@njit(cache=True)
+def gather_phases(xph, sh, sw, ph, pw, Hq, Wq, bias, out):
+    """Phases (nph, npw, C, N*P) -> out (N, C, H, W), the inverse of pad_phases, plus bias[c].
+
+    Pixels of phases that no tap reads (nph < sh) are 0 (+ bias).
+    """
+    N, C, H, W = out.shape
+    nph, npw = xph.shape[0], xph.shape[1]
+    P = Hq * Wq
+    for n in range(N):
+        for c in range(C):
+            bc = bias[c]
+            for h in range(H):
+                a, u = (h + ph) % sh, (h + ph) // sh
+                dst = out[n, c, h]
+                if a >= nph:
+                    dst[:] = bc
+                    continue
+                base = n * P + u * Wq
+                if sw == 1:
+                    src = xph[a, 0, c]
+                    for w in range(W):                       # contiguous: vectorises
+                        dst[w] = src[base + w + pw] + bc
+                else:
+                    for w in range(W):
+                        b = (w + pw) % sw
+                        if b < npw:
+                            dst[w] = xph[a, b, c, base + (w + pw) // sw] + bc
+                        else:
+                            dst[w] = bc
+
+
+@njit(cache=True)
+def copy_windows(xph, taps, m0, cols):
+    """cols[t*C + c, :] = xph[a_t, b_t, c, shift_t + m0 : ... + cols.shape[1]] (im2col of one chunk)."""
+    C = xph.shape[2]
+    Mc = cols.shape[1]
+    for t in range(taps.shape[0]):
+        a, b, start = taps[t, 0], taps[t, 1], taps[t, 2] + m0
+        for c in range(C):
+            src = xph[a, b, c]
+            dst = cols[t * C + c]
+            for m in range(Mc):
+                dst[m] = src[start + m]
+
+
+@njit(cache=True)
+def add_windows(cols, taps, m0, xph):
+    """The adjoint of copy_windows (col2im): xph[a_t, b_t, c, shift_t + m0 + m] += cols[t*C + c, m]."""
+    C = xph.shape[2]
+    Mc = cols.shape[1]
+    for t in range(taps.shape[0]):
+        a, b, start = taps[t, 0], taps[t, 1], taps[t, 2] + m0
+        for c in range(C):
+            src = cols[t * C + c]
+            dst = xph[a, b, c]
+            for m in range(Mc):
+                dst[start + m] += src[m]
+
+
+# ---------------------------------------------------------------------------
+# BLAS: the products, tap by tap, chunk by chunk
+# ---------------------------------------------------------------------------
+def _chunks(g: Geometry, itemsize: int):
+    """Column ranges [m0, m1) of the wide layout, about CHUNK_BYTES per operand each."""
+    rows = max(g.O, g.C * len(g.taps) if g.im2col else g.C)
+    step = max(1024, CHUNK_BYTES // (rows * itemsize))
+    return [(m0, min(g.M, m0 + step)) for m0 in range(0, g.M, step)]
+
+
+def tap_weights(w: np.ndarray) -> np.ndarray:
+    """(O, C, kh, kw) -> (O, kh*kw*C): columns t*C .. t*C+C-1 are tap t = i*kw + j."""
+    O, C, kh, kw = w.shape
+    return np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(O, kh * kw * C)
+
+
+def wide_forward(xph: np.ndarray, wt: np.ndarray, g: Geometry) -> np.ndarray:
+    """y_wide (O, M) = sum_t W_t (O, C) @ window_t (C, M)."""
+    C = g.C
+    yw = np.empty((g.O, g.M), dtype=xph.dtype)
+    for m0, m1 in _chunks(g, xph.itemsize):
+        if g.im2col:
+            cols = np.empty((len(g.taps) * C, m1 - m0), dtype=xph.dtype)
+            copy_windows(xph, g.taps, m0, cols)
+            gemm(wt, cols, yw[:, m0:m1])
+            continue
+        for t, (a, b, shift) in enumerate(g.taps):
+            gemm(wt[:, t * C:(t + 1) * C], xph[a, b, :, shift + m0:shift + m1], yw[:, m0:m1],
+                 beta=0.0 if t == 0 else 1.0)
+    return yw
+
+
+def wide_input_grad(dyw: np.ndarray, wt: np.ndarray, g: Geometry) -> np.ndarray:
+    """dx_phases (nph, npw, C, N*P): window_t += W_t^T (C, O) @ dy_wide, for every tap t."""
+    C = g.C
+    nph, npw = g.phases
+    dxph = np.zeros((nph, npw, C, g.N * g.P), dtype=dyw.dtype)
+    for m0, m1 in _chunks(g, dyw.itemsize):
+        if g.im2col:
+            cols = np.empty((len(g.taps) * C, m1 - m0), dtype=dyw.dtype)
+            gemm(wt, dyw[:, m0:m1], cols, trans_a=True)
+            add_windows(cols, g.taps, m0, dxph)
+            continue
+        for t, (a, b, shift) in enumerate(g.taps):
+            gemm(wt[:, t * C:(t + 1) * C], dyw[:, m0:m1], dxph[a, b, :, shift + m0:shift + m1],
+                 trans_a=True, beta=1.0)
+    return dxph
+
+
+def wide_weight_grad(dyw: np.ndarray, xph: np.ndarray, g: Geometry) -> np.ndarray:
+    """dW_t (O, C) = dy_wide (O, M) @ window_t^T (M, C); returned as (O, C, kh, kw)."""
+    C = g.C
+    dwt = np.empty((g.O, len(g.taps) * C), dtype=dyw.dtype)
+    for k, (m0, m1) in enumerate(_chunks(g, dyw.itemsize)):
+        beta = 0.0 if k == 0 else 1.0
+        if g.im2col:
+            cols = np.empty((len(g.taps) * C, m1 - m0), dtype=xph.dtype)
+            copy_windows(xph, g.taps, m0, cols)
+            gemm(dyw[:, m0:m1], cols, dwt, trans_b=True, beta=beta)
+            continue
+        for t, (a, b, shift) in enumerate(g.taps):
+            gemm(dyw[:, m0:m1], xph[a, b, :, shift + m0:shift + m1], dwt[:, t * C:(t + 1) * C],
+                 trans_b=True, beta=beta)
+    return dwt.reshape(g.O, g.kh, g.kw, C).transpose(0, 3, 1, 2).copy()
+
+
+def _phases_of(x: np.ndarray, g: Geometry) -> np.ndarray:
+    nph, npw = g.phases
+    xph = np.empty((nph, npw, g.C, g.N * g.P), dtype=x.dtype)
+    pad_phases(x, g.sh, g.sw, g.ph, g.pw, g.Hq, g.Wq, xph)
+    return xph
+
+
+def _wide_of(dy: np.ndarray, g: Geometry) -> np.ndarray:
+    dyw = np.empty((g.O, g.M), dtype=dy.dtype)
+    scatter_wide(dy, g.Wq, g.P, dyw)
+    return dyw
+
+
+def _bias_or_zeros(bias, n: int, dtype) -> np.ndarray:
+    return np.zeros(n, dtype=dtype) if bias is None else bias
+
+
+# ---------------------------------------------------------------------------
+# The three passes of a convolution, named by their conv2d roles.
+# conv_transpose2d uses the same three with the roles swapped (ops/conv.py).
+# ---------------------------------------------------------------------------
+def conv_output(x, w, bias, g: Geometry) -> np.ndarray:
+    """y (N, O, Ho, Wo) = conv2d(x, w) + bias[o]."""
+    b = _bias_or_zeros(bias, g.O, x.dtype)
+    y = np.empty((g.N, g.O, g.Ho, g.Wo), dtype=x.dtype)
+    if g.direct:                                   # 1x1: y[n] = W @ x[n], no copies
+        w2 = w.reshape(g.O, g.C)
+        for n in range(g.N):
+            yn = y[n].reshape(g.O, -1)
+            yn[...] = b[:, None]
+            gemm(w2, x[n].reshape(g.C, -1), yn, beta=1.0)
+        return y
+    yw = wide_forward(_phases_of(x, g), tap_weights(w), g)
+    gather_output(yw, b, g.Ho, g.Wo, g.Wq, g.P, y)
+    return y
+
+
+def conv_input_grad(dy, w, g: Geometry, bias=None) -> np.ndarray:
+    """dx (N, C, H, W) of conv2d for upstream dy (N, O, Ho, Wo), plus bias[c] if given.
+
+    (The bias is for conv_transpose2d, whose output is exactly this dx.)
+    """
+    b = _bias_or_zeros(bias, g.C, dy.dtype)
+    dx = np.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
+    if g.direct:                                   # 1x1: dx[n] = W^T @ dy[n]
+        w2 = w.reshape(g.O, g.C)
+        for n in range(g.N):
+            dxn = dx[n].reshape(g.C, -1)
+            dxn[...] = b[:, None]
+            gemm(w2, dy[n].reshape(g.O, -1), dxn, trans_a=True, beta=1.0)
+        return dx
+    dxph = wide_input_grad(_wide_of(dy, g), tap_weights(w), g)
+    gather_phases(dxph, g.sh, g.sw, g.ph, g.pw, g.Hq, g.Wq, b, dx)
+    return dx
+
+
+def conv_weight_grad(dy, x, g: Geometry) -> np.ndarray:
+    """dW (O, C, kh, kw) of conv2d for upstream dy (N, O, Ho, Wo) and input x (N, C, H, W)."""
+    if g.direct:                                   # 1x1: dW = sum_n dy[n] @ x[n]^T
+        dw = np.zeros((g.O, g.C), dtype=x.dtype)
+        for n in range(g.N):
+            gemm(dy[n].reshape(g.O, -1), x[n].reshape(g.C, -1), dw, trans_b=True, beta=1.0)
+        return dw.reshape(g.O, g.C, 1, 1)
+    return wide_weight_grad(_wide_of(dy, g), _phases_of(x, g), g)
