@@ -89,13 +89,15 @@ def stub_docstring(ex: Exercise, part: Part, width: int = 88) -> list[str]:
     """The lines (without indentation or quotes) of a stub's docstring."""
     k = [p.function for p in ex.parts].index(part.function) + 1
     of = f", part {k} of {len(ex.parts)}" if len(ex.parts) > 1 else ""
-    lines = [f"EXERCISE {ex.number} ({ex.name}{of}): {ex.title}.", ""]
+    head = f"EXERCISE {ex.number} ({ex.name}){of}: {ex.title}."
+    lines = [head, ""] if len(head) <= width else [f"EXERCISE {ex.number} ({ex.name}){of}.", "",
+                                                    ex.title[0].upper() + ex.title[1:] + ".", ""]
     lines += _para(part.task, width)
     lines += ["", "Shapes:"] + ["    " + s for s in _para(part.shapes, width - 4)]
     lines += ["", "Formula:"] + ["    " + s.rstrip() for s in textwrap.dedent(part.formula).strip().splitlines()]
     lines += ["", "Hint:"] + ["    " + s for s in _para(part.hint, width - 4)]
     lines += [""] + _para(
-        "The lines above the stub (argument checks) are given. Replace the raise with your code; "
+        "Lines above the raise (argument checks) are given. Replace the raise with your code; "
         f"notebooks/exercises/{ex.notebook} checks it step by step and then trains a model with it.",
         width)
     if ex.requires:
@@ -300,7 +302,8 @@ EXERCISES: tuple[Exercise, ...] = (
             shapes=("dy (K, C, ph, pw); r (K, 5) float64, already checked; input_shape -> N, "
                     "C, H, W. Returns dx (N, C, H, W) in dy's dtype."),
             formula="""\
-                forward: out[k, c, p, q] = 1 / count * sum_{samples s of bin (p, q)} sum_{taps t of s} w_st * x[b_k, c, row_t, col_t]
+                forward: out[k, c, p, q] = 1 / count * sum_{samples s of bin (p, q)}
+                                               sum_{taps t of s} w_st * x[b_k, c, row_t, col_t]
                 derive dL/dx[b, c, h, w] = sum_{k, p, q} dy[k, c, p, q] * d out[k, c, p, q] / d x[b, c, h, w]""",
             hint=("Loop exactly like the forward, but scatter with += where the forward "
                   "gathered: several samples and several RoIs can touch the same pixel. Every "

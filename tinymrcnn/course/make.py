@@ -25,6 +25,7 @@ import ast
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def regions_in_source(source: str, path: Path) -> list[Region]:
             continue
         m_start, m_end = START_MARKER.match(tok.string), END_MARKER.match(tok.string)
         if not (m_start or m_end):
-            if "exercise:" in tok.string and "---" in tok.string:
+            if re.match(r"#\s*---\s*(end\s+)?exercise", tok.string):
                 raise MarkerError(f"{path}:{tok.start[0]}: malformed exercise marker {tok.string!r} "
                                   "(expected '# --- exercise: NAME ---')")
             continue
@@ -197,8 +198,7 @@ def stub_source(source: str, path: Path, chosen: set[str]) -> str:
             edits.append((r.end - 1, r.end, []))
             continue
         ex = BY_NAME[r.exercise]
-        stub = (f'{r.indent}raise NotImplementedError("Exercise {ex.name}: write {r.function} '
-                f'(see its docstring)")')
+        stub = f'{r.indent}raise NotImplementedError("Exercise {ex.name}: write {r.function}")'
         edits.append((r.start - 1, r.end, [stub]))
         doc = _docstring_lines(stub_docstring(ex, ex.part(r.function), width=96 - len(r.indent)), r.indent)
         if r.doc_span is not None:
@@ -358,7 +358,7 @@ def replace_stub(student_dir, exercise: str, function: str, body: str) -> Path:
     ex = BY_NAME[exercise]
     path = Path(student_dir) / ex.path
     lines = path.read_text(encoding="utf-8").splitlines()
-    tag = f'raise NotImplementedError("Exercise {exercise}: write {function} '
+    tag = f'raise NotImplementedError("Exercise {exercise}: write {function}")'
     hits = [i for i, line in enumerate(lines) if line.strip().startswith(tag)]
     if len(hits) != 1:
         raise ValueError(f"{path}: expected one stub of {exercise}/{function}, found {len(hits)}")
