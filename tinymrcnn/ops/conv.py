@@ -246,6 +246,7 @@ def conv2d_backward_reference(dy, x, weight, stride=1, padding=0):
     """conv2d's gradients, tap by tap: each tap is a small dense layer between dy and a patch."""
     (sh, sw), (ph, pw), (Ho, Wo) = _check_conv2d(x, weight, None, stride, padding)
     _check_grad("conv2d_backward_reference", dy, (x.shape[0], weight.shape[0], Ho, Wo), x.dtype)
+    # --- exercise: conv2d_backward ---
     O, C, kh, kw = weight.shape
     H, W = x.shape[2:]
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
@@ -257,6 +258,7 @@ def conv2d_backward_reference(dy, x, weight, stride=1, padding=0):
         _strided(dxp, i, j, Ho, Wo, sh, sw)[...] += np.einsum("nohw,oc->nchw", dy, weight[:, :, i, j])
     dx = dxp[:, :, ph:ph + H, pw:pw + W]
     return np.ascontiguousarray(dx), dw, dy.sum(axis=(0, 2, 3))
+    # --- end exercise ---
 
 
 def conv_transpose2d_reference(x, weight, bias=None, stride=1, padding=0):
