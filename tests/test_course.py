@@ -1,0 +1,417 @@
+"""The course kit: exercise markers, the student's copy, the autograder, the exercise notebooks.
+
+The grader runs a student's code in a subprocess; these tests make student
+copies in tmp folders, grade them, and plant the usual mistakes to check
+that the grader names the failing check and the difference.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinymrcnn
+from tinymrcnn.cli import main as cli_main
+from tinymrcnn.course.exercises import BY_NAME, EXERCISES, select, stub_docstring
+from tinymrcnn.course.grade import diff_arrays, format_report, grade
+from tinymrcnn.course.make import (MarkerError, check_regions, find_regions, make_student, regions_in_source,
+                                   replace_stub, stub_source)
+
+PACKAGE_PARENT = Path(tinymrcnn.__file__).resolve().parent.parent     # the solution's folder
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks" / "exercises"
+
+
+@pytest.fixture(scope="module")
+def blank(tmp_path_factory):
+    """A student copy with every exercise blanked (made once for the module)."""
+    out = tmp_path_factory.mktemp("student")
+    info = make_student(out, notebooks=NOTEBOOKS if NOTEBOOKS.is_dir() else None)
+    return out, info
+
+
+@pytest.fixture(scope="module")
+def blank_report(blank):
+    return grade(blank[0])
+
+
+# ---------------------------------------------------------------------------
+# Markers and metadata
+# ---------------------------------------------------------------------------
+def test_every_exercise_part_has_exactly_one_marked_region():
+    regions = find_regions()
+    check_regions(regions)                                   # raises on any mismatch
+    assert sorted((r.exercise, r.function) for r in regions) == sorted(
+        (ex.name, p.function) for ex in EXERCISES for p in ex.parts)
+    assert [ex.number for ex in EXERCISES] == list(range(1, len(EXERCISES) + 1))
+    for ex in EXERCISES:
+        assert ex.minutes > 0 and ex.teaches and ex.title
+        for p in ex.parts:
+            assert p.task and p.shapes and p.formula and p.hint, (ex.name, p.function)
+
+
+def test_select_names_and_errors():
+    assert [e.name for e in select("mask_loss, box_coder")] == ["box_coder", "mask_loss"]
+    assert len(select(None)) == len(EXERCISES)
+    with pytest.raises(ValueError, match="unknown exercise.*nope"):
+        select("box_coder,nope")
+
+
+SOURCE = '''\
+class BoxCoder:
+    def encode(self, a):
+        """Original docstring with the answer."""
+        check(a)
+        # --- exercise: box_coder ---
+        s = "# --- exercise: not_a_marker ---"
+        return a * 2
+        # --- end exercise ---
+
+    def other(self):
+        return 1
+'''
+
+
+def test_stub_source_keeps_given_lines_and_indentation(tmp_path):
+    path = tmp_path / "ops" / "boxes.py"
+    regions = regions_in_source(SOURCE, path)
+    assert [(r.exercise, r.function, r.start, r.end) for r in regions] == [("box_coder", "BoxCoder.encode", 5, 8)]
+    out = stub_source(SOURCE, path, {"box_coder"})
+    tree = ast.parse(out)
+    encode = tree.body[0].body[0]
+    assert ast.get_docstring(encode).startswith("EXERCISE 2 (box_coder")
+    assert "Original docstring" not in out and "a * 2" not in out
+    assert isinstance(encode.body[1], ast.Expr)               # check(a): given, kept
+    assert isinstance(encode.body[-1], ast.Raise) and encode.body[-1].col_offset == 8
+    assert "def other(self):\n        return 1" in out
+    # not chosen: the code stays, only the marker lines go
+    kept = stub_source(SOURCE, path, set())
+    assert "return a * 2" in kept and "--- end exercise ---" not in kept
+
+
+@pytest.mark.parametrize("bad, message", [
+    (SOURCE.replace("        # --- end exercise ---\n", ""), "no '# --- end exercise ---'"),
+    (SOURCE.replace("        # --- exercise: box_coder ---\n", "    # --- exercise: box_coder ---\n"),
+     "body's indentation"),
+    (SOURCE.replace("# --- exercise: box_coder ---", "# --- exercise box_coder ---"), "malformed"),
+    ("# --- exercise: x ---\nA = 1\n# --- end exercise ---\n", "not inside a function"),
+])
+def test_marker_errors_are_reported(bad, message):
+    with pytest.raises(MarkerError, match=message):
+        regions_in_source(bad, Path("f.py"))
+
+
+def test_stub_docstrings_state_task_shapes_formula_hint():
+    for ex in EXERCISES:
+        for p in ex.parts:
+            text = "\n".join(stub_docstring(ex, p))
+            for section in ("Shapes:", "Formula:", "Hint:", ex.notebook):
+                assert section in text, (ex.name, p.function, section)
+            assert '"""' not in text
+
+
+# ---------------------------------------------------------------------------
+# The student's copy
+# ---------------------------------------------------------------------------
+def _function(tree, qualname):
+    node = tree
+    for name in qualname.split("."):
+        node = next(n for n in node.body if getattr(n, "name", None) == name)
+    return node
+
+
+def test_student_copy_has_a_stub_for_every_part_and_no_solution(blank):
+    out, info = blank
+    assert sorted(info["exercises"]) == sorted(BY_NAME)
+    by_path = {}
+    for r in find_regions():
+        by_path.setdefault(r.path, []).append(r)
+    for path, regions in by_path.items():
+        rel = path.relative_to(PACKAGE_PARENT / "tinymrcnn")
+        solution = path.read_text().splitlines()
+        student = (out / "tinymrcnn" / rel).read_text()
+        tree = ast.parse(student)
+        inside = {i for r in regions for i in range(r.start - 1, r.end)}
+        outside = {line.strip() for i, line in enumerate(solution) if i not in inside}
+        given = "\n".join(line for ex in EXERCISES for p in ex.parts for line in stub_docstring(ex, p))
+        for r in regions:
+            fn = _function(tree, r.function)
+            raise_ = fn.body[-1]
+            assert isinstance(raise_, ast.Raise), r.function
+            assert f"Exercise {r.exercise}: write {r.function}" in ast.unparse(raise_)
+            assert ast.get_docstring(fn).startswith(f"EXERCISE {BY_NAME[r.exercise].number} ({r.exercise}")
+            # no line of the solution's region survives (unless the same line exists elsewhere)
+            leaked = [line for line in solution[r.start:r.end - 1]
+                      if len(line.strip()) > 20 and line.strip() in student and line.strip() not in outside
+                      and line.strip() not in given]
+            assert not leaked, (r.function, leaked[:3])
+    assert not (out / "tinymrcnn" / "course" / "grade.py").exists()
+    assert not (out / "tinymrcnn" / "course" / "runner.py").exists()
+    assert (out / "README.md").read_text().count("| ") > len(EXERCISES)
+
+
+def test_student_copy_notebooks_are_copied_without_outputs(blank):
+    out, info = blank
+    if not NOTEBOOKS.is_dir():
+        pytest.skip("no notebooks/exercises next to the tests")
+    assert info["missing_notebooks"] == []
+    for ex in EXERCISES:
+        nb = json.loads((out / "notebooks" / "exercises" / ex.notebook).read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+
+
+def test_make_student_refuses_to_overwrite(blank):
+    with pytest.raises(FileExistsError, match="--force"):
+        make_student(blank[0], "mask_loss", check_import=False)
+
+
+# ---------------------------------------------------------------------------
+# Grading: blank, solution, planted mistakes
+# ---------------------------------------------------------------------------
+def test_blank_copy_scores_zero_with_one_clear_message_per_exercise(blank_report):
+    text = format_report(blank_report)
+    assert [r.exercise.name for r in blank_report.exercises] == [ex.name for ex in EXERCISES]
+    assert blank_report.total == 0
+    for r in blank_report.exercises:
+        assert r.score == 0 and r.passed == 0 and len(r.checks) >= 6
+        # every check stopped at a NotImplementedError of this exercise or of one it requires
+        for c in r.checks:
+            assert c.error[0] == "NotImplementedError", (r.exercise.name, c.name, c.message)
+        block = text.split(f"\n{r.exercise.name}: 0 of {len(r.checks)} checks pass\n")[1].split("\n\n")[0]
+        assert block.startswith("  not implemented yet: every check stops at a raise NotImplementedError"), block
+    total = [line for line in text.splitlines() if line.strip().startswith("total")]
+    assert len(total) == 1 and total[0].split()[1] == "0%", total
+
+
+def test_the_solution_scores_100_percent():
+    report = grade(PACKAGE_PARENT)
+    failed = [(r.exercise.name, c.name, c.message) for r in report.exercises for c in r.checks if not c.passed]
+    assert not failed, failed
+    assert report.total == 100.0
+    assert sum(len(r.checks) for r in report.exercises) >= 45
+
+
+def _planted(tmp_path, exercise, bodies):
+    out = tmp_path / f"planted_{exercise}"
+    make_student(out, exercise, notebooks=tmp_path / "none")
+    for function, body in bodies.items():
+        replace_stub(out, exercise, function, body)
+    report = grade(out, exercise)
+    (result,) = report.exercises
+    return {c.name: c for c in result.checks}, result, format_report(report)
+
+
+def test_planted_roi_align_backward_without_one_over_count(tmp_path):
+    body = """
+    dx = np.zeros((N, C, H, W), dy.dtype)
+    for k, roi in enumerate(r):
+        b = int(roi[0])
+        ys, xs, count = roi_sample_points(roi[1:], dy.shape[2:], spatial_scale, sampling_ratio, aligned)
+        for p in range(dy.shape[2]):
+            for q in range(dy.shape[3]):
+                for y in ys[p]:
+                    for xx in xs[q]:
+                        for ty, tx, w in bilinear_reference(y, xx, H, W):
+                            dx[b, :, ty, tx] += dy[k, :, p, q] * w          # the slip: no / count
+    return dx
+    """
+    checks, result, text = _planted(tmp_path, "roi_align_backward", {"roi_align_backward_reference": body})
+    fixed = checks["avg, 2x2 samples per bin (count = 4), aligned=True"]
+    assert not fixed.passed
+    assert "constant factor ~4" in fixed.message and "did you divide by count" in fixed.message
+    assert "expected" in fixed.message and "got" in fixed.message and "at element (" in fixed.message
+    adaptive = checks["adaptive sampling, 2 images, overlapping RoIs, aligned=False"]
+    assert "the gradient of each bin's sum instead of its average" in adaptive.message
+    fd = checks["finite differences of roi_align (float64, relative error <= 1e-6)"]
+    assert "disagrees with finite differences of roi_align" in fd.message
+    assert checks["no RoIs (K = 0): a zero gradient"].passed
+    assert 0 < result.score < 100
+    assert "FAIL avg, 2x2 samples per bin (count = 4), aligned=True: dx:" in text
+
+
+SAMPLE_POINTS_NO_OFFSET = """
+offset = 0.0                                   # the slip: no half-pixel shift when aligned
+start_w, start_h = x1 * spatial_scale - offset, y1 * spatial_scale - offset
+roi_w, roi_h = (x2 - x1) * spatial_scale, (y2 - y1) * spatial_scale
+if not aligned:
+    roi_w, roi_h = (1.0 if roi_w < 1.0 else roi_w), (1.0 if roi_h < 1.0 else roi_h)
+bin_h, bin_w = roi_h / ph_, roi_w / pw_
+
+def grid(roi, pooled):
+    if sampling_ratio > 0:
+        return sampling_ratio
+    g = roi / pooled
+    return math.ceil(g) if 0.0 < g < 2.0 ** 31 else 0
+
+grid_h, grid_w = grid(roi_h, ph_), grid(roi_w, pw_)
+ys = np.array([[start_h + p * bin_h + (i + 0.5) * bin_h / grid_h for i in range(grid_h)]
+               for p in range(ph_)]).reshape(ph_, grid_h)
+xs = np.array([[start_w + p * bin_w + (i + 0.5) * bin_w / grid_w for i in range(grid_w)]
+               for p in range(pw_)]).reshape(pw_, grid_w)
+return ys, xs, max(grid_h * grid_w, 1)
+"""
+
+BILINEAR = """
+if not (-1.0 <= y <= height and -1.0 <= x <= width):
+    return []
+y, x = max(y, 0.0), max(x, 0.0)
+y0, x0 = min(int(y), height - 1), min(int(x), width - 1)
+y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
+ly, lx = (y - y0 if y0 < height - 1 else 0.0), (x - x0 if x0 < width - 1 else 0.0)
+return [(y0, x0, (1 - ly) * (1 - lx)), (y0, x1, (1 - ly) * lx), (y1, x0, ly * (1 - lx)), (y1, x1, ly * lx)]
+"""
+
+POOL = """
+out = np.zeros((len(r), x.shape[1], ph_, pw_), x.dtype)
+for k, roi in enumerate(r):
+    ys, xs, count = roi_sample_points(roi[1:], (ph_, pw_), spatial_scale, sampling_ratio, aligned)
+    for p in range(ph_):
+        for q in range(pw_):
+            values, _ = _bin_samples(x[int(roi[0])], ys[p], xs[q])
+            if len(values):
+                out[k, :, p, q] = values.sum(axis=0) / count if mode == "avg" else values.max(axis=0)
+return out
+"""
+
+
+def test_planted_half_pixel_offset_in_roi_align_forward(tmp_path):
+    checks, result, text = _planted(tmp_path, "roi_align_forward", {
+        "roi_sample_points": SAMPLE_POINTS_NO_OFFSET, "bilinear_reference": BILINEAR,
+        "roi_align_reference": POOL})
+    # aligned=False does not need the offset: those checks pass with this code
+    for name in ("SPEC.md's known answer (detectron2's test), aligned=False",
+                 "roi_sample_points: the blog's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
+                 "bilinear_reference: edges, out of range and NaN", "mode=\"max\": the largest sample of each bin"):
+        assert checks[name].passed, (name, checks[name].message)
+    known = checks["SPEC.md's known answer (detectron2's test), aligned=True"]
+    assert not known.passed
+    assert "your result equals the aligned=False answer" in known.message
+    assert "half-pixel offset" in known.message and "expected 4.5, got 7.5" in known.message
+    pts = checks["roi_sample_points: adaptive grid, aligned=True, (3, 4) bins"]
+    assert "your points are those of aligned=False" in pts.message
+    assert 0 < result.score < 100
+    assert "FAIL SPEC.md's known answer (detectron2's test), aligned=True: output:" in text
+
+
+MASK_LOSS_OVER_ALL_CHANNELS = """
+grad = np.zeros_like(mask_logits)
+if R == 0:
+    return 0.0, grad
+rows = np.arange(R)
+loss, g = sigmoid_bce_with_logits(mask_logits[rows, labels], mask_targets, reduction="sum")
+n = R * K * M1 * M2                            # the slip: all K channels counted in the mean
+grad[rows, labels] = g / n
+return loss / n, grad
+"""
+
+MASK_LOSS_BCE_ON_EVERY_CHANNEL = """
+t = np.broadcast_to(mask_targets[:, None], mask_logits.shape).astype(mask_logits.dtype)
+return sigmoid_bce_with_logits(mask_logits, t)   # the slip: every channel scored
+"""
+
+
+def test_planted_mask_loss_averaged_over_all_channels(tmp_path):
+    checks, result, text = _planted(tmp_path, "mask_loss", {"mask_loss": MASK_LOSS_OVER_ALL_CHANNELS})
+    loss = checks["loss value"]
+    assert not loss.passed
+    assert "constant factor ~0.25" in loss.message and "all K channels" in loss.message
+    assert "R*M*M terms" in loss.message
+    assert "constant factor ~0.25" in checks["gradient on each RoI's ground-truth channel"].message
+    # consistent with itself, and zero where it should be: those checks pass
+    assert checks["exactly zero gradient on the other K - 1 channels"].passed
+    assert checks["your gradient matches finite differences of your loss "
+                  "(float64, relative error <= 1e-6)"].passed
+    assert checks["no RoIs (R = 0): loss 0 and an empty gradient"].passed
+    assert 0 < result.score < 100
+
+
+def test_planted_mask_loss_on_every_channel(tmp_path):
+    checks, _, _ = _planted(tmp_path, "mask_loss", {"mask_loss": MASK_LOSS_BCE_ON_EVERY_CHANNEL})
+    assert "your result equals the BCE over all K channels" in checks["loss value"].message
+    zero = checks["exactly zero gradient on the other K - 1 channels"].message
+    assert "expected exactly 0" in zero and "is not in the loss" in zero
+
+
+def test_a_crash_in_a_required_exercise_points_there(tmp_path):
+    # proposals calls the box coder: with decode still blank, the proposal checks name the box coder
+    out = tmp_path / "dep"
+    make_student(out, "box_coder,proposals", notebooks=tmp_path / "none", check_import=False)
+    replace_stub(out, "proposals", "generate_proposals",
+                 "box_coder.decode(deltas[0][0], anchors[0])\nreturn [], [], []")
+    report = grade(out, "box_coder,proposals")
+    prop = report.exercises[1]
+    assert prop.exercise.name == "proposals" and prop.score == 0
+    for c in prop.checks:
+        assert "raised NotImplementedError: Exercise box_coder: write BoxCoder.decode" in c.message
+        assert "this is exercise box_coder's code: finish that one first" in c.message
+    text = format_report(report)
+    assert "note: this exercise calls the functions of box_coder" in text
+
+
+def test_an_endless_loop_costs_one_exercise(tmp_path):
+    out = tmp_path / "loop"
+    make_student(out, "box_coder,mask_loss", notebooks=tmp_path / "none", check_import=False)
+    replace_stub(out, "mask_loss", "mask_loss", "while True:\n    pass")
+    report = grade(out, "mask_loss,box_coder", timeout=3)
+    loop, coder = report.exercises[1], report.exercises[0]
+    assert loop.exercise.name == "mask_loss" and loop.score == 0
+    assert all("timed out after 3 s" in c.message for c in loop.checks)
+    assert coder.score == 0 and all(c.error[0] == "NotImplementedError" for c in coder.checks)
+
+
+def test_diff_arrays_messages():
+    e = np.arange(1.0, 7.0).reshape(2, 3)
+    assert diff_arrays(e, e.copy(), "a") is None
+    assert "has shape (3, 2), expected (2, 3)" in diff_arrays(e, e.T.copy(), "a")
+    assert "dtype float32, expected float64" in diff_arrays(e, e.astype(np.float32), "a")
+    msg = diff_arrays(e, 4 * e, "dx", factor_hints=[(4.0, "did you divide by count?")])
+    assert "6 of 6 elements differ" in msg and "element (1, 2): expected 6, got 24" in msg
+    assert "constant factor ~4: did you divide by count?" in msg
+    g = e.copy()
+    g[0, 1] = np.nan
+    assert "non-finite" in diff_arrays(e, g, "dx")
+    assert "all zeros" in diff_arrays(e, np.zeros_like(e), "dx")
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+def test_cli_list_make_and_grade(tmp_path, capsys):
+    cli_main(["course", "list"])
+    assert "roi_align_forward" in capsys.readouterr().out
+    out = tmp_path / "cli"
+    cli_main(["course", "make-student", str(out), "--exercises", "box_coder"])
+    assert "BoxCoder.decode" in capsys.readouterr().out
+    report_json = tmp_path / "r.json"
+    cli_main(["course", "grade", str(out), "--exercises", "box_coder", "--json", str(report_json)])
+    text = capsys.readouterr().out
+    assert "box_coder" in text and "0%" in text
+    data = json.loads(report_json.read_text())
+    assert data["total"] == 0 and data["exercises"][0]["name"] == "box_coder"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["course", "grade", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    assert "no tinymrcnn package" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# The exercise notebooks run headless against the solution
+# ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("exercise", [ex.name for ex in EXERCISES])
+def test_exercise_notebook_runs_against_the_solution(exercise, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = NOTEBOOKS / BY_NAME[exercise].notebook
+    assert path.is_file(), f"missing notebook {path}"
+    nb = nbformat.read(path, as_version=4)
+    assert all(c.get("outputs", []) == [] for c in nb.cells if c.cell_type == "code"), "store notebooks stripped"
+    monkeypatch.setenv("TINYMRCNN_NOTEBOOK_SMALL", "1")
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    out = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "tinymrcnn from" in out and "short run: True" in out
