@@ -18,7 +18,10 @@ P2..P6). No gradient flows through the proposals or the targets.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..checkpoint import load_npz, save_npz_atomic
 from ..config import MaskRCNNConfig
@@ -72,6 +75,11 @@ class MaskRCNN(Module):
     def set_timer(self, timer) -> None:
         """Report each stage's time to a :class:`tinymrcnn.profiling.StageTimer` (None: off)."""
         self.timer = self.rpn.timer = self.roi_heads.timer = timer
+
+    def _blas_threads(self):
+        """Scope the BLAS thread count for one pass (config.blas_threads)."""
+        n = self.config.blas_threads
+        return nullcontext() if n is None else threadpool_limits(limits=n, user_api="blas")
 
     @property
     def dtype(self):
@@ -129,6 +137,10 @@ class MaskRCNN(Module):
         self._check_targets(images, targets)
         self.train()
         self.clear_cache()                                    # drop any unfinished step
+        with self._blas_threads():
+            return self._forward_train(images, targets)
+
+    def _forward_train(self, images, targets) -> dict:
         with timed(self.timer, "transform"):
             x, sizes, targets = self.transform(images, targets, dtype=self.dtype)
             for t in targets:
@@ -149,6 +161,10 @@ class MaskRCNN(Module):
         head -> box RoIAlign (inside roi_heads.backward), RPN head on each
         level, FPN, backbone. Parameter gradients accumulate into ``.grad``.
         """
+        with self._blas_threads():
+            self._backward()
+
+    def _backward(self) -> None:
         d_heads = self.roi_heads.backward()                  # [dP2..dP5] from the box and mask branches
         with timed(self.timer, "backward rpn"):
             d_rpn = self.rpn.backward()                      # [dP2..dP6] from the RPN losses
@@ -165,6 +181,10 @@ class MaskRCNN(Module):
     def _run_inference(self, images):
         self._check_images(images)
         self.eval()
+        with self._blas_threads():
+            return self._inference(images)
+
+    def _inference(self, images):
         with timed(self.timer, "transform"):
             x, sizes, _ = self.transform(images, None, dtype=self.dtype)
         with timed(self.timer, "backbone"):
