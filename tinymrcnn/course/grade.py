@@ -36,11 +36,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from .exercises import BY_NAME, EXERCISES, Exercise, select
+from .exercises import EXERCISES, Exercise, select
 from .make import find_regions
 
 RTOL, ATOL = 1e-7, 1e-9            # float64 comparisons with the solution
@@ -269,7 +269,7 @@ def diff_gradcheck(numeric, got, what, forward) -> str | None:
 
 
 def _judge_all(*parts):
-    """A judge from several (call position, extractor, comparison) triples: first failure wins."""
+    """A judge from several (call position, comparison) pairs: the first failure wins."""
     def judge(values):
         for pos, comp in parts:
             msg = comp(values[pos])
