@@ -43,6 +43,11 @@ def toy_train_config(**changes) -> TrainConfig:
     return TrainConfig(out_dir=str(RUNS / (name + ("-small" if SMALL else ""))), **settings)
 
 
+def _settings(train_config: dict) -> dict:
+    """The training settings that make a run what it is (where it is saved does not)."""
+    return {k: v for k, v in train_config.items() if k != "out_dir"}
+
+
 def train_or_load(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, progress: bool = False):
     """Train ``cfg`` (see ``tinymrcnn.train.train``), or load it if that exact run is on disk.
 
@@ -58,7 +63,7 @@ def train_or_load(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, 
         model, _, meta = MaskRCNN.load(str(ckpt), return_extra=True)
         state = meta.get("train", {})
         same = (json.loads(meta["config"]) == json.loads(model_config.to_json())
-                and state.get("config") == json.loads(json.dumps(cfg.to_dict()))
+                and _settings(state.get("config", {})) == _settings(json.loads(json.dumps(cfg.to_dict())))
                 and state.get("step") == cfg.iters)
         if same:
             trained_now = False
