@@ -30,7 +30,8 @@ def _model_config(name: str):
     return presets[name]()
 
 
-def _print_ap_table(ev: dict, file=sys.stdout):
+def _print_ap_table(ev: dict, file=None):
+    file = sys.stdout if file is None else file          # looked up now, not at import
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     print(f"{'':6s}" + "".join(f"{k:>8s}" for k in keys), file=file)
     for kind in ("mask", "box"):
