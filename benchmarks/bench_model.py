@@ -1,6 +1,6 @@
 """One training step and one predict() of the shapes preset, stage by stage.
 
-    python benchmarks/bench_model.py [--batch 4] [--repeats 5]
+    python benchmarks/bench_model.py [--batch 4] [--repeats 5] [--blas-threads 1]
 
 Prints the time of each stage of the forward and the backward (the model's
 StageTimer, tinymrcnn/profiling.py), so the slowest stage is visible, and
@@ -21,9 +21,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="BLAS threads inside the model's passes (default: the preset's, "
+                         "MaskRCNNConfig.blas_threads; 0 leaves the process's setting alone)")
     args = ap.parse_args()
+    overrides = {}
+    if args.blas_threads is not None:
+        overrides["blas_threads"] = args.blas_threads or None
     ds = ShapesDataset(args.batch * (args.repeats + 2), seed=0)
-    model = MaskRCNN(MaskRCNNConfig.shapes(), seed=0)
+    model = MaskRCNN(MaskRCNNConfig.shapes(**overrides), seed=0)
     opt = AdamW(model.parameters(), lr=1e-3)
 
     def batch(i):
@@ -48,8 +54,8 @@ def main():
         with timer.stage("optimizer step"):
             opt.step()
         steps.append(time.perf_counter() - t0)
-    print(f"training step, batch {args.batch} x 128x128 (median of {args.repeats}): "
-          f"{1000 * np.median(steps):.0f} ms")
+    print(f"training step, batch {args.batch} x 128x128 (median of {args.repeats}), "
+          f"blas_threads={model.config.blas_threads}: {1000 * np.median(steps):.0f} ms")
     print(timer.table(args.repeats))
 
     timer.reset()

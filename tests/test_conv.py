@@ -47,10 +47,12 @@ def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b))) / scale if np.size(b) else 0.0
 
 
-@pytest.fixture(params=["per_tap", "im2col"])
+@pytest.fixture(params=["per_tap", "im2col", "blocks"])
 def path(request, monkeypatch):
-    """Run a test through both fast paths: one GEMM per tap, and im2col chunks (few channels)."""
-    monkeypatch.setattr(cpu_conv, "IM2COL_MAX_CHANNELS", 0 if request.param == "per_tap" else 10**9)
+    """Run a test through every fast path: one GEMM per tap, im2col chunks (few channels),
+    and, where kernel == stride and padding == 0, per-image block matrices."""
+    monkeypatch.setattr(cpu_conv, "IM2COL_MAX_CHANNELS", 10**9 if request.param == "im2col" else 0)
+    monkeypatch.setattr(cpu_conv, "DISJOINT_MIN_PIXELS", 1 if request.param == "blocks" else 10**9)
     return request.param
 
 
@@ -114,15 +116,15 @@ def test_fast_equals_reference(op, dtype, tol, case, path):
 
 
 # Bigger maps, so that the wide layout is cut into several column chunks and a
-# 1x1 convolution takes the per-image path (and, forced, the wide path).
+# 1x1 or kernel == stride convolution takes the per-image block path (and,
+# forced, the wide path).
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float64, 1e-10)])
 @pytest.mark.parametrize("case", [(2, 5, 33, 40, 6, 3, 1, 1), (3, 4, 61, 58, 5, 3, 2, 1),
-                                  (2, 6, 36, 32, 5, 1, 1, 0)], ids=["3x3s1", "3x3s2", "1x1"])
-@pytest.mark.parametrize("direct_min", [1024, 10**9], ids=["direct1x1", "wide1x1"])
-def test_fast_equals_reference_chunked(op, dtype, tol, case, direct_min, path, monkeypatch):
+                                  (2, 6, 36, 32, 5, 1, 1, 0), (3, 4, 47, 66, 5, 2, 2, 0)],
+                         ids=["3x3s1", "3x3s2", "1x1", "2x2s2"])
+def test_fast_equals_reference_chunked(op, dtype, tol, case, path, monkeypatch):
     monkeypatch.setattr(cpu_conv, "CHUNK_BYTES", 1)          # -> 1024-column chunks
-    monkeypatch.setattr(cpu_conv, "DIRECT_1X1_MIN_PIXELS", direct_min)
     N, C, H, W, O, k, s, p = case
     assert cpu_conv.geometry((N, C, H, W), (O, C, k, k), (s, s), (p, p)).M > 2048   # >= 2 chunks
     _compare_fast_and_reference(op, case, dtype, tol)

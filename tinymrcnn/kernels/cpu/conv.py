@@ -30,8 +30,13 @@ The backward passes are the same windows used the other way round:
     dxpad[:, shift_ij : shift_ij + M] += W[:, :, i, j]^T (C, O) @ dy_wide   (for every tap)
 
 where ``dy_wide`` holds zeros in the thrown-away columns, so they add nothing.
-A 1x1 convolution with stride 1 and no padding needs no copy at all: each
-image's (C, H*W) block is already the window. With very few input channels
+When the kernel equals the stride and there is no padding (a 1x1
+convolution, the mask head's 2x2 / stride 2 deconvolution), the windows do not
+overlap: every input pixel belongs to at most one window. Then one image is
+one GEMM against its (C*kh*kw, Ho*Wo) block matrix, which ``gather_blocks``
+copies out (no copy at all for 1x1: each image's (C, H*W) block is already
+it), and whose adjoint ``scatter_blocks`` puts back: no wide layout, no
+padding columns, no shifted windows. With very few input channels
 (the 3-channel stem), a GEMM per tap would have an inner dimension of 3 and
 re-read the whole output for every tap, so there the windows of all taps are
 copied into one im2col chunk (``copy_windows``; its adjoint ``add_windows`` is
@@ -64,10 +69,10 @@ CHUNK_BYTES = 8 << 20
 # every tap; then the taps' windows are copied into one im2col chunk
 # (K = C*kh*kw) and multiplied at once.
 IM2COL_MAX_CHANNELS = 16
-# A 1x1 / stride 1 / padding 0 convolution runs per image on the input itself
-# when the maps have at least this many pixels (fewer: the batched wide layout
-# gives BLAS one big product instead of N small ones).
-DIRECT_1X1_MIN_PIXELS = 1024
+# Non-overlapping windows (kernel == stride, no padding) run per image on the
+# block matrix when the output maps have at least this many pixels (fewer: the
+# batched wide layout gives BLAS one big product instead of N tiny ones).
+DISJOINT_MIN_PIXELS = 64
 
 
 @dataclass(frozen=True)
@@ -109,10 +114,15 @@ class Geometry:
         return self.C < IM2COL_MAX_CHANNELS and len(self.taps) > 1
 
     @property
-    def direct(self) -> bool:
-        """1x1, stride 1, no padding, big maps: use the input as the window."""
-        return (self.kh == self.kw == self.sh == self.sw == 1 and self.ph == self.pw == 0
-                and self.H * self.W >= DIRECT_1X1_MIN_PIXELS)
+    def disjoint(self) -> bool:
+        """Kernel == stride, no padding, big enough maps: one GEMM per image on its blocks."""
+        return (self.kh == self.sh and self.kw == self.sw and self.ph == self.pw == 0
+                and self.Ho * self.Wo >= DISJOINT_MIN_PIXELS)
+
+    @property
+    def pointwise(self) -> bool:
+        """1x1 with stride 1: an image's (C, H*W) block matrix is the image itself."""
+        return self.kh == self.kw == self.sh == self.sw == 1
 
 
 def geometry(x_shape, w_shape, stride, padding) -> Geometry:
@@ -259,6 +269,45 @@ def add_windows(cols, taps, m0, xph):
                 dst[start + m] += src[m]
 
 
+@njit(cache=True)
+def gather_blocks(x, kh, kw, Ho, Wo, out):
+    """x (N, C, H, W) -> out (N, C*kh*kw, Ho*Wo), the windows of a kernel == stride conv.
+
+    out[n, (c*kh + i)*kw + j, oh*Wo + ow] = x[n, c, oh*kh + i, ow*kw + j]; rows
+    and columns of x past the last whole window are not read.
+    """
+    N, C = x.shape[0], x.shape[1]
+    for n in range(N):
+        for c in range(C):
+            for i in range(kh):
+                for j in range(kw):
+                    dst = out[n, (c * kh + i) * kw + j]
+                    for oh in range(Ho):
+                        src = x[n, c, oh * kh + i]
+                        for ow in range(Wo):
+                            dst[oh * Wo + ow] = src[ow * kw + j]
+
+
+@njit(cache=True)
+def scatter_blocks(z, kh, kw, Ho, Wo, bias, out):
+    """The adjoint of gather_blocks: z (N, C*kh*kw, Ho*Wo) -> out (N, C, H, W), plus bias[c].
+
+    Windows do not overlap, so every pixel of out receives one entry of z, or
+    none (the rows and columns past the last whole window: 0 + bias).
+    """
+    N, C, H, W = out.shape
+    for n in range(N):
+        for c in range(C):
+            out[n, c] = bias[c]
+            for i in range(kh):
+                for j in range(kw):
+                    src = z[n, (c * kh + i) * kw + j]
+                    for oh in range(Ho):
+                        dst = out[n, c, oh * kh + i]
+                        for ow in range(Wo):
+                            dst[ow * kw + j] = src[oh * Wo + ow] + bias[c]
+
+
 # ---------------------------------------------------------------------------
 # BLAS: the products, tap by tap, chunk by chunk
 # ---------------------------------------------------------------------------
@@ -350,6 +399,15 @@ def _phases_of(x: np.ndarray, g: Geometry) -> np.ndarray:
     return xph
 
 
+def _blocks_of(x: np.ndarray, g: Geometry) -> np.ndarray:
+    """(N, C*kh*kw, Ho*Wo) block matrices of a disjoint conv (a view of x for 1x1)."""
+    if g.pointwise:
+        return x.reshape(g.N, g.C, g.H * g.W)
+    blocks = np.empty((g.N, g.C * g.kh * g.kw, g.Ho * g.Wo), dtype=x.dtype)
+    gather_blocks(x, g.kh, g.kw, g.Ho, g.Wo, blocks)
+    return blocks
+
+
 def _wide_of(dy: np.ndarray, g: Geometry) -> np.ndarray:
     dyw = wide_buffer((g.O,), g.M, dy.dtype)
     scatter_wide(dy, g.Wq, g.P, dyw)
@@ -368,12 +426,12 @@ def conv_output(x, w, bias, g: Geometry) -> np.ndarray:
     """y (N, O, Ho, Wo) = conv2d(x, w) + bias[o]."""
     b = _bias_or_zeros(bias, g.O, x.dtype)
     y = np.empty((g.N, g.O, g.Ho, g.Wo), dtype=x.dtype)
-    if g.direct:                                   # 1x1: y[n] = W @ x[n], no copies
-        w2 = w.reshape(g.O, g.C)
+    if g.disjoint:                                 # y[n] = W (O, C*kh*kw) @ blocks[n]
+        w2, blocks = w.reshape(g.O, -1), _blocks_of(x, g)
         for n in range(g.N):
             yn = y[n].reshape(g.O, -1)
             yn[...] = b[:, None]
-            gemm(w2, x[n].reshape(g.C, -1), yn, beta=1.0)
+            gemm(w2, blocks[n], yn, beta=1.0)
         return y
     yw = wide_forward(_phases_of(x, g), tap_weights(w), g)
     gather_output(yw, b, g.Ho, g.Wo, g.Wq, g.P, y)
@@ -387,12 +445,18 @@ def conv_input_grad(dy, w, g: Geometry, bias=None) -> np.ndarray:
     """
     b = _bias_or_zeros(bias, g.C, dy.dtype)
     dx = np.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
-    if g.direct:                                   # 1x1: dx[n] = W^T @ dy[n]
-        w2 = w.reshape(g.O, g.C)
+    if g.disjoint:                                 # dblocks[n] = W^T @ dy[n], scattered back
+        w2 = w.reshape(g.O, -1)
+        if g.pointwise:                            # the blocks are dx itself
+            for n in range(g.N):
+                dxn = dx[n].reshape(g.C, -1)
+                dxn[...] = b[:, None]
+                gemm(w2, dy[n].reshape(g.O, -1), dxn, trans_a=True, beta=1.0)
+            return dx
+        dblocks = np.empty((g.N, w2.shape[1], g.Ho * g.Wo), dtype=dy.dtype)
         for n in range(g.N):
-            dxn = dx[n].reshape(g.C, -1)
-            dxn[...] = b[:, None]
-            gemm(w2, dy[n].reshape(g.O, -1), dxn, trans_a=True, beta=1.0)
+            gemm(w2, dy[n].reshape(g.O, -1), dblocks[n], trans_a=True)
+        scatter_blocks(dblocks, g.kh, g.kw, g.Ho, g.Wo, b, dx)
         return dx
     dxph = wide_input_grad(_wide_of(dy, g), tap_weights(w), g)
     gather_phases(dxph, g.sh, g.sw, g.ph, g.pw, g.Hq, g.Wq, b, dx)
@@ -401,9 +465,10 @@ def conv_input_grad(dy, w, g: Geometry, bias=None) -> np.ndarray:
 
 def conv_weight_grad(dy, x, g: Geometry) -> np.ndarray:
     """dW (O, C, kh, kw) of conv2d for upstream dy (N, O, Ho, Wo) and input x (N, C, H, W)."""
-    if g.direct:                                   # 1x1: dW = sum_n dy[n] @ x[n]^T
-        dw = np.zeros((g.O, g.C), dtype=x.dtype)
+    if g.disjoint:                                 # dW = sum_n dy[n] @ blocks[n]^T
+        dw = np.zeros((g.O, g.C * g.kh * g.kw), dtype=x.dtype)
+        blocks = _blocks_of(x, g)
         for n in range(g.N):
-            gemm(dy[n].reshape(g.O, -1), x[n].reshape(g.C, -1), dw, trans_b=True, beta=1.0)
-        return dw.reshape(g.O, g.C, 1, 1)
+            gemm(dy[n].reshape(g.O, -1), blocks[n], dw, trans_b=True, beta=1.0)
+        return dw.reshape(g.O, g.C, g.kh, g.kw)
     return wide_weight_grad(_wide_of(dy, g), _phases_of(x, g), g)
