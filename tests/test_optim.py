@@ -203,6 +203,20 @@ def test_warmup_cosine_schedule():
         WarmupCosine(1.0, warmup_iters=10, total_iters=10)
 
 
+def test_warmup_cosine_on_the_clock():
+    # total_iters=None: the caller says how far the decay is (u), e.g. elapsed / budget
+    s = WarmupCosine(base_lr=1.0, warmup_iters=10, total_iters=None, min_lr=0.1)
+    assert s.lr_at(0, progress=0.7) == pytest.approx(0.001)   # warm-up still counts steps
+    assert s.lr_at(40, progress=0.0) == pytest.approx(1.0)
+    assert s.lr_at(40, progress=0.5) == pytest.approx(0.55)
+    assert s.lr_at(40, progress=1.0) == pytest.approx(0.1)
+    assert s.lr_at(40, progress=3.0) == pytest.approx(0.1)    # past the budget: min_lr
+    with pytest.raises(ValueError, match="progress"):
+        s.lr_at(40)
+    stepwise = WarmupCosine(base_lr=1.0, warmup_iters=10, total_iters=110, min_lr=0.1)
+    assert stepwise.lr_at(60, progress=0.25) == pytest.approx(WarmupCosine(1.0, 10, 110, 0.1).lr_at(35))
+
+
 # ---------------------------------------------------------------------------
 # Against torch.optim (optional)
 # ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 
 from tinymrcnn import MaskRCNNConfig
 from tinymrcnn.model.mask_rcnn import MaskRCNN
-from tinymrcnn.train import NonFiniteLossError, TrainConfig, train
+from tinymrcnn.train import NonFiniteLossError, TrainConfig, schedule_progress, train
 
 
 def small_model_config():
@@ -82,3 +82,24 @@ def test_cli_demo_train_evaluate_predict(tmp_path, capsys):
     main(["predict", "--checkpoint", str(out / "checkpoint.npz"), str(tmp_path / "photo.png"),
           "--out", str(tmp_path / "pred")])
     assert (tmp_path / "pred" / "photo_pred.png").exists()
+
+
+def test_time_budget_schedule_runs_on_the_clock(tmp_path):
+    # --minutes alone: the cosine decay is the fraction of the budget left after warm-up
+    c = cfg(tmp_path, "clock", minutes=1.0, warmup_iters=10)
+    assert schedule_progress(c, 5, 3.0, None) is None                 # warm-up counts steps
+    assert schedule_progress(c, 10, 6.0, 6.0) == pytest.approx(0.0)
+    assert schedule_progress(c, 300, 33.0, 6.0) == pytest.approx(0.5)  # (33 - 6) / (60 - 6)
+    assert schedule_progress(c, 900, 60.0, 6.0) == pytest.approx(1.0)
+    # with a step count the schedule counts steps (exact resume), even if minutes is given too
+    assert schedule_progress(cfg(tmp_path, "steps", iters=50, minutes=1.0), 30, 40.0, 6.0) is None
+
+
+def test_time_budget_run_stops_and_decays(tmp_path):
+    out = train(cfg(tmp_path, "budget", minutes=0.05, warmup_iters=1, num_train_images=16),
+                small_model_config(), progress=False)
+    assert out["elapsed_s"] >= 3.0 and out["step"] >= 2
+    lrs = [h["lr"] for h in out["history"][1:]]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))                 # decays after warm-up
+    assert lrs[-1] < 1e-3                                             # below the peak lr
+    assert out["history"][-1]["elapsed_s"] >= 3.0                     # stopped at the budget

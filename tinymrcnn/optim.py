@@ -264,17 +264,27 @@ class WarmupCosine(_LinearWarmup):
     For ``warmup_iters <= step <= total_iters``, with ``u = (step - warmup_iters) /
     (total_iters - warmup_iters)``: ``lr = min_lr + (base_lr - min_lr) (1 + cos(pi u)) / 2``;
     ``min_lr`` after ``total_iters``. During warm-up: ``base_lr * warmup(step)``.
+
+    A schedule that runs on the clock instead of on steps (``tinymrcnn train
+    --minutes``) passes ``total_iters=None`` and gives ``lr_at`` the fraction
+    ``u`` of the decay it has reached itself (elapsed time / budget).
     """
 
-    def __init__(self, base_lr: float, warmup_iters: int, total_iters: int, min_lr: float = 0.0,
+    def __init__(self, base_lr: float, warmup_iters: int, total_iters: int | None, min_lr: float = 0.0,
                  warmup_factor: float = 0.001):
         super().__init__(base_lr, warmup_iters, warmup_factor)
-        if total_iters <= warmup_iters:
+        if total_iters is not None and total_iters <= warmup_iters:
             raise ValueError(f"total_iters ({total_iters}) must exceed warmup_iters ({warmup_iters})")
-        self.total_iters, self.min_lr = int(total_iters), float(min_lr)
+        self.total_iters = None if total_iters is None else int(total_iters)
+        self.min_lr = float(min_lr)
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, progress: float | None = None) -> float:
+        """The learning rate of step ``step``; ``progress`` (0..1) replaces u when given."""
         if step < self.warmup_iters:
             return self.base_lr * self._warmup(step)
-        u = min((step - self.warmup_iters) / (self.total_iters - self.warmup_iters), 1.0)
+        if progress is None:
+            if self.total_iters is None:
+                raise ValueError("a WarmupCosine without total_iters needs lr_at(step, progress)")
+            progress = (step - self.warmup_iters) / (self.total_iters - self.warmup_iters)
+        u = min(max(progress, 0.0), 1.0)
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * u))

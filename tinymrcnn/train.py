@@ -9,6 +9,12 @@ flips, the anchor and proposal samplers) comes from generators seeded with
 what an uninterrupted run sees at step N + 1, and the checkpoint only has to
 hold the weights, the optimizer state and the step number.
 
+Two ways to say how long: ``iters`` (a step count; the learning-rate schedule
+counts steps, and resuming is exact) or ``minutes`` alone (a time budget; the
+cosine decay runs on the training clock, so it ends when the budget does,
+however the speed of a step changes along the way). Training time counts
+loading the batches and the steps, not the periodic evaluations.
+
 Files written to ``out_dir``:
     checkpoint.npz      latest checkpoint (atomic writes; a bad step never overwrites it)
     metrics.jsonl       one JSON object per logged step / evaluation
@@ -35,7 +41,7 @@ from .optim import SGD, AdamW, WarmupCosine, clip_grad_norm
 class TrainConfig:
     out_dir: str = "runs/shapes"
     iters: int | None = None          # number of steps; None: as many as fit in `minutes`
-    minutes: float | None = None      # wall-clock budget for the steps (evaluation not counted)
+    minutes: float | None = None      # wall-clock budget for training (evaluation not counted)
     batch_size: int = 4
     optimizer: str = "adamw"          # "adamw" or "sgd"
     lr: float = 2e-3
@@ -57,7 +63,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-CALIBRATION_STEPS = 20  # steps timed before a --minutes run fixes its schedule length
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,10 +139,27 @@ def evaluate_model(model, dataset, batch_size: int = 8) -> dict:
     return {**{f"mask_{k}": float(segm[k]) for k in keys}, **{f"box_{k}": float(bbox[k]) for k in keys}}
 
 
-def _save(model, optimizer, path, step, cfg, elapsed, total_iters):
+def _save(model, optimizer, path, step, cfg, elapsed, warmup_end_s):
     extra = {f"optim/{k}": v for k, v in optimizer.state_dict().items()}
-    meta = {"train": {"step": step, "config": cfg.to_dict(), "elapsed_s": elapsed, "total_iters": total_iters}}
+    meta = {"train": {"step": step, "config": cfg.to_dict(), "elapsed_s": elapsed,
+                      "warmup_end_s": warmup_end_s}}
     model.save(path, extra_arrays=extra, extra_meta=meta)
+
+
+def schedule_progress(cfg: TrainConfig, step: int, elapsed: float, warmup_end_s: float | None):
+    """How far the cosine decay has got (0..1), or None to let the schedule count steps.
+
+    With a step count (``iters``) the schedule is a function of the step alone,
+    so a resumed run repeats an uninterrupted one exactly. With a time budget
+    (``minutes`` only) the decay runs on the clock: u = training time since the
+    warm-up ended / what was left of the budget then. Steps get slower as the
+    RPN finds more objects (more RoIs reach the mask head), so a step count
+    fixed from the first steps' speed would stop before the decay ends.
+    """
+    if cfg.iters is not None or step < cfg.warmup_iters or warmup_end_s is None:
+        return None
+    budget = cfg.minutes * 60.0
+    return (elapsed - warmup_end_s) / max(budget - warmup_end_s, 1e-9)
 
 
 def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: bool = False,
@@ -147,7 +169,7 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.npz")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    start_step, elapsed, total_iters = 0, 0.0, cfg.iters
+    start_step, elapsed, warmup_end_s = 0, 0.0, None
     if resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
@@ -156,7 +178,7 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
         if not state:
             raise ValueError(f"{ckpt_path} holds no training state; cannot resume from it")
         start_step, elapsed = int(state["step"]), float(state["elapsed_s"])
-        total_iters = state["total_iters"] if cfg.iters is None else cfg.iters
+        warmup_end_s = state.get("warmup_end_s")
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict({k[len("optim/"):]: v for k, v in extra.items() if k.startswith("optim/")})
     else:
@@ -165,38 +187,31 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
         with open(metrics_path, "w"):
             pass
     train_set, val_set = make_datasets(cfg)
-    if total_iters is None and cfg.minutes is None:
+    if cfg.iters is None and cfg.minutes is None:
         raise ValueError("give iters or minutes")
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
+    schedule = WarmupCosine(cfg.lr, cfg.warmup_iters, cfg.iters if cfg.iters is not None else None,
+                            cfg.lr * cfg.min_lr_factor)
 
     step = start_step
     history = []
-    bar = tqdm(total=total_iters, initial=start_step, disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=cfg.iters, initial=start_step, disable=not progress, dynamic_ncols=True,
                desc="train", unit="step")
-    t_last = time.perf_counter()
     last_good = None
-    elapsed_at_5 = elapsed
     while True:
-        if total_iters is not None and step >= total_iters:
+        if cfg.iters is not None and step >= cfg.iters:
             break
         if budget is not None and elapsed >= budget:
             break
-        if total_iters is None and step >= CALIBRATION_STEPS:
-            # Time-budget mode: fix the schedule's length once, from the speed of the
-            # first steps; it is stored in checkpoints so a resumed run keeps it.
-            # The first steps include Numba compilation, so time steps 5..20 only.
-            rate = (step - 5) / max(elapsed - elapsed_at_5, 1e-9)
-            total_iters = max(int(step + rate * (budget - elapsed)), cfg.warmup_iters + 1)
-            bar.total = total_iters
-        sched_total = total_iters if total_iters is not None else 10 ** 9
-        schedule = WarmupCosine(cfg.lr, cfg.warmup_iters, max(sched_total, cfg.warmup_iters + 1),
-                                cfg.lr * cfg.min_lr_factor)
+        if warmup_end_s is None and step >= cfg.warmup_iters:
+            warmup_end_s = elapsed
+        t0 = time.perf_counter()                     # loading the batch counts as training time
         idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed)
         images, targets = load_batch(train_set, idx, step, cfg.seed, cfg.hflip)
         model.rng = np.random.default_rng([cfg.seed, 15485863, step])
-        t0 = time.perf_counter()
+        lr = schedule.lr_at(step, schedule_progress(cfg, step, elapsed, warmup_end_s))
         try:
-            losses, gnorm = train_step(model, optimizer, images, targets, schedule.lr_at(step), cfg.grad_clip)
+            losses, gnorm = train_step(model, optimizer, images, targets, lr, cfg.grad_clip)
         except NonFiniteLossError as e:
             bar.close()
             kept = f"; the last good checkpoint ({last_good}) is kept" if last_good else ""
@@ -204,28 +219,26 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
         dt = time.perf_counter() - t0
         elapsed += dt
         step += 1
-        if step == 5:
-            elapsed_at_5 = elapsed
-        record = {"step": step, "elapsed_s": round(elapsed, 3), "lr": schedule.lr_at(step - 1),
+        if cfg.iters is None and budget is not None:  # time budget: the bar shows the steps still expected
+            bar.total = step + int((budget - elapsed) * step / max(elapsed, 1e-9))
+        record = {"step": step, "elapsed_s": round(elapsed, 3), "lr": lr,
                   "grad_norm": float(gnorm), **losses, "loss": float(sum(losses.values()))}
         history.append(record)
         if step % cfg.log_every == 0 or step == 1:
             _append_jsonl(metrics_path, record)
         bar.update(1)
         if progress and (step % 5 == 0 or step == 1):
-            now = time.perf_counter()
             bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()},
                              "s/step": f"{dt:.2f}"})
-            t_last = now
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save(model, optimizer, ckpt_path, step, cfg, elapsed, total_iters)
+            _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
             last_good = ckpt_path
         if cfg.eval_every and step % cfg.eval_every == 0:
             ev = evaluate_model(model, val_set)
             _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": ev})
             log(f"step {step}  mask AP {ev['mask_AP']:.3f}  AP50 {ev['mask_AP50']:.3f}  box AP {ev['box_AP']:.3f}")
     bar.close()
-    _save(model, optimizer, ckpt_path, step, cfg, elapsed, total_iters)
+    _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
     final = evaluate_model(model, val_set)
     _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": final})
     plot_training_curves(metrics_path, cfg.out_dir)
