@@ -129,6 +129,37 @@ def test_softmax_mask_loss_changes_only_the_mask_loss():
     assert out["sigmoid"]["loss_mask"] != out["softmax"]["loss_mask"]
 
 
+def test_mask_batch_size_per_image_caps_the_mask_branch():
+    images, targets = toy_batch(2, dtype=np.float32)
+    rois, other_losses = {}, {}
+    for cap in (None, 2):
+        model = MaskRCNN(tiny_config(dtype="float32", mask_batch_size_per_image=cap), seed=0)
+        heads_forward = model.roi_heads.forward
+
+        def recording_forward(*args, cap=cap, heads_forward=heads_forward, **kw):
+            losses, info = heads_forward(*args, **kw)
+            rois[cap] = info["mask_rois"]
+            return losses, info
+
+        model.roi_heads.forward = recording_forward
+        model.rng = np.random.default_rng(5)
+        losses = model.forward_train(images, targets)
+        model.backward()
+        assert np.isfinite(losses["loss_mask"])
+        other_losses[cap] = {k: v for k, v in losses.items() if k != "loss_mask"}
+    assert len(rois[None]) > 4 and len(rois[2]) == 4          # 2 images x at most 2 positives
+    assert {tuple(r) for r in rois[2]} <= {tuple(r) for r in rois[None]}
+    # the cap is drawn after every other sample: the other losses do not change
+    assert other_losses[None] == other_losses[2]
+    heads = MaskRCNN(tiny_config(dtype="float32", mask_batch_size_per_image=3), seed=0).roi_heads
+    labels = np.array([0, 2, 0, 1, 1, 3, 0, 2])
+    picked = heads.mask_positives(labels, np.random.default_rng(0))
+    assert len(picked) == 3 and np.all(labels[picked] > 0) and np.all(np.diff(picked) > 0)
+    assert np.array_equal(heads.mask_positives(labels[:4], np.random.default_rng(0)), [1, 3])  # <= cap: all
+    with pytest.raises(ValueError, match="mask_batch_size_per_image"):
+        tiny_config(mask_batch_size_per_image=0)
+
+
 def test_images_of_different_sizes_are_padded():
     model = MaskRCNN(tiny_config(dtype="float32"), seed=0)
     a, ta = toy_batch(1, size=64, seed=1, dtype=np.float32)

@@ -132,6 +132,15 @@ class RoIHeads(Module):
             out.append((np.ascontiguousarray(props), labels, targets_reg, np.where(fg, matched, -1)))
         return out
 
+    def mask_positives(self, labels, rng):
+        """Indices of the sampled RoIs of one image that train the mask branch: the
+        positives, or a random subset of mask_batch_size_per_image of them (in order)."""
+        pos = np.flatnonzero(labels > 0)
+        cap = self.config.mask_batch_size_per_image
+        if cap is None or len(pos) <= cap:
+            return pos
+        return np.sort(rng.choice(pos, cap, replace=False))
+
     def mask_targets(self, gt_masks, boxes, matched):
         """RoIAlign the matched GT masks onto the positive proposals: (P, M, M) in [0, 1].
 
@@ -189,11 +198,12 @@ class RoIHeads(Module):
                                                reduction="sum")
                 loss_box = float(loss_box) / max(r, 1)
                 d_box[pos[:, None], cols] = g / max(r, 1)
-        # Mask branch on the positives only.
-        pos_boxes = [s[0][s[1] > 0] for s in samples]
-        pos_matched = [s[3][s[1] > 0] for s in samples]
+        # Mask branch on the positives only (at most mask_batch_size_per_image of them per image).
+        mask_pos = [self.mask_positives(s[1], rng) for s in samples]       # indices into each image's samples
+        pos_boxes = [s[0][i] for s, i in zip(samples, mask_pos)]
+        pos_matched = [s[3][i] for s, i in zip(samples, mask_pos)]
         mask_rois = _make_rois(pos_boxes)
-        mask_labels = labels[pos]
+        mask_labels = np.concatenate([s[1][i] for s, i in zip(samples, mask_pos)])
         loss_mask, d_mask_logits, mask_logits = 0.0, None, None
         if len(mask_rois):
             with timed(self.timer, "roi ops"):
