@@ -1,9 +1,12 @@
 """The ``tinymrcnn`` command: demo, train, evaluate, predict.
 
     tinymrcnn demo                      train on shapes for a few minutes, evaluate, draw
-    tinymrcnn train --config shapes --out runs/NAME [--minutes M | --iters N] [--resume]
-    tinymrcnn evaluate --checkpoint CKPT [--dataset shapes | --coco ANN.json --images DIR]
-    tinymrcnn predict --checkpoint CKPT IMAGE... --out DIR
+    tinymrcnn train --config shapes --out runs/NAME [--minutes M | --iters N] [--resume] [--device cuda]
+    tinymrcnn evaluate --checkpoint CKPT [--dataset shapes | --coco ANN.json --images DIR] [--device cpu]
+    tinymrcnn predict --checkpoint CKPT IMAGE... --out DIR [--device cpu]
+
+--device picks where the convolutions and RoIAlign run (MaskRCNNConfig.device,
+docs/gpu.md); evaluate and predict default to the checkpoint's setting.
 """
 from __future__ import annotations
 
@@ -22,12 +25,12 @@ def _train_config(args):
                        dataset=args.dataset, checkpoint_every=args.checkpoint_every)
 
 
-def _model_config(name: str):
+def _model_config(name: str, device: str | None = None):
     from .config import MaskRCNNConfig
     presets = {"shapes": MaskRCNNConfig.shapes, "torchvision_r50_fpn": MaskRCNNConfig.torchvision_r50_fpn}
     if name not in presets:
         raise SystemExit(f"unknown config {name!r}; choose one of {', '.join(presets)}")
-    return presets[name]()
+    return presets[name]() if device is None else presets[name](device=device)
 
 
 def _print_ap_table(ev: dict, file=None):
@@ -43,8 +46,11 @@ def cmd_train(args):
     cfg = _train_config(args)
     if cfg.iters is None and cfg.minutes is None:
         cfg.minutes = 10.0
+    if args.resume and args.device is not None:
+        raise SystemExit("--device cannot be combined with --resume: a resumed run keeps its "
+                         "checkpoint's device")
     try:
-        summary = train(cfg, _model_config(args.config), resume=args.resume)
+        summary = train(cfg, _model_config(args.config, args.device), resume=args.resume)
     except NonFiniteLossError as e:
         raise SystemExit(f"training stopped: {e}")
     print(f"trained {summary['step']} steps in {summary['elapsed_s'] / 60:.1f} min")
@@ -98,7 +104,7 @@ def _load_image(path):
 def cmd_evaluate(args):
     from .model.mask_rcnn import MaskRCNN
     from .train import evaluate_model
-    model = MaskRCNN.load(args.checkpoint)
+    model = MaskRCNN.load(args.checkpoint, device=args.device)
     if args.coco:
         from .data.coco import CocoDataset
         if not args.images:
@@ -115,7 +121,7 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     from .model.mask_rcnn import MaskRCNN
     from .viz.detections import save_prediction_image
-    model = MaskRCNN.load(args.checkpoint)
+    model = MaskRCNN.load(args.checkpoint, device=args.device)
     os.makedirs(args.out, exist_ok=True)
     for path in args.images:
         img = _load_image(path)
@@ -124,6 +130,12 @@ def cmd_predict(args):
         save_prediction_image(img, pred, dst, class_names=model.config.class_names,
                               score_thresh=args.score_thresh)
         print(f"{path}: {int((pred['scores'] >= args.score_thresh).sum())} detections -> {dst}")
+
+
+def _add_device_flag(parser, default: str):
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where the convolutions and RoIAlign run (MaskRCNNConfig.device; "
+                             f"default: {default}); cuda needs an NVIDIA GPU and tinymrcnn[cuda]")
 
 
 def build_parser():
@@ -153,6 +165,7 @@ def build_parser():
     t.add_argument("--train-images", type=int, default=4000)
     t.add_argument("--val-images", type=int, default=200)
     t.add_argument("--dataset", default="shapes", choices=["shapes", "shapes-hard"])
+    _add_device_flag(t, "the preset's (cpu)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="COCO AP of a checkpoint")
@@ -162,6 +175,7 @@ def build_parser():
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--coco", default=None, help="COCO annotation JSON")
     e.add_argument("--images", default=None, help="image folder for --coco")
+    _add_device_flag(e, "the checkpoint's")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="draw predictions on images")
@@ -169,6 +183,7 @@ def build_parser():
     r.add_argument("images", nargs="+")
     r.add_argument("--out", required=True)
     r.add_argument("--score-thresh", type=float, default=0.5)
+    _add_device_flag(r, "the checkpoint's")
     r.set_defaults(func=cmd_predict)
 
     from .torchvision_compat import add_convert_parser

@@ -101,6 +101,10 @@ class MaskRCNNConfig:
     # already run in parallel, and OpenBLAS's spin-waiting threads steal their
     # cores (measured on 2 cores: 0.53 s per training step instead of 4.6 s).
     blas_threads: int | None = 1
+    # Where the convolutions and RoIAlign run: "cpu" (NumPy + Numba, the default)
+    # or "cuda" (the numba.cuda kernels; float32 only). docs/gpu.md says what
+    # runs where; MaskRCNN checks for a usable GPU when it is built.
+    device: str = "cpu"
 
     # ------------------------------------------------------------------------
     def __post_init__(self):
@@ -125,6 +129,9 @@ class MaskRCNNConfig:
         need(self.mask_target_mode in ("soft", "threshold"), f"unknown mask_target_mode {self.mask_target_mode!r}")
         need(self.mask_loss_type in ("sigmoid", "softmax"), f"unknown mask_loss_type {self.mask_loss_type!r}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
+        need(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        need(self.device == "cpu" or self.dtype == "float32",
+             f"device='cuda' runs float32 kernels; dtype must be float32, got {self.dtype!r}")
         need(self.size_divisible >= 1, "size_divisible must be >= 1")
         need(self.mask_num_convs >= 1, "mask_num_convs must be >= 1")
 

@@ -25,10 +25,11 @@ from threadpoolctl import threadpool_limits
 
 from ..checkpoint import load_npz, save_npz_atomic
 from ..config import MaskRCNNConfig
-from ..nn import Module
+from ..nn import Conv2d, ConvTranspose2d, Module
 from ..profiling import timed
 from .backbone import ResNet
 from .fpn import FPN
+from .poolers import MultiScaleRoIAlign
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
 from .transform import Transform, resized_shape
@@ -56,6 +57,9 @@ class MaskRCNN(Module):
 
     Args:
         config: a :class:`MaskRCNNConfig` (default: the shapes preset).
+            ``config.device == "cuda"`` runs the convolutions and RoIAlign on the
+            GPU (docs/gpu.md); without a usable GPU the constructor raises one
+            RuntimeError that says why.
         seed: seeds the weight initialisation and the training-time samplers.
     """
 
@@ -71,6 +75,28 @@ class MaskRCNN(Module):
         self.timer = None                                    # see set_timer
         if self.config.dtype == "float64":
             self.to_dtype(np.float64)
+        self._apply_device()
+
+    def _apply_device(self) -> None:
+        """Set ``device`` on every conv layer and RoI pooler from config.device.
+
+        Those are the layers with a GPU path; everything else runs on the CPU
+        (docs/gpu.md lists what runs where). "cuda" is checked here, once, so a
+        machine without numba.cuda or a GPU fails before any pass.
+        """
+        device = self.config.device
+        if device == "cuda":
+            from ..kernels.cuda.device import require_cuda
+            try:
+                require_cuda()
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"MaskRCNN with device='cuda': {e} The CPU path is device='cpu' "
+                    "(the MaskRCNNConfig field, MaskRCNN.load(path, device='cpu'), or --device cpu)."
+                ) from None
+        for m in self.modules():
+            if isinstance(m, (Conv2d, ConvTranspose2d, MultiScaleRoIAlign)):
+                m.device = device
 
     def set_timer(self, timer) -> None:
         """Report each stage's time to a :class:`tinymrcnn.profiling.StageTimer` (None: off)."""
@@ -238,12 +264,18 @@ class MaskRCNN(Module):
         save_npz_atomic(path, arrays, meta)
 
     @classmethod
-    def load(cls, path: str, return_extra: bool = False):
-        """Rebuild a model from :meth:`save`'s file; checks every name and shape."""
+    def load(cls, path: str, return_extra: bool = False, device: str | None = None):
+        """Rebuild a model from :meth:`save`'s file; checks every name and shape.
+
+        device: "cpu" or "cuda" overrides the saved config's device (None keeps it),
+        e.g. to evaluate on a laptop a model trained on a GPU.
+        """
         arrays, meta = load_npz(path)
         if meta.get("format") != "tinymrcnn-checkpoint-v1" or "config" not in meta:
             raise ValueError(f"{path} is not a tinymrcnn checkpoint (no config/format entry)")
         config = MaskRCNNConfig.from_json(meta["config"])
+        if device is not None:
+            config = config.replace(device=device)
         model = cls(config)
         state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
         model.load_state_dict(state, strict=True)

@@ -14,11 +14,18 @@ the blog's training step 5). Level k has stride 2^k, so it is pooled with
 back in RoI order; its backward scatters each RoI's gradient into the level
 it came from. The pooling op is a switch, so the paper's Table 2c ablation
 (RoIPool vs RoIAlign max vs RoIAlign avg) is one argument.
+
+``pooler.device = "cuda"`` (MaskRCNN sets it from ``config.device``) runs
+RoIAlign, avg and max, forward and backward, on the numba.cuda kernels of
+``tinymrcnn.kernels.cuda.roi_align``: each level that has RoIs is copied to the
+GPU, pooled in one launch, and the result copied back into RoI order. RoIPool
+stays on the CPU.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..checks import check_float_array, pair
 from ..nn import Module
 from ..ops.roi_align import (ChannelsLast, channels_last, check_rois, roi_align_levels,
                              roi_align_levels_backward)
@@ -99,6 +106,7 @@ class MultiScaleRoIAlign(Module):
         self.levels = tuple(int(k) for k in levels)
         self.mapper = LevelMapper(canonical_scale, canonical_level, min(self.levels),
                                   max(self.levels), eps)
+        self.device = "cpu"       # "cuda": RoIAlign on the GPU (see the module docstring)
 
     def map_levels(self, rois: np.ndarray) -> np.ndarray:
         """The FPN level (2..5) each RoI pools from: (K,) int64."""
@@ -113,6 +121,8 @@ class MultiScaleRoIAlign(Module):
         level = self.map_levels(rois) - min(self.levels)              # (K,) index into features
         scales = [2.0 ** -k for k in self.levels]                      # level k has stride 2^k
         shapes = [tuple(f.shape) for f in features]
+        if self.op == "roi_align" and self.device == "cuda":
+            return self._roi_align_cuda(features, rois, level, scales, shapes)
         if self.op == "roi_align":
             if self.mode == "max":    # max's backward needs the maps: convert them once, here
                 features = [channels_last(f) for f in features]
@@ -139,8 +149,47 @@ class MultiScaleRoIAlign(Module):
     def backward(self, dy):
         rois, level, shapes, saved = self.restore()
         scales = [2.0 ** -k for k in self.levels]
+        if self.op == "roi_align" and self.device == "cuda":
+            return self._roi_align_backward_cuda(dy, rois, level, scales, shapes, saved)
         if self.op == "roi_align":
             return roi_align_levels_backward(dy, rois, level, scales, shapes, self.sampling_ratio,
                                              self.aligned, self.mode, features=saved)
         return [roi_pool_backward(np.ascontiguousarray(dy[idx]), argmax, shape)
                 for (idx, argmax), shape in zip(saved, shapes)]
+
+    # -- the GPU path (device == "cuda") ---------------------------------------------
+    def _roi_align_cuda(self, features, rois, level, scales, shapes):
+        """RoIAlign of every RoI on the GPU, one launch per level; (K, C, ph, pw) on the host."""
+        from ..kernels.cuda.device import to_device, to_host
+        from ..kernels.cuda.roi_align import roi_align_forward_cuda
+        ph, pw = pair(self.output_size, "output_size")
+        out = np.zeros((len(rois), shapes[0][1], ph, pw), dtype=features[0].dtype)
+        maps = [None] * len(features)             # device copies of the levels that have RoIs
+        for i, f in enumerate(features):
+            idx = np.flatnonzero(level == i)
+            if idx.size == 0:
+                continue
+            if isinstance(f, ChannelsLast):       # already checked; the kernel reads NCHW
+                f = f.numpy()
+            else:
+                check_float_array(f, f"features[{i}]", ndim=4)
+            maps[i] = to_device(f)
+            out[idx] = to_host(roi_align_forward_cuda(maps[i], rois[idx], (ph, pw), scales[i],
+                                                      self.sampling_ratio, self.aligned, self.mode))
+        self.save(rois, level, shapes, maps if self.mode == "max" else None)
+        return out
+
+    def _roi_align_backward_cuda(self, dy, rois, level, scales, shapes, maps):
+        """Per-level gradients (atomic adds on the GPU), copied back; zeros for unused levels."""
+        from ..kernels.cuda.device import to_device, to_host
+        from ..kernels.cuda.roi_align import roi_align_backward_cuda
+        grads = []
+        for i, shape in enumerate(shapes):
+            idx = np.flatnonzero(level == i)
+            if idx.size == 0:
+                grads.append(np.zeros(shape, dy.dtype))
+                continue
+            grads.append(to_host(roi_align_backward_cuda(
+                to_device(dy[idx]), rois[idx], shape, scales[i], self.sampling_ratio, self.aligned,
+                self.mode, x_dev=None if maps is None else maps[i])))
+        return grads

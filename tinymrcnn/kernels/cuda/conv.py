@@ -84,7 +84,7 @@ from functools import lru_cache
 import numpy as np
 
 from ...checks import pair
-from .device import empty, require_cuda, to_device
+from .device import empty, is_simulator, require_cuda, to_device
 
 
 @dataclass(frozen=True)
@@ -126,12 +126,19 @@ class Tile:
 
 
 DEFAULT_TILE = Tile()
+# The tile a wrapper uses when given none, on the CUDA simulator: it runs every
+# thread of a block as a Python thread, so 16 threads a block instead of 256
+# keep a whole model's training step testable (tests/test_model_cuda.py). The
+# arithmetic is the same; only dweight's split-K partial sums are grouped
+# differently (float32 rounding).
+SIMULATOR_TILE = Tile(bm=4, bn=16, bk=4, tm=2, tn=2, reduce=16)
 # numba.cuda, bound by _kernels() on first use so that importing this file
 # never loads it. The kernels must reach it as a module global: the CUDA
 # simulator swaps the globals that name numba.cuda for its fake module.
 cuda = None
 
 TARGET_BLOCKS = 1024  # split-K aims at about this many blocks (several waves on any GPU)
+SIMULATOR_TARGET_BLOCKS = 8  # the simulator starts every block's threads in Python: few blocks
 
 
 @lru_cache(maxsize=None)
@@ -372,7 +379,8 @@ def _transposed_table(O, C, kh, kw, Ho, Wo, ph, pw):
 
 # ---------------------------------------------------------------------------
 # Host wrappers. They take numba device arrays (NumPy arrays are copied to the
-# device first) and return device arrays; nothing is copied back.
+# device first) and return device arrays; nothing is copied back. ``tile``: a
+# Tile, or None for DEFAULT_TILE (SIMULATOR_TILE on the CUDA simulator).
 
 def _check_array(a, name, ndim):
     """dtype and rank of one argument (None passes), checked before the GPU is touched."""
@@ -402,6 +410,13 @@ def _on_device(*arrays):
             raise ValueError("the GPU kernels need C-contiguous arrays")
         out.append(d)
     return out
+
+
+def _resolve_tile(tile):
+    """The tile to launch with: ``tile``, else DEFAULT_TILE (SIMULATOR_TILE on the simulator)."""
+    if tile is not None:
+        return tile
+    return SIMULATOR_TILE if is_simulator() else DEFAULT_TILE
 
 
 def _out_size(H, W, kh, kw, sh, sw, ph, pw):
@@ -445,7 +460,8 @@ def _dweight(tile, dy, x, kh, kw, stride, padding):
         return dw
     tiles = math.ceil(K / tile.bn) * math.ceil(O / tile.bm)
     steps = math.ceil(P / tile.bk)
-    Z = min(steps, max(1, math.ceil(TARGET_BLOCKS / tiles)), 65535)
+    target = SIMULATOR_TARGET_BLOCKS if is_simulator() else TARGET_BLOCKS
+    Z = min(steps, max(1, math.ceil(target / tiles)), 65535)
     chunk = math.ceil(steps / Z) * tile.bk
     Z = math.ceil(P / chunk)
     part = dw.reshape(-1) if Z == 1 else empty((Z * O * K,), np.float32)
@@ -476,7 +492,7 @@ def _zero(tile, d):
         flat, 0, flat.size, flat)
 
 
-def conv2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, tile=DEFAULT_TILE):
+def conv2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, tile=None):
     """y = conv2d(x, weight) + bias on the GPU (cross-correlation, as PyTorch).
 
     x (N, C, H, W), weight (O, C, kh, kw), bias (O,) or None; float32 device
@@ -494,13 +510,14 @@ def conv2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, tile=DEFAULT_
     if bias is not None and bias.shape[0] != O:
         raise ValueError(f"bias has {bias.shape[0]} entries, weight has {O} output channels")
     Ho, Wo = _out_size(H, W, kh, kw, sh, sw, ph, pw)
+    tile = _resolve_tile(tile)
     x, weight, bias = _on_device(x, weight, bias)
     tab = _forward_table(C, kh, kw, H, W, ph, pw)
     return _gather_gemm(tile, weight, C * kh * kw, x, tab, C * kh * kw, (sh, sw), (1, 1),
                         (N, O, Ho, Wo), bias)
 
 
-def conv2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=DEFAULT_TILE):
+def conv2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=None):
     """Gradients of conv2d on the GPU: (dx, dweight, dbias), device arrays.
 
     dy (N, O, Ho, Wo), x (N, C, H, W), weight (O, C, kh, kw).
@@ -518,6 +535,7 @@ def conv2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=DEFAULT_TILE):
     if Cw != C or tuple(dy.shape) != (N, O, Ho, Wo):
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
                          f"dy {tuple(dy.shape)} (expected {(N, O, Ho, Wo)})")
+    tile = _resolve_tile(tile)
     dy, x, weight = _on_device(dy, x, weight)
     dx = _conv2d_dx(tile, dy, weight, (H, W), (sh, sw), (ph, pw), None)
     dw = _dweight(tile, dy, x, kh, kw, (sh, sw), (ph, pw))
@@ -533,7 +551,7 @@ def _conv2d_dx(tile, dy, weight, in_hw, stride, padding, bias):
                         (N, C) + tuple(in_hw), bias)
 
 
-def conv_transpose2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, tile=DEFAULT_TILE):
+def conv_transpose2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, tile=None):
     """y = conv_transpose2d(x, weight) + bias on the GPU (PyTorch's, output_padding 0).
 
     x (N, C_in, H, W), weight (C_in, C_out, kh, kw), bias (C_out,) or None.
@@ -552,11 +570,12 @@ def conv_transpose2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, til
     Hout, Wout = (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw
     if Hout < 1 or Wout < 1:
         raise ValueError(f"conv_transpose2d gives no output for input {H}x{W}")
+    tile = _resolve_tile(tile)
     x, weight, bias = _on_device(x, weight, bias)
     return _conv2d_dx(tile, x, weight, (Hout, Wout), (sh, sw), (ph, pw), bias)
 
 
-def conv_transpose2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=DEFAULT_TILE):
+def conv_transpose2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=None):
     """Gradients of conv_transpose2d on the GPU: (dx, dweight, dbias), device arrays.
 
     dy (N, C_out, Hout, Wout), x (N, C_in, H, W), weight (C_in, C_out, kh, kw).
@@ -573,6 +592,7 @@ def conv_transpose2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=DEFA
     if Cw != Cin or tuple(dy.shape) != expect:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
                          f"dy {tuple(dy.shape)} (expected {expect})")
+    tile = _resolve_tile(tile)
     dy, x, weight = _on_device(dy, x, weight)
     dx = conv2d_forward_cuda(dy, weight, None, (sh, sw), (ph, pw), tile)
     dw = _dweight(tile, x, dy, kh, kw, (sh, sw), (ph, pw))

@@ -29,6 +29,7 @@ Two differences between the targets matter to this file:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import warnings
 
@@ -90,7 +91,31 @@ def require_cuda():
             f"and the CUDA extra ({INSTALL_HINT}), or use the CPU path "
             "(NumPy arrays, the default)."
         )
+    if not _nvvm_available():
+        raise RuntimeError(
+            "numba.cuda found a GPU but not libNVVM, the CUDA toolkit's compiler that turns "
+            f"the kernels into GPU code. The CUDA extra brings it as wheels ({INSTALL_HINT}, "
+            "which installs numba-cuda[cu12]; for a CUDA 13 driver: pip install "
+            '"numba-cuda[cu13]"), or install a CUDA toolkit and point CUDA_HOME at it.'
+        )
     return cuda
+
+
+@functools.lru_cache(maxsize=1)
+def _nvvm_available() -> bool:
+    """True when numba.cuda can load libNVVM (asked once per process; the simulator needs none).
+
+    Without it the first kernel launch would fail deep inside numba's compiler
+    (NvvmSupportError); checking here turns that into require_cuda's one message.
+    """
+    try:
+        from numba.cuda.cudadrv import nvvm
+    except ImportError:  # a layout we do not know: let the launch report it
+        return True
+    try:
+        return bool(nvvm.is_available())
+    except Exception:
+        return False
 
 
 def cuda_available() -> bool:

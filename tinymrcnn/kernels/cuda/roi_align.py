@@ -1,8 +1,9 @@
 """numba.cuda kernels for RoIAlign forward and backward (SPEC.md "RoIAlign").
 
-Nothing here runs at import: ``numba.cuda`` is imported, and the kernels
-compiled, the first time a host wrapper is called (``_kernels``), so the CPU
-path never touches CUDA. Under ``NUMBA_ENABLE_CUDASIM=1`` the same code runs
+Nothing here runs at import: ``numba.cuda`` is imported (through
+``device.require_cuda``, which gives one clear error without a GPU), and the
+kernels compiled, the first time a host wrapper is called (``_kernels``), so
+the CPU path never touches CUDA. Under ``NUMBA_ENABLE_CUDASIM=1`` the same code runs
 on Numba's CUDA simulator (how the tests check it without a GPU).
 
 Shared math
@@ -16,8 +17,9 @@ once.
 Thread / block mapping
 ----------------------
 Both kernels use one thread per *output* element (k, c, ph, pw), numbered in
-the C order of the (K, C, PH, PW) output, 256 threads per block, and a
-grid-stride loop so any K fits in a bounded grid. Consecutive threads of a
+the C order of the (K, C, PH, PW) output, 256 threads per block (32 on the
+simulator, which runs each thread in Python), and a grid-stride loop so any
+K fits in a bounded grid. Consecutive threads of a
 warp then handle neighbouring bins of one channel of one RoI: they read
 neighbouring pixels of the same (N, C, H, W) channel plane, which the
 GPU's caches serve well (torchvision's CUDA kernel makes the same choice;
@@ -45,7 +47,10 @@ import types
 
 import numpy as np
 
+from .device import empty, is_simulator, require_cuda, to_device
+
 THREADS_PER_BLOCK = 256
+SIMULATOR_THREADS_PER_BLOCK = 32   # the simulator runs each thread in Python: fewer idle ones
 MAX_BLOCKS = 65535
 
 # numba.cuda, set by _kernels() on first use. A module global, not a local, because
@@ -75,8 +80,7 @@ def _kernels(dtype: str):
     float32 (fast on every GPU, and the CPU kernel's arithmetic).
     """
     global cuda
-    from numba import cuda as numba_cuda
-    cuda = numba_cuda
+    cuda = require_cuda()
     cast = np.dtype(dtype).type                      # np.float32 or np.float64
 
     from ..cpu import roi_align as cpu
@@ -176,15 +180,16 @@ def _kernels(dtype: str):
 
 def _launch(n):
     """(blocks, threads) for n elements, grid-stride beyond MAX_BLOCKS blocks."""
-    blocks = max(1, min(MAX_BLOCKS, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK))
-    return blocks, THREADS_PER_BLOCK
+    threads = SIMULATOR_THREADS_PER_BLOCK if is_simulator() else THREADS_PER_BLOCK
+    blocks = max(1, min(MAX_BLOCKS, (n + threads - 1) // threads))
+    return blocks, threads
 
 
-def _rois_device(cuda, rois, num_images):
+def _rois_device(rois, num_images):
     """NumPy rois are checked (ops.roi_align.check_rois) and copied; device rois are trusted."""
     if isinstance(rois, np.ndarray):
         from ...ops.roi_align import check_rois
-        return cuda.to_device(check_rois(rois, num_images))
+        return to_device(check_rois(rois, num_images))
     if rois.ndim != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois must have shape (K, 5), got {rois.shape}")
     return rois
@@ -216,11 +221,11 @@ def roi_align_forward_cuda(x_dev, rois_dev, output_size, spatial_scale=1.0, samp
     Returns:
         (K, C, ph, pw) device array of x's dtype.
     """
-    cuda, forward, _, _ = _kernels(np.dtype(x_dev.dtype).name)
+    _, forward, _, _ = _kernels(np.dtype(x_dev.dtype).name)
     ph, pw = _check(output_size, mode, x_dev.shape)
-    rois_dev = _rois_device(cuda, rois_dev, x_dev.shape[0])
+    rois_dev = _rois_device(rois_dev, x_dev.shape[0])
     K, C = rois_dev.shape[0], x_dev.shape[1]
-    out = cuda.device_array((K, C, ph, pw), dtype=x_dev.dtype)
+    out = empty((K, C, ph, pw), x_dev.dtype)
     n = K * C * ph * pw
     if n:
         forward[_launch(n)](x_dev, rois_dev, float(spatial_scale), int(sampling_ratio),
@@ -241,10 +246,10 @@ def roi_align_backward_cuda(dy_dev, rois_dev, input_shape, spatial_scale=1.0, sa
     Returns:
         (N, C, H, W) device array of dy's dtype.
     """
-    cuda, _, backward, fill_zero = _kernels(np.dtype(dy_dev.dtype).name)
+    _, _, backward, fill_zero = _kernels(np.dtype(dy_dev.dtype).name)
     shape = tuple(int(s) for s in input_shape)
     _check(dy_dev.shape[2:], mode, shape)
-    rois_dev = _rois_device(cuda, rois_dev, shape[0])
+    rois_dev = _rois_device(rois_dev, shape[0])
     if mode == "max":
         if x_dev is None:
             raise ValueError('mode="max" needs x_dev, the forward input')
@@ -255,7 +260,7 @@ def roi_align_backward_cuda(dy_dev, rois_dev, input_shape, spatial_scale=1.0, sa
     if tuple(dy_dev.shape[:2]) != (rois_dev.shape[0], shape[1]):
         raise ValueError(f"dy has shape {tuple(dy_dev.shape)}, expected (K, C, ph, pw) with "
                          f"K = {rois_dev.shape[0]}, C = {shape[1]}")
-    dx = cuda.device_array(shape, dtype=dy_dev.dtype)
+    dx = empty(shape, dy_dev.dtype)
     if dx.size:
         fill_zero[_launch(dx.size)](dx)
     if dy_dev.size:
