@@ -1,6 +1,6 @@
-"""GPU benchmark: the numba.cuda conv2d and roi_align against cuDNN and torchvision.
+"""GPU benchmark: the numba.cuda conv2d and roi_align against cuDNN and torchvision, and the model.
 
-    python benchmarks/bench_cuda.py [--repeats 20] [--no-cpu-check] [--smoke]
+    python benchmarks/bench_cuda.py [--repeats 20] [--model-repeats 5] [--no-cpu-check] [--no-model] [--smoke]
 
 On a machine with an NVIDIA GPU and numba-cuda (pip install "tinymrcnn[cuda]"):
 1. checks the GPU kernels on full-size inputs against tinymrcnn's CPU ops
@@ -17,7 +17,12 @@ On a machine with an NVIDIA GPU and numba-cuda (pip install "tinymrcnn[cuda]"):
      roi_align_forward_cuda(x, rois, output_size, spatial_scale=...,
      sampling_ratio=..., aligned=...) and roi_align_backward_cuda(dy, rois,
      input_shape, same keywords), the signatures of tinymrcnn.ops),
-3. prints one table with the device name and the date. Conv rows labelled
+3. times the whole model, the shapes preset on 128x128 shapes images, with
+   config.device="cuda" against the same weights on "cpu": one training step
+   (forward_train + backward, batch 4; the optimizer step is the same NumPy
+   code on both and is left out) and one predict() of the same 4 images,
+   checking that the losses and the detections agree,
+4. prints the tables with the device name and the date. Conv rows labelled
    'tile ...' time the same conv with other block tiles, so that one run
    also says which default tile to keep.
 
@@ -30,9 +35,14 @@ for the forward, twice that for dx + dweight) / time. Targets (issue 8):
 conv at least 25% of cuDNN's throughput, roi_align within 1.5x of
 torchvision's time.
 
-Without a GPU it prints why and exits 0. --smoke runs tiny shapes and is
-allowed on the CUDA simulator (NUMBA_ENABLE_CUDASIM=1): it checks that this
-script runs, not speed.
+The model rows are medians of --model-repeats runs after 2 warm-ups (the
+first compiles the Numba CPU and CUDA kernels). On "cuda" only the
+convolutions and RoIAlign run on the GPU, with host <-> device copies around
+each (docs/gpu.md), so these rows measure the model as it is, copies included.
+
+Without a GPU it prints why and exits 0. --smoke runs tiny shapes (and a tiny
+model on 32x32 images) and is allowed on the CUDA simulator
+(NUMBA_ENABLE_CUDASIM=1): it checks that this script runs, not speed.
 """
 from __future__ import annotations
 
@@ -251,6 +261,70 @@ def print_table(rows, tol):
     return bad
 
 
+def smoke_model_config(device):
+    """A model small enough for the simulator (tests/test_model_cuda.py uses the same sizes)."""
+    from tinymrcnn import MaskRCNNConfig
+    return MaskRCNNConfig(
+        image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25), blocks_per_stage=(1, 1, 1, 1),
+        stem_channels=2, stage_channels=(4, 4, 8, 8), group_norm_groups=1, fpn_channels=4,
+        anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=30, rpn_pre_nms_top_n_test=30,
+        rpn_post_nms_top_n_train=12, rpn_post_nms_top_n_test=12, rpn_batch_size_per_image=32,
+        box_roi_size=2, mask_roi_size=3, box_batch_size_per_image=8, box_representation_size=8,
+        mask_num_convs=1, mask_channels=4, box_detections_per_img=4, device=device)
+
+
+def bench_model(cuda, repeats, smoke):
+    """Rows for one training step and one predict(), device="cuda" against device="cpu"."""
+    from tinymrcnn import MaskRCNN, MaskRCNNConfig
+    from tinymrcnn.data.shapes import ShapesDataset
+    batch, size = (1, 32) if smoke else (4, 128)
+    ds = ShapesDataset(batch, image_size=size, seed=0)
+    images = [ds[i][0] for i in range(batch)]
+    targets = [{k: ds[i][1][k] for k in ("boxes", "labels", "masks")} for i in range(batch)]
+    config = smoke_model_config if smoke else (lambda d: MaskRCNNConfig.shapes(device=d))
+    models = {d: MaskRCNN(config(d), seed=0) for d in ("cpu", "cuda")}
+    sync = {"cpu": lambda: None, "cuda": cuda.synchronize}
+    rows = []
+
+    def step(m):
+        m.zero_grad()
+        losses = m.forward_train(images, targets)
+        m.backward()
+        return losses
+
+    losses = {d: step(m) for d, m in models.items()}
+    err = max(abs(losses["cuda"][k] - v) / max(abs(v), 1e-12) for k, v in losses["cpu"].items())
+    t = {d: median_time(lambda m=m: step(m), sync[d], repeats) for d, m in models.items()}
+    rows.append({"op": f"training step, batch {batch} (fwd+bwd)", "gpu": t["cuda"], "cpu": t["cpu"],
+                 "check": f"losses: max rel. diff {err:.1e}", "bad": not err <= 1e-3})
+
+    preds = {d: m.predict(images) for d, m in models.items()}
+    counts = {d: [len(p["scores"]) for p in preds[d]] for d in preds}
+    if counts["cpu"] == counts["cuda"]:
+        diff = max((float(np.abs(a["scores"] - b["scores"]).max()) for a, b in
+                    zip(preds["cpu"], preds["cuda"]) if len(a["scores"])), default=0.0)
+        check, bad = f"detections {sum(counts['cpu'])}; max score diff {diff:.1e}", not diff <= 1e-3
+    else:
+        check, bad = f"detection counts differ: cpu {counts['cpu']}, cuda {counts['cuda']}", False
+    t = {d: median_time(lambda m=m: m.predict(images), sync[d], repeats) for d, m in models.items()}
+    rows.append({"op": f"predict(), batch {batch}", "gpu": t["cuda"], "cpu": t["cpu"],
+                 "check": check, "bad": bad})
+    return rows
+
+
+def print_model_table(rows, smoke):
+    preset = "tiny model (--smoke), 32x32 images" if smoke else "shapes preset, 128x128 images"
+    header = f"{'model: ' + preset:<42} {'GPU ms':>9} {'CPU ms':>9} {'CPU/GPU':>8}  check"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['op']:<42} {r['gpu'] * 1e3:9.1f} {r['cpu'] * 1e3:9.1f} {r['cpu'] / r['gpu']:8.2f}  "
+              f"{r['check']}")
+    print('GPU: config.device="cuda" (convolutions and RoIAlign on the GPU, the rest on the host, '
+          "copies included); CPU: the same weights on the default path")
+    return any(r["bad"] for r in rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -258,6 +332,10 @@ def main() -> int:
                         help="skip the comparison with the CPU ops (slow on full-size inputs)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, torch on the CPU; runs on the CUDA simulator too")
+    parser.add_argument("--model-repeats", type=int, default=5,
+                        help="timed runs of the model's training step and predict() (default 5)")
+    parser.add_argument("--no-model", action="store_true",
+                        help="skip the model rows (training step and predict(), GPU vs CPU)")
     args = parser.parse_args()
 
     from tinymrcnn.kernels.cuda.device import is_simulator, require_cuda
@@ -299,6 +377,12 @@ def main() -> int:
         rows += [bench_roi_align(cuda, torch, dev, tv_roi_align, roi_cuda, s, k, o, sc, repeats,
                                  not args.no_cpu_check, rng) for s, k, o, sc in roi_shapes]
     bad = print_table(rows, tol=1e-4)
+    if not args.no_model:
+        if args.smoke:   # the simulator's threads hand over the GIL at every barrier
+            sys.setswitchinterval(1e-4)
+        print()
+        bad |= print_model_table(bench_model(cuda, 1 if args.smoke else args.model_repeats,
+                                             args.smoke), args.smoke)
     if bad:
         print("MISMATCH: a GPU result differs from its reference by more than the tolerance")
         return 1
