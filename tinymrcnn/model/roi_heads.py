@@ -169,7 +169,8 @@ class RoIHeads(Module):
         """
         # RoIAlign gathers along channels; transposing each level once to (N, H, W, C)
         # serves both the box and the mask pooler (ops/roi_align.py explains why).
-        if self.config.roi_op == "roi_align":
+        # The GPU kernels read (N, C, H, W) as it is.
+        if self.config.roi_op == "roi_align" and self.config.device == "cpu":
             with timed(self.timer, "roi ops"):
                 features = [channels_last(f) for f in features]
         if targets is None:
