@@ -190,7 +190,9 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
     if cfg.iters is None and cfg.minutes is None:
         raise ValueError("give iters or minutes")
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
-    schedule = WarmupCosine(cfg.lr, cfg.warmup_iters, cfg.iters if cfg.iters is not None else None,
+    # (a run shorter than its warm-up just warms up: the decay would start after its end)
+    schedule = WarmupCosine(cfg.lr, cfg.warmup_iters,
+                            None if cfg.iters is None else max(cfg.iters, cfg.warmup_iters + 1),
                             cfg.lr * cfg.min_lr_factor)
 
     step = start_step
