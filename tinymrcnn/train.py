@@ -63,8 +63,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-
-
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or inf; training stopped and the last good checkpoint was kept."""
 
