@@ -19,7 +19,7 @@ def small_model_config():
 
 def cfg(tmp_path, name, **kw):
     base = dict(out_dir=str(tmp_path / name), batch_size=2, num_train_images=8, num_val_images=3,
-                checkpoint_every=3, warmup_iters=2, log_every=1, lr=1e-3)
+                checkpoint_every=3, warmup_iters=2, log_every=1, lr=1e-3, workers=1)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -17,12 +17,17 @@ import sys
 import numpy as np
 
 
+WORKERS_HELP = ("data-parallel training processes, each on a share of every batch "
+                "(default 0: one per CPU core, at most one per image)")
+
+
 def _train_config(args):
     from .train import TrainConfig
     return TrainConfig(out_dir=args.out, iters=args.iters, minutes=args.minutes, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, eval_every=args.eval_every,
                        num_train_images=args.train_images, num_val_images=args.val_images,
-                       dataset=args.dataset, checkpoint_every=args.checkpoint_every)
+                       dataset=args.dataset, checkpoint_every=args.checkpoint_every,
+                       workers=args.workers)
 
 
 def _model_config(name: str, device: str | None = None):
@@ -66,7 +71,7 @@ def cmd_demo(args):
     from .viz.detections import plot_predictions_grid
     out = args.out
     cfg = TrainConfig(out_dir=out, minutes=args.minutes, iters=args.iters, seed=args.seed,
-                      num_val_images=args.val_images, eval_every=args.eval_every)
+                      num_val_images=args.val_images, eval_every=args.eval_every, workers=args.workers)
     print(f"tinymrcnn demo: training the shapes preset from scratch for "
           f"{f'{args.iters} steps' if args.iters else f'{args.minutes:g} minutes'} "
           f"(batch {cfg.batch_size}, 128x128 images), then evaluating on {cfg.num_val_images} held-out images.")
@@ -149,6 +154,7 @@ def build_parser():
     d.add_argument("--val-images", type=int, default=200)
     d.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, default=0, help=WORKERS_HELP)
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a model")
@@ -160,6 +166,7 @@ def build_parser():
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, default=0, help=WORKERS_HELP)
     t.add_argument("--eval-every", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--train-images", type=int, default=4000)

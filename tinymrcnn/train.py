@@ -9,6 +9,11 @@ flips, the anchor and proposal samplers) comes from generators seeded with
 what an uninterrupted run sees at step N + 1, and the checkpoint only has to
 hold the weights, the optimizer state and the step number.
 
+Data parallel: with ``workers`` > 1 (by default one per CPU core, at most
+one per image) each step's batch is split between that many processes and
+their gradients are averaged (``tinymrcnn/parallel.py``); each worker's
+random choices are then seeded with ``(seed, s, worker)``.
+
 Two ways to say how long: ``iters`` (a step count; the learning-rate schedule
 counts steps, and resuming is exact) or ``minutes`` alone (a time budget; the
 cosine decay runs on the training clock, so it ends when the budget does,
@@ -28,6 +33,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +41,7 @@ import numpy as np
 from .config import MaskRCNNConfig
 from .model.mask_rcnn import LOSS_NAMES, MaskRCNN
 from .optim import SGD, AdamW, WarmupCosine, clip_grad_norm
+from .parallel import WorkerPool, resolve_workers, shard
 
 
 @dataclass
@@ -50,6 +57,7 @@ class TrainConfig:
     warmup_iters: int = 100
     min_lr_factor: float = 0.02       # cosine decays to lr * this
     grad_clip: float = 10.0
+    workers: int = 0                  # data-parallel processes (tinymrcnn/parallel.py); 0: one per core
     hflip: bool = True
     num_train_images: int = 4000
     num_val_images: int = 200
@@ -86,9 +94,21 @@ def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> np.nda
     return perm[pos * batch_size:(pos + 1) * batch_size]
 
 
-def load_batch(dataset, indices, step: int, seed: int, hflip: bool):
+def step_seeds(seed: int, step: int, rank: int = 0, n_workers: int = 1) -> tuple[list, list]:
+    """Seeds of step ``step``'s flip generator and of the model's samplers.
+
+    With several data-parallel workers (``tinymrcnn/parallel.py``) each worker
+    ``rank`` gets its own; with one worker they do not depend on the rank, so
+    ``workers=1`` repeats single-process runs exactly.
+    """
+    tail = [] if n_workers == 1 else [rank]
+    return [seed, 104729, step, *tail], [seed, 15485863, step, *tail]
+
+
+def load_batch(dataset, indices, step: int, seed: int, hflip: bool, rank: int = 0, n_workers: int = 1):
+    """The images and targets of ``indices``, each flipped with probability 1/2 if ``hflip``."""
     from .data.transforms import random_horizontal_flip
-    rng = np.random.default_rng([seed, 104729, step])
+    rng = np.random.default_rng(step_seeds(seed, step, rank, n_workers)[0])
     images, targets = [], []
     for i in indices:
         img, tgt = dataset[int(i)]
@@ -108,15 +128,25 @@ def make_optimizer(model, cfg: TrainConfig):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw or sgd)")
 
 
-def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | None):
-    """One step; returns the losses and the gradient norm before clipping."""
+def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | None, pool=None):
+    """One step; returns the losses and the gradient norm before clipping.
+
+    With a :class:`tinymrcnn.parallel.WorkerPool` (whose workers were handed
+    their shards by ``pool.start_step``), ``images`` is this process's shard;
+    the gradients of all shards are averaged before the update, and the
+    losses returned are the shards' means.
+    """
     model.zero_grad()
     loss_dict = model.forward_train(images, targets)
-    total = sum(loss_dict.values())
-    if not math.isfinite(total):
-        bad = [k for k, v in loss_dict.items() if not math.isfinite(v)]
-        raise NonFiniteLossError(", ".join(f"{k}={loss_dict[k]}" for k in bad))
-    model.backward()
+    finite = all(math.isfinite(v) for v in loss_dict.values())
+    if finite:
+        model.backward()
+    if pool is not None:
+        shards = [loss_dict] + pool.finish_step()     # drains the workers even after a NaN here
+        loss_dict = {k: float(np.mean([d[k] for d in shards])) for k in loss_dict}
+    bad = [k for k, v in loss_dict.items() if not math.isfinite(v)]
+    if bad or not finite:
+        raise NonFiniteLossError(", ".join(f"{k}={loss_dict[k]}" for k in bad or loss_dict))
     params = [p for p in model.parameters() if p.requires_grad]
     norm = clip_grad_norm(params, grad_clip) if grad_clip else float("nan")
     optimizer.lr = lr
@@ -193,50 +223,57 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
                             None if cfg.iters is None else max(cfg.iters, cfg.warmup_iters + 1),
                             cfg.lr * cfg.min_lr_factor)
 
+    # (on a GPU the default is one process: the workers would share the one device)
+    n_workers = 1 if model.config.device == "cuda" and not cfg.workers else \
+        resolve_workers(cfg.workers, cfg.batch_size)
     step = start_step
     history = []
     bar = tqdm(total=cfg.iters, initial=start_step, disable=not progress, dynamic_ncols=True,
-               desc="train", unit="step")
+               desc="train" if n_workers == 1 else f"train ({n_workers} workers)", unit="step")
     last_good = None
-    while True:
-        if cfg.iters is not None and step >= cfg.iters:
-            break
-        if budget is not None and elapsed >= budget:
-            break
-        if warmup_end_s is None and step >= cfg.warmup_iters:
-            warmup_end_s = elapsed
-        t0 = time.perf_counter()                     # loading the batch counts as training time
-        idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed)
-        images, targets = load_batch(train_set, idx, step, cfg.seed, cfg.hflip)
-        model.rng = np.random.default_rng([cfg.seed, 15485863, step])
-        lr = schedule.lr_at(step, schedule_progress(cfg, step, elapsed, warmup_end_s))
-        try:
-            losses, gnorm = train_step(model, optimizer, images, targets, lr, cfg.grad_clip)
-        except NonFiniteLossError as e:
-            bar.close()
-            kept = f"; the last good checkpoint ({last_good}) is kept" if last_good else ""
-            raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {e}{kept}") from None
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        step += 1
-        if cfg.iters is None and budget is not None:  # time budget: the bar shows the steps still expected
-            bar.total = step + int((budget - elapsed) * step / max(elapsed, 1e-9))
-        record = {"step": step, "elapsed_s": round(elapsed, 3), "lr": lr,
-                  "grad_norm": float(gnorm), **losses, "loss": float(sum(losses.values()))}
-        history.append(record)
-        if step % cfg.log_every == 0 or step == 1:
-            _append_jsonl(metrics_path, record)
-        bar.update(1)
-        if progress and (step % 5 == 0 or step == 1):
-            bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()},
-                             "s/step": f"{dt:.2f}"})
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
-            last_good = ckpt_path
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            ev = evaluate_model(model, val_set)
-            _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": ev})
-            log(f"step {step}  mask AP {ev['mask_AP']:.3f}  AP50 {ev['mask_AP50']:.3f}  box AP {ev['box_AP']:.3f}")
+    with _data_parallel(model, n_workers, cfg) as pool:
+        while True:
+            if cfg.iters is not None and step >= cfg.iters:
+                break
+            if budget is not None and elapsed >= budget:
+                break
+            if warmup_end_s is None and step >= cfg.warmup_iters:
+                warmup_end_s = elapsed
+            t0 = time.perf_counter()                     # loading the batch counts as training time
+            idx = shard(batch_indices(len(train_set), cfg.batch_size, step, cfg.seed), n_workers)
+            if pool is not None:
+                pool.start_step(step, idx)               # workers 1.. take shards 1..; we take shard 0
+            images, targets = load_batch(train_set, idx[0], step, cfg.seed, cfg.hflip, 0, n_workers)
+            model.rng = np.random.default_rng(step_seeds(cfg.seed, step, 0, n_workers)[1])
+            lr = schedule.lr_at(step, schedule_progress(cfg, step, elapsed, warmup_end_s))
+            try:
+                losses, gnorm = train_step(model, optimizer, images, targets, lr, cfg.grad_clip, pool)
+            except NonFiniteLossError as e:
+                bar.close()
+                kept = f"; the last good checkpoint ({last_good}) is kept" if last_good else ""
+                raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {e}{kept}") from None
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            step += 1
+            if cfg.iters is None and budget is not None:  # time budget: the bar shows the steps still expected
+                bar.total = step + int((budget - elapsed) * step / max(elapsed, 1e-9))
+            record = {"step": step, "elapsed_s": round(elapsed, 3), "lr": lr,
+                      "grad_norm": float(gnorm), **losses, "loss": float(sum(losses.values()))}
+            history.append(record)
+            if step % cfg.log_every == 0 or step == 1:
+                _append_jsonl(metrics_path, record)
+            bar.update(1)
+            if progress and (step % 5 == 0 or step == 1):
+                bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()},
+                                 "s/step": f"{dt:.2f}"})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
+                last_good = ckpt_path
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                ev = evaluate_model(model, val_set)
+                _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": ev})
+                log(f"step {step}  mask AP {ev['mask_AP']:.3f}  AP50 {ev['mask_AP50']:.3f}  "
+                    f"box AP {ev['box_AP']:.3f}")
     bar.close()
     _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
     final = evaluate_model(model, val_set)
@@ -244,6 +281,26 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
     plot_training_curves(metrics_path, cfg.out_dir)
     return {"step": step, "elapsed_s": elapsed, "eval": final, "checkpoint": ckpt_path,
             "metrics": metrics_path, "history": history}
+
+
+@contextmanager
+def _data_parallel(model, n_workers: int, cfg: TrainConfig):
+    """The worker pool of a data-parallel run (None for one worker).
+
+    Each process then runs its Numba kernels on one thread: the cores are
+    shared out between the workers, not inside each operation.
+    """
+    if n_workers == 1:
+        yield None
+        return
+    import numba
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with WorkerPool(model, n_workers, cfg.to_dict()) as pool:
+            yield pool
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _append_jsonl(path, record):
