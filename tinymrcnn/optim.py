@@ -25,6 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .kernels.cpu.optim import adam_update, sum_of_squares
 from .nn.module import Parameter
 
 
@@ -167,9 +168,30 @@ class Adam(Optimizer):
         self.betas = (float(b1), float(b2))
         self.eps, self.weight_decay, self.decoupled = float(eps), float(weight_decay), decoupled
 
-    def step(self) -> None:
-        b1, b2 = self.betas
+    def _moments(self, i, p):
         m_all, v_all = self.state["exp_avg"], self.state["exp_avg_sq"]
+        if i not in m_all:
+            m_all[i] = np.zeros_like(p.data)
+            v_all[i] = np.zeros_like(p.data)
+        t = self.steps.get(i, 0) + 1
+        self.steps[i] = t
+        return m_all[i], v_all[i], t
+
+    def step(self) -> None:
+        """The update below (``step_reference``), fused into one pass per parameter."""
+        b1, b2 = self.betas
+        for i, p in self.trainable():
+            m, v, t = self._moments(i, p)
+            wd = self.weight_decay
+            s = p.data.dtype.type                   # the scalars in the weights' dtype
+            adam_update(p.data.reshape(-1), p.grad.reshape(-1), m.reshape(-1), v.reshape(-1),
+                        s(self.lr / (1 - b1 ** t)), s(b1), s(1 - b1), s(b2), s(1 - b2),
+                        s(math.sqrt(1 - b2 ** t)), s(self.eps),
+                        s(1 - self.lr * wd if self.decoupled else 1.0), s(0.0 if self.decoupled else wd))
+
+    def step_reference(self) -> None:
+        """The readable update, one NumPy operation per line of the formula."""
+        b1, b2 = self.betas
         for i, p in self.trainable():
             g = p.grad
             if self.weight_decay:
@@ -177,12 +199,7 @@ class Adam(Optimizer):
                     p.data *= 1 - self.lr * self.weight_decay
                 else:
                     g = g + self.weight_decay * p.data
-            if i not in m_all:
-                m_all[i] = np.zeros_like(p.data)
-                v_all[i] = np.zeros_like(p.data)
-            m, v = m_all[i], v_all[i]
-            t = self.steps.get(i, 0) + 1
-            self.steps[i] = t
+            m, v, t = self._moments(i, p)
             m *= b1
             m += (1 - b1) * g
             v *= b2
@@ -209,7 +226,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
     returned as they are, and then nothing is scaled, so the caller sees them).
     """
     grads = [p.grad for p in params if p.requires_grad]
-    total = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads))
+    total = math.sqrt(sum(sum_of_squares(g.reshape(-1)) for g in grads))
     if math.isfinite(total) and total > max_norm:
         coef = max_norm / (total + 1e-6)
         for g in grads:

@@ -103,10 +103,10 @@ class FlatView:
         """param.grad <- (param.grad + sum of the other workers' rows) / n_workers."""
         n = len(others) + 1
         for p, a, b in self._slices():
-            g = p.grad.ravel().copy()
+            g = p.grad.reshape(-1)                   # a view: the gradient is contiguous
             for o in others:
                 g += o[a:b]
-            g /= n
+            g *= 1.0 / n
             p.grad = g.reshape(p.data.shape)
 
 
