@@ -144,3 +144,18 @@ def test_fpn_backward_sums_top_down_and_p6():
 
     errs = check_module(F(), feats, max_checks=20)
     assert max(errs.values()) < 1e-6, errs
+
+
+def test_backward_without_image_gradient_skips_only_the_image():
+    cfg = tiny_config()
+    grads = {}
+    for need in (True, False):
+        net = ResNet(cfg, np.random.default_rng(0))
+        x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+        outs = net(x)
+        dx = net.backward([np.ones_like(o) for o in outs], need_input_grad=need)
+        assert (dx is None) == (not need)
+        grads[need] = {n: p.grad.copy() for n, p in net.named_parameters()}
+    assert grads[False]["conv1.weight"].any()
+    for name, g in grads[True].items():
+        np.testing.assert_allclose(grads[False][name], g, rtol=1e-6, atol=1e-7, err_msg=name)

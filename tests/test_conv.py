@@ -340,3 +340,17 @@ def test_module_init_matches_torch_fan_in():
         bound = 1 / np.sqrt(fan_in)
         assert float(tmod.weight.detach().abs().max()) <= bound and np.abs(ours.weight.data).max() <= bound
         assert np.abs(ours.weight.data).max() > 0.9 * bound
+
+
+@pytest.mark.parametrize("k,stride,pad,C", [(3, 1, 1, 16), (7, 2, 3, 3), (1, 1, 0, 8), (2, 2, 0, 8)])
+def test_backward_without_input_grad_gives_the_same_weight_grads(k, stride, pad, C):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, C, 19, 22)).astype(np.float32)
+    w = rng.standard_normal((5, C, k, k)).astype(np.float32)
+    y = conv2d(x, w, None, stride, pad)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw, db = conv2d_backward(dy, x, w, stride, pad)
+    none, dw2, db2 = conv2d_backward(dy, x, w, stride, pad, need_input_grad=False)
+    assert none is None and dx is not None
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)

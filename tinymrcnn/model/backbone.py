@@ -203,5 +203,8 @@ class ResNet(Module):
             if d is None:
                 continue
             for m in reversed(stages[i]):
+                if m is self.conv1 and not need_input_grad:
+                    m.backward(d, need_input_grad=False)   # the image's gradient: not made at all
+                    return None
                 d = m.backward(d)
         return d if (need_input_grad and lowest_trainable == 0) else None

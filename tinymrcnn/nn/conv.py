@@ -124,11 +124,13 @@ class Conv2d(_ConvBase):
         self.save(x, w)
         return y
 
-    def backward(self, grad_output: np.ndarray) -> np.ndarray:
+    def backward(self, grad_output: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        """dy -> dx; with ``need_input_grad=False`` only dW and db are made (dx is None)."""
         if self.device == "cuda":
-            return self._backward_cuda(grad_output)
+            dx = self._backward_cuda(grad_output)
+            return dx if need_input_grad else None
         x, w = self.restore()
-        dx, dw, db = conv2d_backward(grad_output, x, w, self.stride, self.padding)
+        dx, dw, db = conv2d_backward(grad_output, x, w, self.stride, self.padding, need_input_grad)
         self._accumulate(dw, db)
         return dx
 

@@ -137,7 +137,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     return _cpu.conv_output(x, weight, bias, _cpu.geometry(x.shape, weight.shape, s, p))
 
 
-def conv2d_backward(dy, x, weight, stride=1, padding=0):
+def conv2d_backward(dy, x, weight, stride=1, padding=0, need_input_grad=True):
     """Gradients of conv2d (docs/derivations/conv.md, "conv2d backward").
 
         dx[n, c, h, w] = sum_{o, i, j: h = oh*sh + i - ph, w = ow*sw + j - pw} dy[n, o, oh, ow] w[o, c, i, j]
@@ -147,6 +147,8 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0):
     Args:
         dy: (N, O, Ho, Wo), the gradient of the loss with respect to y.
         x, weight, stride, padding: as given to :func:`conv2d`.
+        need_input_grad: False skips dx (returned as None), e.g. for the
+            image below the stem convolution, which nothing learns from.
 
     Returns:
         (dx (N, C, H, W), dweight (O, C, kh, kw), dbias (O,)).
@@ -157,8 +159,9 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0):
         return np.zeros_like(x), np.zeros_like(weight), np.zeros(weight.shape[0], dtype=x.dtype)
     dy, x, weight = _c(dy), _c(x), _c(weight)
     g = _cpu.geometry(x.shape, weight.shape, s, p)
-    return (_cpu.conv_input_grad(dy, weight, g), _cpu.conv_weight_grad(dy, x, g),
-            dy.sum(axis=(0, 2, 3)))
+    dyw = _cpu.wide_of(dy, g)                     # shared by both products
+    dx = _cpu.conv_input_grad(dy, weight, g, dyw=dyw) if need_input_grad else None
+    return dx, _cpu.conv_weight_grad(dy, x, g, dyw=dyw), dy.sum(axis=(0, 2, 3))
 
 
 def _transposed_geometry(y_shape, weight, s, p):

@@ -408,7 +408,10 @@ def _blocks_of(x: np.ndarray, g: Geometry) -> np.ndarray:
     return blocks
 
 
-def _wide_of(dy: np.ndarray, g: Geometry) -> np.ndarray:
+def wide_of(dy: np.ndarray, g: Geometry) -> np.ndarray | None:
+    """dy (N, O, Ho, Wo) in the wide layout (O, M), or None where a conv does not use it."""
+    if g.disjoint:
+        return None
     dyw = wide_buffer((g.O,), g.M, dy.dtype)
     scatter_wide(dy, g.Wq, g.P, dyw)
     return dyw
@@ -438,10 +441,11 @@ def conv_output(x, w, bias, g: Geometry) -> np.ndarray:
     return y
 
 
-def conv_input_grad(dy, w, g: Geometry, bias=None) -> np.ndarray:
+def conv_input_grad(dy, w, g: Geometry, bias=None, dyw=None) -> np.ndarray:
     """dx (N, C, H, W) of conv2d for upstream dy (N, O, Ho, Wo), plus bias[c] if given.
 
     (The bias is for conv_transpose2d, whose output is exactly this dx.)
+    dyw: dy in the wide layout if the caller has it (``wide_of``), else made here.
     """
     b = _bias_or_zeros(bias, g.C, dy.dtype)
     dx = np.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
@@ -458,17 +462,20 @@ def conv_input_grad(dy, w, g: Geometry, bias=None) -> np.ndarray:
             gemm(w2, dy[n].reshape(g.O, -1), dblocks[n], trans_a=True)
         scatter_blocks(dblocks, g.kh, g.kw, g.Ho, g.Wo, b, dx)
         return dx
-    dxph = wide_input_grad(_wide_of(dy, g), tap_weights(w), g)
+    dxph = wide_input_grad(wide_of(dy, g) if dyw is None else dyw, tap_weights(w), g)
     gather_phases(dxph, g.sh, g.sw, g.ph, g.pw, g.Hq, g.Wq, b, dx)
     return dx
 
 
-def conv_weight_grad(dy, x, g: Geometry) -> np.ndarray:
-    """dW (O, C, kh, kw) of conv2d for upstream dy (N, O, Ho, Wo) and input x (N, C, H, W)."""
+def conv_weight_grad(dy, x, g: Geometry, dyw=None) -> np.ndarray:
+    """dW (O, C, kh, kw) of conv2d for upstream dy (N, O, Ho, Wo) and input x (N, C, H, W).
+
+    dyw: as for :func:`conv_input_grad` (a backward computing both makes it once).
+    """
     if g.disjoint:                                 # dW = sum_n dy[n] @ blocks[n]^T
         dw = np.zeros((g.O, g.C * g.kh * g.kw), dtype=x.dtype)
         blocks = _blocks_of(x, g)
         for n in range(g.N):
             gemm(dy[n].reshape(g.O, -1), blocks[n], dw, trans_b=True, beta=1.0)
         return dw.reshape(g.O, g.C, g.kh, g.kw)
-    return wide_weight_grad(_wide_of(dy, g), _phases_of(x, g), g)
+    return wide_weight_grad(wide_of(dy, g) if dyw is None else dyw, _phases_of(x, g), g)
