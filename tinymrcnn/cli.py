@@ -152,7 +152,8 @@ def build_parser():
     d.add_argument("--minutes", type=float, default=8.0, help="training time budget (default 8)")
     d.add_argument("--iters", type=int, default=None, help="train this many steps instead of a time budget")
     d.add_argument("--val-images", type=int, default=200)
-    d.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
+    d.add_argument("--eval-every", type=int, default=500,
+                   help="steps between evaluations, for the AP curve (0: only at the end)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=0, help=WORKERS_HELP)
     d.set_defaults(func=cmd_demo)
