@@ -1,12 +1,14 @@
 """The ``tinymrcnn`` command: demo, train, evaluate, predict.
 
     tinymrcnn demo                      train on shapes for a few minutes, evaluate, draw
-    tinymrcnn train --config shapes --out runs/NAME [--minutes M | --iters N] [--resume] [--device cuda]
+    tinymrcnn train --config shapes --out runs/NAME [--minutes M | --iters N] [--resume] [--workers N] [--device cuda]
     tinymrcnn evaluate --checkpoint CKPT [--dataset shapes | --coco ANN.json --images DIR] [--device cpu]
     tinymrcnn predict --checkpoint CKPT IMAGE... --out DIR [--device cpu]
 
 --device picks where the convolutions and RoIAlign run (MaskRCNNConfig.device,
 docs/gpu.md); evaluate and predict default to the checkpoint's setting.
+--workers splits each batch between that many processes (default: one per CPU
+core, at most one per image; tinymrcnn/parallel.py).
 """
 from __future__ import annotations
 

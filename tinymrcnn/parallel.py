@@ -6,7 +6,8 @@ A training step of the shapes preset is a long chain of small operations
 (convolutions on 16x16 maps, GroupNorms, RoIAlign on a few dozen boxes). Split
 inside each operation across two cores, they gain nothing (measured: 241 ms
 per step with one BLAS thread, 237 ms with two); but two *independent*
-halves of the batch keep both cores busy all the time. So a batch of B images
+halves of the batch keep both cores busy all the time (231 ms per step in one
+process, 130 ms with two workers: ``benchmarks/bench_train.py``). So a batch of B images
 is cut into ``n`` shards, each worker runs ``forward_train`` and ``backward``
 on its shard, and the gradients are averaged:
 
@@ -23,8 +24,8 @@ each shard with its own statistics, as DDP without SyncBatchNorm does.
 How
 ---
 Worker 0 is the calling process: it keeps the model that is trained, the
-optimizer and the checkpoints. Workers 1..n-1 are spawned processes with a
-replica. Parameters and gradients travel through shared memory as flat
+optimizer and the checkpoints. Workers 1..n-1 are separate interpreters,
+each with a replica of the model. Parameters and gradients travel through shared memory as flat
 float arrays, in the order of ``model.parameters()``:
 
     step s:  main writes theta into `params`, sends (s, image indices) to each worker
