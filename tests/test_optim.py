@@ -295,3 +295,12 @@ def test_fused_adam_step_equals_the_numpy_reference(make, dtype, tol):
     for k in ("exp_avg", "exp_avg_sq"):
         for i in fused.state[k]:
             np.testing.assert_allclose(fused.state[k][i], reference.state[k][i], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [0, 1, 7, 100003])
+def test_sum_of_squares_equals_numpy(dtype, n):
+    from tinymrcnn.kernels.cpu.optim import sum_of_squares
+    g = np.random.default_rng(n).standard_normal(n).astype(dtype)
+    expected = float(np.sum(np.square(g, dtype=np.float64)))
+    assert sum_of_squares(g) == pytest.approx(expected, rel=1e-12, abs=0.0)

@@ -67,7 +67,7 @@ def resolve_workers(workers: int, batch_size: int) -> int:
 
 def shard(indices: np.ndarray, n: int) -> list[np.ndarray]:
     """Split a batch's image indices into ``n`` contiguous shards of near-equal size."""
-    return [a for a in np.array_split(np.asarray(indices), n)]
+    return list(np.array_split(np.asarray(indices), n))
 
 
 class FlatView:

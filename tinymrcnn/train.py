@@ -144,9 +144,9 @@ def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | 
     if pool is not None:
         shards = [loss_dict] + pool.finish_step()     # drains the workers even after a NaN here
         loss_dict = {k: float(np.mean([d[k] for d in shards])) for k in loss_dict}
-    bad = [k for k, v in loss_dict.items() if not math.isfinite(v)]
-    if bad or not finite:
-        raise NonFiniteLossError(", ".join(f"{k}={loss_dict[k]}" for k in bad or loss_dict))
+    bad = [k for k, v in loss_dict.items() if not math.isfinite(v)]   # (losses are >= 0: a mean keeps a NaN/inf)
+    if bad:
+        raise NonFiniteLossError(", ".join(f"{k}={loss_dict[k]}" for k in bad))
     params = [p for p in model.parameters() if p.requires_grad]
     norm = clip_grad_norm(params, grad_clip) if grad_clip else float("nan")
     optimizer.lr = lr

@@ -38,5 +38,6 @@ def sum_of_squares(g):
     """sum(g^2) accumulated in float64 (the gradient norm of ``clip_grad_norm``)."""
     total = 0.0
     for k in range(g.size):
-        total += float(g[k]) * float(g[k])
+        gk = np.float64(g[k])
+        total += gk * gk
     return total
