@@ -32,7 +32,8 @@ from .fpn import FPN
 from .poolers import MultiScaleRoIAlign
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
-from .transform import Transform, resized_shape
+from .inputs import check_images, check_targets
+from .transform import Transform
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 
@@ -111,47 +112,6 @@ class MaskRCNN(Module):
     def dtype(self):
         return self.backbone.body.conv1.weight.data.dtype
 
-    # ------------------------------------------------------------------ checks
-    def _check_images(self, images):
-        if not isinstance(images, (list, tuple)) or len(images) == 0:
-            raise ValueError("images must be a non-empty list of (3, H, W) arrays")
-        for i, img in enumerate(images):
-            if not isinstance(img, np.ndarray):
-                raise TypeError(f"image {i} must be a numpy array, got {type(img).__name__}")
-            if img.ndim != 3 or img.shape[0] != 3:
-                raise ValueError(f"image {i} must have shape (3, H, W), got {img.shape}")
-            if not np.issubdtype(img.dtype, np.floating):
-                raise ValueError(f"image {i} must be float in [0, 1], got dtype {img.dtype}")
-            if not np.isfinite(img).all():
-                raise ValueError(f"image {i} contains NaN or inf")
-            (h, w), _ = resized_shape(*img.shape[1:], self.config.min_size, self.config.max_size)
-            if min(h, w) < 32:
-                raise ValueError(f"image {i} is {h}x{w} after resizing; the smallest side must be "
-                                 "at least 32 pixels (the coarsest feature map has stride 32)")
-
-    def _check_targets(self, images, targets):
-        if targets is None or len(targets) != len(images):
-            raise ValueError(f"need one target dict per image ({len(images)} images)")
-        k = self.config.num_classes
-        for i, (img, t) in enumerate(zip(images, targets)):
-            for key in ("boxes", "labels", "masks"):
-                if key not in t:
-                    raise ValueError(f"target {i} has no {key!r}")
-            boxes, labels, masks = t["boxes"], np.asarray(t["labels"]), t["masks"]
-            n = len(labels)
-            if boxes.shape != (n, 4):
-                raise ValueError(f"target {i}: boxes must be ({n}, 4) for {n} labels, got {boxes.shape}")
-            if masks.shape != (n,) + img.shape[1:]:
-                raise ValueError(f"target {i}: masks must be ({n}, {img.shape[1]}, {img.shape[2]}) "
-                                 f"to match the image, got {masks.shape}")
-            if not np.isfinite(boxes).all():
-                raise ValueError(f"target {i}: boxes contain NaN or inf")
-            if n and (labels.min() < 1 or labels.max() >= k):
-                raise ValueError(f"target {i}: labels must be in 1..{k - 1}, got {labels.min()}..{labels.max()}")
-            if n and np.any((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])):
-                bad = int(np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0])
-                raise ValueError(f"target {i}: box {bad} {boxes[bad].tolist()} has zero or negative size")
-
     # ------------------------------------------------------------------ training
     def forward_train(self, images, targets) -> dict:
         """One forward pass with losses; keeps every cache for :meth:`backward`.
@@ -159,8 +119,8 @@ class MaskRCNN(Module):
         Returns {loss_objectness, loss_rpn_box_reg, loss_classifier,
         loss_box_reg, loss_mask} as floats (torchvision's names).
         """
-        self._check_images(images)
-        self._check_targets(images, targets)
+        check_images(images, self.config)
+        check_targets(images, targets, self.config)
         self.train()
         self.clear_cache()                                    # drop any unfinished step
         with self._blas_threads():
@@ -205,7 +165,7 @@ class MaskRCNN(Module):
 
     # ------------------------------------------------------------------ inference
     def _run_inference(self, images):
-        self._check_images(images)
+        check_images(images, self.config)
         self.eval()
         with self._blas_threads():
             return self._inference(images)
