@@ -304,11 +304,9 @@ def test_cli_wires_convert_torchvision():
     assert sub.choices["convert-torchvision"].get_default("func") is tvc._cmd_convert
 
 
-def test_from_torchvision_classmethod_if_wired(tiny_state):
-    if not hasattr(MaskRCNN, "from_torchvision"):
-        pytest.skip("MaskRCNN.from_torchvision is not wired yet")
+def test_model_from_torchvision(tiny_state):
     tv = tvc.to_torchvision_state_dict(tiny_state, bn_eps=1e-5)
-    model = MaskRCNN.from_torchvision(tv, config=small_config(tv))
+    model = tvc.model_from_torchvision(tv, config=small_config(tv))
     assert model.config.min_size == 64
     np.testing.assert_array_equal(model.state_dict()["roi_heads.box_head.fc6.weight"],
                                   tv["roi_heads.box_head.fc6.weight"])

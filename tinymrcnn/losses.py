@@ -8,10 +8,14 @@ the graph, so its gradient is where every backward pass starts.
     softmax_cross_entropy    box head classifier (Fast R-CNN)
     sigmoid_bce_with_logits  RPN objectness
     smooth_l1                RPN and box head regression (beta = 1/9 in torchvision)
+    rpn_loss                 the RPN's two losses, built from the two above
+    fast_rcnn_loss           the box head's two losses (classification, box regression)
     mask_loss                Mask R-CNN's per-class mask loss (paper section 3)
     mask_loss_softmax        the coupled "multinomial" alternative of the paper's Table 2b
 
-The derivations are in docs/derivations/losses.md. Internally the loss is
+``rpn_loss`` and ``fast_rcnn_loss`` score two outputs at once and return
+``((loss_a, loss_b), (grad_a, grad_b))``. The derivations are in
+docs/derivations/losses.md. Internally the loss is
 accumulated in float64, so the value does not depend on the input dtype more
 than the inputs themselves do.
 """
@@ -183,6 +187,69 @@ def smooth_l1(pred: np.ndarray, target: np.ndarray, beta: float = 1.0, reduction
     norm = pred.size if reduction == "mean" else 1.0
     grad[...] = g / norm
     return float(l.sum() / norm), grad
+
+
+def rpn_loss(objectness: np.ndarray, deltas: np.ndarray, labels: np.ndarray, reg_targets: np.ndarray,
+             beta: float = 1.0 / 9):
+    """The RPN's losses over a batch of images, all anchors of all levels at once.
+
+    Objectness: BCE on the sampled anchors (label 1 or 0; -1 is not sampled);
+    box regression: smooth L1 on the positives' deltas. Both are summed and
+    divided by the number of sampled anchors in the batch (as torchvision).
+
+    Args:
+        objectness: (N, A) logits, A = all anchors of all levels.
+        deltas: (N, A, 4) predicted box deltas.
+        labels: (N, A) ints, 1 positive, 0 negative, -1 not sampled.
+        reg_targets: (N, A, 4) encoded targets (read on positives only).
+        beta: smooth L1's beta.
+
+    Returns:
+        ((loss_objectness, loss_rpn_box_reg), (d_objectness (N, A), d_deltas (N, A, 4))).
+    """
+    check_float_array(objectness, "objectness", ndim=2)
+    check_float_array(deltas, "deltas", ndim=3)
+    _check_int_array(labels, "labels", objectness.shape)
+    sampled, positive = labels >= 0, labels == 1
+    num_sampled = max(int(sampled.sum()), 1)
+    obj, d_obj = sigmoid_bce_with_logits(objectness[sampled], labels[sampled].astype(objectness.dtype),
+                                         reduction="sum")
+    box, d_box = smooth_l1(deltas[positive], reg_targets[positive].astype(deltas.dtype), beta=beta,
+                           reduction="sum")
+    d_objectness = np.zeros_like(objectness)
+    d_objectness[sampled] = d_obj / num_sampled
+    d_deltas = np.zeros_like(deltas)
+    d_deltas[positive] = d_box / num_sampled
+    return (obj / num_sampled, box / num_sampled), (d_objectness, d_deltas)
+
+
+def fast_rcnn_loss(class_logits: np.ndarray, box_regression: np.ndarray, labels: np.ndarray,
+                   reg_targets: np.ndarray, beta: float = 1.0 / 9):
+    """The box head's losses over the sampled RoIs of a batch.
+
+    Classification: softmax cross-entropy, averaged over the R RoIs. Box
+    regression: smooth L1 on the deltas of each positive RoI's own class
+    (columns 4k..4k+3), summed and divided by R (not by the positives: as
+    torchvision).
+
+    Args:
+        class_logits: (R, K); box_regression: (R, 4K).
+        labels: (R,) ints in 0..K-1 (0 background).
+        reg_targets: (R, 4) encoded targets (read on positives only).
+
+    Returns:
+        ((loss_classifier, loss_box_reg), (d_class_logits (R, K), d_box_regression (R, 4K))).
+    """
+    loss_cls, d_cls = softmax_cross_entropy(class_logits, labels, reduction="mean")
+    check_float_array(box_regression, "box_regression", ndim=2)
+    r = max(len(labels), 1)
+    pos = np.flatnonzero(labels > 0)
+    cols = 4 * labels[pos][:, None] + np.arange(4)                      # (P, 4): the GT class's deltas
+    box, g = smooth_l1(box_regression[pos[:, None], cols], reg_targets[pos].astype(box_regression.dtype),
+                       beta=beta, reduction="sum")
+    d_box = np.zeros_like(box_regression)
+    d_box[pos[:, None], cols] = g / r
+    return (loss_cls, box / r), (d_cls, d_box)
 
 
 def _check_mask_args(mask_logits, labels, mask_targets):

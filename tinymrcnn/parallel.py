@@ -45,8 +45,11 @@ import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection
+from types import SimpleNamespace
 
 import numpy as np
+
+from . import runtime
 
 
 def available_cores() -> int:
@@ -230,10 +233,10 @@ def _worker_main(conn):
         import numba
 
         from .config import MaskRCNNConfig
+        from .data.batches import load_batch, make_datasets, step_seeds
         from .model.mask_rcnn import MaskRCNN
-        from .train import TrainConfig, load_batch, make_datasets, step_seeds
         numba.set_num_threads(1)                    # one core per worker
-        cfg = TrainConfig(**train_cfg_dict)
+        cfg = SimpleNamespace(**train_cfg_dict)     # the trainer's TrainConfig, as a dict
         model = MaskRCNN(MaskRCNNConfig.from_json(config_json), seed=cfg.seed)
         model.train()
         flat = FlatView(model)
@@ -251,10 +254,8 @@ def _worker_main(conn):
             flat.read_params(params.array)
             images, targets = load_batch(train_set, indices, step, cfg.seed, cfg.hflip, rank, n_workers)
             model.rng = np.random.default_rng(step_seeds(cfg.seed, step, rank, n_workers)[1])
-            model.zero_grad()
-            losses = model.forward_train(images, targets)
-            if all(np.isfinite(v) for v in losses.values()):
-                model.backward()
+            with runtime.session(model.config):
+                losses = runtime.compute_gradients(model, images, targets)
             flat.write_grads(grads.array[rank - 1])
             conn.send(("losses", losses))
     except (EOFError, KeyboardInterrupt):

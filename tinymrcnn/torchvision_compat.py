@@ -263,7 +263,7 @@ def _convert_into(model, state_dict, bn_eps):
 
 
 def model_from_torchvision(state_dict: dict, config=None, bn_eps: float = PRETRAINED_BN_EPS):
-    """A tinymrcnn MaskRCNN holding torchvision's weights (``MaskRCNN.from_torchvision``).
+    """A tinymrcnn MaskRCNN holding torchvision's weights.
 
     Args as :func:`from_torchvision_state_dict`. The default config is the
     torchvision_r50_fpn preset with as many classes as the state dict's box

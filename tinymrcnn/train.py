@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import runtime
 from .config import MaskRCNNConfig
+from .data.batches import batch_indices, load_batch, make_datasets, step_seeds
 from .model.mask_rcnn import LOSS_NAMES, MaskRCNN
 from .optim import SGD, AdamW, WarmupCosine, clip_grad_norm
 from .parallel import WorkerPool, resolve_workers, shard
@@ -75,50 +77,6 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or inf; training stopped and the last good checkpoint was kept."""
 
 
-def make_datasets(cfg: TrainConfig, image_size: int = 128):
-    from .data.shapes import ShapesDataset
-    difficulty = "hard" if cfg.dataset == "shapes-hard" else "normal"
-    train = ShapesDataset(cfg.num_train_images, image_size=image_size, seed=cfg.seed, split="train",
-                          difficulty=difficulty)
-    # The held-out split is fixed (seed 0 of the "val" split) whatever the training seed,
-    # so numbers from different runs are comparable.
-    val = ShapesDataset.heldout(cfg.num_val_images, image_size=image_size, difficulty=difficulty)
-    return train, val
-
-
-def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """The dataset indices of step ``step``: epochs are seeded permutations."""
-    per_epoch = max(n_items // batch_size, 1)
-    epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, 7919, epoch]).permutation(n_items)
-    return perm[pos * batch_size:(pos + 1) * batch_size]
-
-
-def step_seeds(seed: int, step: int, rank: int = 0, n_workers: int = 1) -> tuple[list, list]:
-    """Seeds of step ``step``'s flip generator and of the model's samplers.
-
-    With several data-parallel workers (``tinymrcnn/parallel.py``) each worker
-    ``rank`` gets its own; with one worker they do not depend on the rank, so
-    ``workers=1`` repeats single-process runs exactly.
-    """
-    tail = [] if n_workers == 1 else [rank]
-    return [seed, 104729, step, *tail], [seed, 15485863, step, *tail]
-
-
-def load_batch(dataset, indices, step: int, seed: int, hflip: bool, rank: int = 0, n_workers: int = 1):
-    """The images and targets of ``indices``, each flipped with probability 1/2 if ``hflip``."""
-    from .data.transforms import random_horizontal_flip
-    rng = np.random.default_rng(step_seeds(seed, step, rank, n_workers)[0])
-    images, targets = [], []
-    for i in indices:
-        img, tgt = dataset[int(i)]
-        if hflip:
-            img, tgt = random_horizontal_flip(img, tgt, rng, p=0.5)
-        images.append(img)
-        targets.append(tgt)
-    return images, targets
-
-
 def make_optimizer(model, cfg: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
@@ -136,11 +94,7 @@ def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | 
     the gradients of all shards are averaged before the update, and the
     losses returned are the shards' means.
     """
-    model.zero_grad()
-    loss_dict = model.forward_train(images, targets)
-    finite = all(math.isfinite(v) for v in loss_dict.values())
-    if finite:
-        model.backward()
+    loss_dict = runtime.compute_gradients(model, images, targets)
     if pool is not None:
         shards = [loss_dict] + pool.finish_step()     # drains the workers even after a NaN here
         loss_dict = {k: float(np.mean([d[k] for d in shards])) for k in loss_dict}
@@ -231,7 +185,7 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
     bar = tqdm(total=cfg.iters, initial=start_step, disable=not progress, dynamic_ncols=True,
                desc="train" if n_workers == 1 else f"train ({n_workers} workers)", unit="step")
     last_good = None
-    with _data_parallel(model, n_workers, cfg) as pool:
+    with runtime.session(model.config), _data_parallel(model, n_workers, cfg) as pool:
         while True:
             if cfg.iters is not None and step >= cfg.iters:
                 break

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.transform import interpolate_bilinear, resize_nearest, resized_shape
+from ..ops.resize import interpolate_bilinear, resize_nearest, resized_shape
 
 
 def hflip(image: np.ndarray, target: dict) -> tuple[np.ndarray, dict]:

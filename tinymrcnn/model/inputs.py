@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .transform import resized_shape
+from ..ops.resize import resized_shape
 
 
 def check_images(images, config) -> None:

@@ -11,28 +11,30 @@ Data flow (BLOG.md section 4; one file per stage in this folder):
                  \\-> detections and 28x28 masks       (inference)
       --transform.postprocess--> boxes and masks in the input image
 
-The training step's backward is :meth:`MaskRCNN.backward`: the same stages
-in reverse, each stage's hand-written backward, gradients added where
-branches meet (the box and mask heads both read P2..P5; the RPN reads
-P2..P6). No gradient flows through the proposals or the targets.
+The training step is :meth:`MaskRCNN.forward_train` (the five losses, and
+each loss's gradient with respect to the output it scores) followed by
+:meth:`MaskRCNN.backward`: the same stages in reverse, each stage's
+hand-written backward, gradients added where branches meet (the box and
+mask heads both read P2..P5; the RPN reads P2..P6). No gradient flows
+through the proposals or the targets.
+
+Nothing here knows about threads, devices or timers: ``tinymrcnn.runtime``
+sets those around the calls (and ``tinymrcnn.kernels`` picks CPU or GPU
+kernels for the ops every layer calls).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from ..checkpoint import load_npz, save_npz_atomic
 from ..config import MaskRCNNConfig
-from ..nn import Conv2d, ConvTranspose2d, Module
-from ..profiling import timed
+from ..nn import Module
 from .backbone import ResNet
 from .fpn import FPN
-from .poolers import MultiScaleRoIAlign
+from .inputs import check_images, check_targets
+from .poolers import LevelMapper
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
-from .inputs import check_images, check_targets
 from .transform import Transform
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
@@ -58,9 +60,6 @@ class MaskRCNN(Module):
 
     Args:
         config: a :class:`MaskRCNNConfig` (default: the shapes preset).
-            ``config.device == "cuda"`` runs the convolutions and RoIAlign on the
-            GPU (docs/gpu.md); without a usable GPU the constructor raises one
-            RuntimeError that says why.
         seed: seeds the weight initialisation and the training-time samplers.
     """
 
@@ -73,40 +72,9 @@ class MaskRCNN(Module):
         self.rpn = RegionProposalNetwork(self.config, rng)
         self.roi_heads = RoIHeads(self.config, rng)
         self.rng = np.random.default_rng(seed + 1)           # anchor / proposal sampling
-        self.timer = None                                    # see set_timer
+        self.loss_grads = None                               # set by forward_train, used by backward
         if self.config.dtype == "float64":
             self.to_dtype(np.float64)
-        self._apply_device()
-
-    def _apply_device(self) -> None:
-        """Set ``device`` on every conv layer and RoI pooler from config.device.
-
-        Those are the layers with a GPU path; everything else runs on the CPU
-        (docs/gpu.md lists what runs where). "cuda" is checked here, once, so a
-        machine without numba.cuda or a GPU fails before any pass.
-        """
-        device = self.config.device
-        if device == "cuda":
-            from ..kernels.cuda.device import require_cuda
-            try:
-                require_cuda()
-            except RuntimeError as e:
-                raise RuntimeError(
-                    f"MaskRCNN with device='cuda': {e} The CPU path is device='cpu' "
-                    "(the MaskRCNNConfig field, MaskRCNN.load(path, device='cpu'), or --device cpu)."
-                ) from None
-        for m in self.modules():
-            if isinstance(m, (Conv2d, ConvTranspose2d, MultiScaleRoIAlign)):
-                m.device = device
-
-    def set_timer(self, timer) -> None:
-        """Report each stage's time to a :class:`tinymrcnn.profiling.StageTimer` (None: off)."""
-        self.timer = self.rpn.timer = self.roi_heads.timer = timer
-
-    def _blas_threads(self):
-        """Scope the BLAS thread count for one pass (config.blas_threads)."""
-        n = self.config.blas_threads
-        return nullcontext() if n is None else threadpool_limits(limits=n, user_api="blas")
 
     @property
     def dtype(self):
@@ -114,7 +82,11 @@ class MaskRCNN(Module):
 
     # ------------------------------------------------------------------ training
     def forward_train(self, images, targets) -> dict:
-        """One forward pass with losses; keeps every cache for :meth:`backward`.
+        """One forward pass with the five losses; keeps what :meth:`backward` needs.
+
+        Args:
+            images: list of (3, H, W) float arrays in [0, 1].
+            targets: one dict per image: boxes (G, 4), labels (G,), masks (G, H, W).
 
         Returns {loss_objectness, loss_rpn_box_reg, loss_classifier,
         loss_box_reg, loss_mask} as floats (torchvision's names).
@@ -123,88 +95,73 @@ class MaskRCNN(Module):
         check_targets(images, targets, self.config)
         self.train()
         self.clear_cache()                                    # drop any unfinished step
-        with self._blas_threads():
-            return self._forward_train(images, targets)
-
-    def _forward_train(self, images, targets) -> dict:
-        with timed(self.timer, "transform"):
-            x, sizes, targets = self.transform(images, targets, dtype=self.dtype)
-            for t in targets:
-                t["boxes"] = t["boxes"].astype(self.dtype)
-        with timed(self.timer, "backbone"):
-            c_feats = self.backbone.body(x)                  # [C2..C5]
-        with timed(self.timer, "fpn"):
-            features = self.backbone.fpn(c_feats)            # [P2..P6]
-        proposals, rpn_losses, _ = self.rpn(features, sizes, x.shape[-2:], targets, self.rng)
-        head_losses, _ = self.roi_heads(features[:4], proposals, sizes, targets, self.rng)
+        x, sizes, targets = self.transform(images, targets, dtype=self.dtype)   # x (N, 3, H, W)
+        c_feats = self.backbone.body(x)                       # [C2..C5]
+        features = self.backbone.fpn(c_feats)                 # [P2..P6], (N, D, H/2^k, W/2^k)
+        proposals, rpn_out = self.rpn(features, sizes, x.shape[-2:])
+        rpn_losses, rpn_grads = self.rpn.loss(rpn_out, targets, self.rng)
+        head_losses, head_grads, _ = self.roi_heads.forward_train(features[:4], proposals, targets, self.rng)
+        self.loss_grads = {"rpn": rpn_grads, **head_grads}
         out = {**rpn_losses, **head_losses}
-        return {k: out[k] for k in LOSS_NAMES}
+        return {k: float(out[k]) for k in LOSS_NAMES}
 
     def backward(self) -> None:
-        """Backpropagate the sum of the five losses through every stage.
+        """Backpropagate the sum of the five losses through every stage, in reverse.
 
-        Order (the reverse of the forward): mask head -> mask RoIAlign, box
-        head -> box RoIAlign (inside roi_heads.backward), RPN head on each
-        level, FPN, backbone. Parameter gradients accumulate into ``.grad``.
+        Parameter gradients add up in each ``Parameter.grad``. Shapes: R sampled
+        RoIs, P mask RoIs, K classes, D FPN channels, A anchors per position.
         """
-        with self._blas_threads():
-            self._backward()
-
-    def _backward(self) -> None:
-        d_heads = self.roi_heads.backward()                  # [dP2..dP5] from the box and mask branches
-        with timed(self.timer, "backward rpn"):
-            d_rpn = self.rpn.backward()                      # [dP2..dP6] from the RPN losses
-        d_levels = []
-        for k, d in enumerate(d_rpn):
-            h = d_heads[k] if k < len(d_heads) else None
-            d_levels.append(d if h is None else (h if d is None else d + h))
-        with timed(self.timer, "backward fpn"):
-            d_c = self.backbone.fpn.backward(d_levels)
-        with timed(self.timer, "backward backbone"):
-            self.backbone.body.backward(d_c)
+        g, heads = self.loss_grads, self.roi_heads
+        self.loss_grads = None
+        # mask branch: (P, K, 28, 28) -> mask head -> (P, D, 14, 14) -> mask pooler -> [dP2..dP5]
+        d_mask = heads.mask_roi_pool.backward(heads.mask_head.backward(g["mask_logits"]))
+        # box branch: (R, K), (R, 4K) -> predictor -> (R, 1024) -> box head -> (R, D, 7, 7) -> pooler
+        d_rep = heads.box_predictor.backward((g["class_logits"], g["box_regression"]))
+        d_box = heads.box_roi_pool.backward(heads.box_head.backward(d_rep))
+        # RPN head, once per level (shared weights), in reverse order of its forward calls:
+        # (N, A, H, W), (N, 4A, H, W) -> (N, D, H, W)
+        d_rpn = [None] * len(g["rpn"])
+        for k in reversed(range(len(g["rpn"]))):
+            d_rpn[k] = self.rpn.head.backward(g["rpn"][k])
+        # where the branches meet: P2..P5 feed the RPN and both heads, P6 the RPN only
+        d_p = [d_rpn[k] + d_box[k] + d_mask[k] for k in range(len(d_box))] + d_rpn[len(d_box):]
+        d_c = self.backbone.fpn.backward(d_p)                 # [dP2..dP6] -> [dC2..dC5]
+        self.backbone.body.backward(d_c)                      # -> the stem (no image gradient)
 
     # ------------------------------------------------------------------ inference
-    def _run_inference(self, images):
+    def _inference(self, images, trace=False):
+        """One inference pass in eval mode; the model goes back to the mode it was in."""
         check_images(images, self.config)
+        was_training = self.training
         self.eval()
-        with self._blas_threads():
-            return self._inference(images)
-
-    def _inference(self, images):
-        with timed(self.timer, "transform"):
+        try:
             x, sizes, _ = self.transform(images, None, dtype=self.dtype)
-        with timed(self.timer, "backbone"):
-            c_feats = self.backbone.body(x)
-        with timed(self.timer, "fpn"):
-            features = self.backbone.fpn(c_feats)
-        proposals, _, rpn_info = self.rpn(features, sizes, x.shape[-2:])
-        detections, head_info = self.roi_heads(features[:4], proposals, sizes)
-        with timed(self.timer, "paste masks"):
+            features = self.backbone(x)
+            proposals, rpn_out = self.rpn(features, sizes, x.shape[-2:], trace=trace)
+            detections, head_info = self.roi_heads(features[:4], proposals, sizes)
             results = self.transform.postprocess(detections, sizes, [img.shape[-2:] for img in images])
-        return x, sizes, features, proposals, rpn_info, detections, head_info, results
+        finally:
+            self.train(was_training)
+        return x, sizes, features, proposals, rpn_out, detections, head_info, results
 
     def predict(self, images) -> list[dict]:
         """Detect and segment: one dict per image with boxes (N, 4), labels (N,)
         in 1..K-1, scores (N,) and masks (N, H, W) probabilities at the image's size.
         Threshold masks at 0.5 for binary masks (:func:`binarize_masks`)."""
-        *_, results = self._run_inference(images)
-        self.train()
-        return results
+        return self._inference(images)[-1]
 
     def inspect(self, image) -> dict:
         """Every intermediate of one inference pass, for step-through notebooks."""
-        x, sizes, features, proposals, rpn_info, detections, head_info, results = self._run_inference([image])
-        self.train()
-        from .poolers import LevelMapper
+        x, sizes, features, proposals, rpn_out, detections, head_info, results = self._inference([image], True)
         mapper = LevelMapper(self.config.canonical_scale, self.config.canonical_level)
         rois = head_info["rois"]
         return {
             "image": image, "transformed": x[0], "image_size": sizes[0],
             "features": {f"P{k + 2}": f[0] for k, f in enumerate(features)},
-            "anchors": rpn_info["anchors"],
-            "objectness": [o[0] for o in rpn_info["objectness"]],
-            "rpn_deltas": [d[0] for d in rpn_info["rpn_deltas"]],
-            "proposal_steps": rpn_info["proposal_steps"],
+            "anchors": rpn_out["anchors"],
+            "objectness": [o[0] for o in rpn_out["objectness"]],
+            "rpn_deltas": [d[0] for d in rpn_out["rpn_deltas"]],
+            "proposal_steps": rpn_out["proposal_steps"],
             "proposals": proposals[0],
             "roi_levels": mapper(rois[:, 1:]) if len(rois) else np.zeros(0, np.int64),
             "class_logits": head_info["class_logits"],
@@ -244,14 +201,6 @@ class MaskRCNN(Module):
             return model, extra, meta
         return model
 
-    @classmethod
-    def from_torchvision(cls, state_dict: dict, config: MaskRCNNConfig | None = None, bn_eps: float = 0.0):
-        """A model with torchvision's ``maskrcnn_resnet50_fpn`` weights (name -> ndarray).
-
-        See :mod:`tinymrcnn.torchvision_compat` and docs/torchvision.md.
-        """
-        from ..torchvision_compat import model_from_torchvision
-        return model_from_torchvision(state_dict, config=config, bn_eps=bn_eps)
 
 
 def binarize_masks(masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:

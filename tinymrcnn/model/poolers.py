@@ -15,20 +15,17 @@ back in RoI order; its backward scatters each RoI's gradient into the level
 it came from. The pooling op is a switch, so the paper's Table 2c ablation
 (RoIPool vs RoIAlign max vs RoIAlign avg) is one argument.
 
-``pooler.device = "cuda"`` (MaskRCNN sets it from ``config.device``) runs
-RoIAlign, avg and max, forward and backward, on the numba.cuda kernels of
-``tinymrcnn.kernels.cuda.roi_align``: each level that has RoIs is copied to the
-GPU, pooled in one launch, and the result copied back into RoI order. RoIPool
-stays on the CPU.
+The pooler itself knows nothing of devices: it calls the ops
+(``tinymrcnn.ops.roi_align_levels`` and its backward), which run on the
+active kernels (``tinymrcnn.kernels``). RoI pooling runs on the CPU.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..checks import check_float_array, pair
+from ..checks import check_rois
 from ..nn import Module
-from ..ops.roi_align import (ChannelsLast, channels_last, check_rois, roi_align_levels,
-                             roi_align_levels_backward)
+from ..ops.roi_align import roi_align_levels, roi_align_levels_backward, roi_feature_maps
 from ..ops.roi_pool import roi_pool, roi_pool_backward
 
 
@@ -82,9 +79,9 @@ class MultiScaleRoIAlign(Module):
         canonical_scale, canonical_level, eps: the :class:`LevelMapper`'s.
 
     forward(features, rois):
-        features: list of (N, C, H_l, W_l) arrays (or :class:`ChannelsLast`
-            from ``channels_last``, made once and shared by the box and mask
-            poolers), one per level, P2 first; level k has stride 2^k.
+        features: list of (N, C, H_l, W_l) arrays, one per level, P2 first
+            (level k has stride 2^k), or :meth:`prepare` of that list, made
+            once and shared by the box and the mask pooler.
         rois: (K, 5) [batch_index, x1, y1, x2, y2], input pixels.
         -> (K, C, ph, pw) in RoI order.
 
@@ -106,90 +103,44 @@ class MultiScaleRoIAlign(Module):
         self.levels = tuple(int(k) for k in levels)
         self.mapper = LevelMapper(canonical_scale, canonical_level, min(self.levels),
                                   max(self.levels), eps)
-        self.device = "cpu"       # "cuda": RoIAlign on the GPU (see the module docstring)
 
     def map_levels(self, rois: np.ndarray) -> np.ndarray:
         """The FPN level (2..5) each RoI pools from: (K,) int64."""
         return self.mapper(np.asarray(rois)[:, 1:5])
 
+    def prepare(self, features):
+        """The pyramid as the pooling op reads it: for RoIAlign, laid out for its kernels
+        once (:func:`tinymrcnn.ops.roi_feature_maps`); RoI pooling reads it as it is."""
+        return roi_feature_maps(features) if self.op == "roi_align" else features
+
     def forward(self, features, rois):
         if len(features) != len(self.levels):
             raise ValueError(f"expected {len(self.levels)} feature maps (levels {self.levels}), "
                              f"got {len(features)}")
-        n = features[0].shape[0]
-        rois = check_rois(rois, n)
+        features = self.prepare(features)
+        rois = check_rois(rois, features[0].shape[0])
         level = self.map_levels(rois) - min(self.levels)              # (K,) index into features
-        scales = [2.0 ** -k for k in self.levels]                      # level k has stride 2^k
-        shapes = [tuple(f.shape) for f in features]
-        if self.op == "roi_align" and self.device == "cuda":
-            return self._roi_align_cuda(features, rois, level, scales, shapes)
-        if self.op == "roi_align":
-            if self.mode == "max":    # max's backward needs the maps: convert them once, here
-                features = [channels_last(f) for f in features]
-            # one parallel pass over all RoIs, each from its own level, written in RoI order
-            out = roi_align_levels(features, rois, level, scales, self.output_size,
-                                   self.sampling_ratio, self.aligned, self.mode)
-            self.save(rois, level, shapes, features if self.mode == "max" else None)
-            return out
-        # roi_pool: one call per level, results put back in RoI order
-        outs, argmaxes = [], []
+        self.save(features, rois, level)
+        if self.op == "roi_align":      # one pass over all RoIs, each from its own level, in RoI order
+            return roi_align_levels(features, rois, level, self.scales, self.output_size,
+                                    self.sampling_ratio, self.aligned, self.mode)
+        out = None                      # roi_pool: one call per level, results put back in RoI order
         for i, f in enumerate(features):
             idx = np.flatnonzero(level == i)
-            y, argmax = roi_pool(f.numpy() if isinstance(f, ChannelsLast) else f, rois[idx],
-                                 self.output_size, scales[i])
-            outs.append((idx, y))
-            argmaxes.append((idx, argmax))
-        c, ph, pw = outs[0][1].shape[1:]
-        out = np.zeros((len(rois), c, ph, pw), dtype=features[0].dtype)
-        for idx, y in outs:
+            y = roi_pool(f, rois[idx], self.output_size, self.scales[i])
+            out = np.zeros((len(rois),) + y.shape[1:], y.dtype) if out is None else out
             out[idx] = y
-        self.save(rois, level, shapes, argmaxes)
         return out
 
     def backward(self, dy):
-        rois, level, shapes, saved = self.restore()
-        scales = [2.0 ** -k for k in self.levels]
-        if self.op == "roi_align" and self.device == "cuda":
-            return self._roi_align_backward_cuda(dy, rois, level, scales, shapes, saved)
+        features, rois, level = self.restore()
         if self.op == "roi_align":
-            return roi_align_levels_backward(dy, rois, level, scales, shapes, self.sampling_ratio,
-                                             self.aligned, self.mode, features=saved)
-        return [roi_pool_backward(np.ascontiguousarray(dy[idx]), argmax, shape)
-                for (idx, argmax), shape in zip(saved, shapes)]
+            return roi_align_levels_backward(dy, features, rois, level, self.scales, self.output_size,
+                                             self.sampling_ratio, self.aligned, self.mode)
+        return [roi_pool_backward(np.ascontiguousarray(dy[level == i]), f, rois[level == i],
+                                  self.output_size, self.scales[i]) for i, f in enumerate(features)]
 
-    # -- the GPU path (device == "cuda") ---------------------------------------------
-    def _roi_align_cuda(self, features, rois, level, scales, shapes):
-        """RoIAlign of every RoI on the GPU, one launch per level; (K, C, ph, pw) on the host."""
-        from ..kernels.cuda.device import to_device, to_host
-        from ..kernels.cuda.roi_align import roi_align_forward_cuda
-        ph, pw = pair(self.output_size, "output_size")
-        out = np.zeros((len(rois), shapes[0][1], ph, pw), dtype=features[0].dtype)
-        maps = [None] * len(features)             # device copies of the levels that have RoIs
-        for i, f in enumerate(features):
-            idx = np.flatnonzero(level == i)
-            if idx.size == 0:
-                continue
-            if isinstance(f, ChannelsLast):       # already checked; the kernel reads NCHW
-                f = f.numpy()
-            else:
-                check_float_array(f, f"features[{i}]", ndim=4)
-            maps[i] = to_device(f)
-            out[idx] = to_host(roi_align_forward_cuda(maps[i], rois[idx], (ph, pw), scales[i],
-                                                      self.sampling_ratio, self.aligned, self.mode))
-        self.save(rois, level, shapes, maps if self.mode == "max" else None)
-        return out
-
-    def _roi_align_backward_cuda(self, dy, rois, level, scales, shapes, maps):
-        """Per-level gradients (atomic adds on the GPU), copied back; zeros for unused levels."""
-        from ..kernels.cuda.device import to_device, to_host
-        from ..kernels.cuda.roi_align import roi_align_backward_cuda
-        grads = []
-        for i, shape in enumerate(shapes):
-            idx = np.flatnonzero(level == i)
-            if idx.size == 0:
-                grads.append(np.zeros(shape, dy.dtype))
-                continue
-            grads.append(to_host(roi_align_backward_cuda(
-                to_device(dy[idx]), rois[idx], shape, scales[i], self.sampling_ratio, self.aligned,
-                self.mode, x_dev=None if maps is None else maps[i])))
-        return grads
+    @property
+    def scales(self):
+        """Each level's spatial scale: level k has stride 2^k."""
+        return [2.0 ** -k for k in self.levels]

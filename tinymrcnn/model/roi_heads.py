@@ -10,7 +10,9 @@ Training (``forward`` with targets):
      class-specific deltas; softmax cross-entropy + smooth L1 on the GT class;
   3. mask branch, positives only: MultiScaleRoIAlign 14x14 -> FCN -> K masks of
      28x28; per-pixel sigmoid BCE on the GT class's channel only.
-Every loss gradient is computed right away and kept for :meth:`backward`.
+:meth:`RoIHeads.forward_train` returns the three losses and their gradients
+with respect to the class logits, the box deltas and the mask logits;
+``MaskRCNN.backward`` carries them back through the heads and the poolers.
 
 Inference (``forward`` without targets): softmax, per-class decode, clip,
 score threshold, per-class NMS, top-N, then the mask branch on the kept boxes
@@ -23,10 +25,9 @@ from scipy.special import expit
 
 from .. import losses
 from ..nn import Linear, Module, ReLU
-from ..ops import channels_last, roi_align
+from ..ops import roi_align
 from ..ops.boxes import BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes
 from ..ops.nms import batched_nms
-from ..profiling import timed
 from .mask_head import MaskHead
 from .matcher import BalancedPositiveNegativeSampler, Matcher
 from .poolers import MultiScaleRoIAlign
@@ -101,7 +102,6 @@ class RoIHeads(Module):
         self.box_coder = BoxCoder(weights=c.box_coder_weights)
         self.matcher = Matcher(c.box_fg_iou_thresh, c.box_bg_iou_thresh, allow_low_quality_matches=False)
         self.sampler = BalancedPositiveNegativeSampler(c.box_batch_size_per_image, c.box_positive_fraction)
-        self.timer = None
 
     # ------------------------------------------------------------------ targets
     def select_training_samples(self, proposals, targets, rng):
@@ -160,107 +160,66 @@ class RoIHeads(Module):
         # Averages of 0/1 pixels, but float rounding can overshoot 1 by an ulp.
         return np.clip(t, 0.0, 1.0)
 
-    # ------------------------------------------------------------------ training
-    def forward(self, features, proposals, image_sizes, targets=None, rng=None):
-        """features: [P2, P3, P4, P5]; proposals: [(R_i, 4)].
+    def mask_training_samples(self, samples, targets, rng):
+        """The RoIs that train the mask branch, their labels and their 28x28 targets.
 
-        Training returns (losses dict, info); inference returns (detections, info)
-        with detections a list of dicts boxes/labels/scores/mask_probs (28x28).
+        Returns mask_rois (P, 5), labels (P,) and targets (P, M, M); P may be 0.
         """
-        # RoIAlign gathers along channels; transposing each level once to (N, H, W, C)
-        # serves both the box and the mask pooler (ops/roi_align.py explains why).
-        # The GPU kernels read (N, C, H, W) as it is.
-        if self.config.roi_op == "roi_align" and self.config.device == "cpu":
-            with timed(self.timer, "roi ops"):
-                features = [channels_last(f) for f in features]
-        if targets is None:
-            return self._inference(features, proposals, image_sizes)
+        chosen = [self.mask_positives(s[1], rng) for s in samples]          # indices into each image's samples
+        boxes = [s[0][i] for s, i in zip(samples, chosen)]
+        labels = np.concatenate([s[1][i] for s, i in zip(samples, chosen)])
+        tgts = np.concatenate([self.mask_targets(t["masks"], b, s[3][i])
+                               for t, b, s, i in zip(targets, boxes, samples, chosen)])
+        return _make_rois(boxes), labels, tgts
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, features, proposals, targets, rng):
+        """The box and mask branches on sampled proposals, with their losses.
+
+        Args:
+            features: [P2, P3, P4, P5], each (N, D, H_k, W_k).
+            proposals: [(R_i, 4)] per image; targets: dicts with boxes, labels, masks.
+            rng: numpy Generator for the samplers.
+
+        Returns:
+            losses: {"loss_classifier", "loss_box_reg", "loss_mask"} as floats;
+            grads: {"class_logits" (R, K), "box_regression" (R, 4K),
+                "mask_logits" (P, K, 28, 28)}: each loss's gradient, for MaskRCNN.backward;
+            info: the sampled RoIs and the head outputs (for notebooks).
+        """
         c = self.config
-        with timed(self.timer, "proposal targets"):
-            samples = self.select_training_samples(proposals, targets, rng)
-            rois = _make_rois([s[0] for s in samples])                      # (R, 5)
-            labels = np.concatenate([s[1] for s in samples])                # (R,)
-            reg_targets = np.concatenate([s[2] for s in samples])           # (R, 4)
-        with timed(self.timer, "roi ops"):
-            box_feats = self.box_roi_pool(features, rois)                   # (R, D, 7, 7)
-        with timed(self.timer, "box head"):
-            class_logits, box_regression = self.box_predictor(self.box_head(box_feats))
-        r = len(labels)
-        with timed(self.timer, "box losses"):
-            loss_cls, d_cls = losses.softmax_cross_entropy(class_logits, labels, reduction="mean")
-        # Box loss: smooth L1 on the GT-class deltas of positives, / number sampled (SPEC).
-            pos = np.flatnonzero(labels > 0)
-            d_box = np.zeros_like(box_regression)
-            loss_box = 0.0
-            if len(pos):
-                cols = 4 * labels[pos][:, None] + np.arange(4)              # (P, 4)
-                pred = box_regression[pos[:, None], cols]
-                loss_box, g = losses.smooth_l1(pred, reg_targets[pos], beta=c.box_smooth_l1_beta,
-                                               reduction="sum")
-                loss_box = float(loss_box) / max(r, 1)
-                d_box[pos[:, None], cols] = g / max(r, 1)
-        # Mask branch on the positives only (at most mask_batch_size_per_image of them per image).
-        mask_pos = [self.mask_positives(s[1], rng) for s in samples]       # indices into each image's samples
-        pos_boxes = [s[0][i] for s, i in zip(samples, mask_pos)]
-        pos_matched = [s[3][i] for s, i in zip(samples, mask_pos)]
-        mask_rois = _make_rois(pos_boxes)
-        mask_labels = np.concatenate([s[1][i] for s, i in zip(samples, mask_pos)])
-        loss_mask, d_mask_logits, mask_logits = 0.0, None, None
-        if len(mask_rois):
-            with timed(self.timer, "roi ops"):
-                mask_feats = self.mask_roi_pool(features, mask_rois)       # (P, D, 14, 14)
-            with timed(self.timer, "mask head"):
-                mask_logits = self.mask_head(mask_feats)                    # (P, K, 28, 28)
-            with timed(self.timer, "mask targets + loss"):
-                mask_tgts = np.concatenate([self.mask_targets(t["masks"], b, m)
-                                            for t, b, m in zip(targets, pos_boxes, pos_matched)])
-                loss_fn = losses.mask_loss if c.mask_loss_type == "sigmoid" else losses.mask_loss_softmax
-                loss_mask, d_mask_logits = loss_fn(mask_logits, mask_labels, mask_tgts)
-        self.save(d_cls, d_box, d_mask_logits)
-        loss_dict = {"loss_classifier": float(loss_cls), "loss_box_reg": float(loss_box),
-                     "loss_mask": float(loss_mask)}
+        features = self.box_roi_pool.prepare(features)                      # once, for both poolers
+        samples = self.select_training_samples(proposals, targets, rng)
+        rois = _make_rois([s[0] for s in samples])                          # (R, 5)
+        labels = np.concatenate([s[1] for s in samples])                    # (R,)
+        reg_targets = np.concatenate([s[2] for s in samples])               # (R, 4)
+        box_feats = self.box_roi_pool(features, rois)                       # (R, D, 7, 7)
+        class_logits, box_regression = self.box_predictor(self.box_head(box_feats))
+        (loss_cls, loss_box), (d_cls, d_box) = losses.fast_rcnn_loss(
+            class_logits, box_regression, labels, reg_targets, beta=c.box_smooth_l1_beta)
+        # the mask branch, on the positives only (at most mask_batch_size_per_image per image)
+        mask_rois, mask_labels, mask_tgts = self.mask_training_samples(samples, targets, rng)
+        mask_logits = self.mask_head(self.mask_roi_pool(features, mask_rois))   # (P, K, 28, 28)
+        loss_fn = losses.mask_loss if c.mask_loss_type == "sigmoid" else losses.mask_loss_softmax
+        loss_mask, d_mask = loss_fn(mask_logits, mask_labels, mask_tgts)
+        loss_dict = {"loss_classifier": loss_cls, "loss_box_reg": loss_box, "loss_mask": loss_mask}
+        grads = {"class_logits": d_cls, "box_regression": d_box, "mask_logits": d_mask}
         info = {"rois": rois, "roi_labels": labels, "class_logits": class_logits,
                 "mask_rois": mask_rois, "mask_logits": mask_logits}
-        return loss_dict, info
-
-    def backward(self):
-        """Gradients of the three head losses w.r.t. P2..P5 (a list of 4 arrays or None)."""
-        d_cls, d_box, d_mask_logits = self.restore()
-        if d_mask_logits is not None:
-            with timed(self.timer, "backward mask head"):
-                d_mask_feats = self.mask_head.backward(d_mask_logits)
-            with timed(self.timer, "backward roi ops"):
-                d_mask = self.mask_roi_pool.backward(d_mask_feats)
-        with timed(self.timer, "backward box head"):
-            d_box_feats = self.box_head.backward(self.box_predictor.backward((d_cls, d_box)))
-        with timed(self.timer, "backward roi ops"):
-            d_levels = self.box_roi_pool.backward(d_box_feats)
-        if d_mask_logits is not None:
-            d_levels = [a if b is None else (b if a is None else a + b) for a, b in zip(d_levels, d_mask)]
-        return d_levels
+        return loss_dict, grads, info
 
     # ------------------------------------------------------------------ inference
-    def _inference(self, features, proposals, image_sizes):
-        c = self.config
+    def forward(self, features, proposals, image_sizes):
+        """Inference: detections (a dict per image: boxes, labels, scores, mask_probs (D_i, 28, 28))
+        and info (the RoIs and the head outputs, for inspect())."""
+        features = self.box_roi_pool.prepare(features)                      # once, for both poolers
         rois = _make_rois(proposals)
-        with timed(self.timer, "roi ops"):
-            box_feats = self.box_roi_pool(features, rois)
-        with timed(self.timer, "box head"):
-            class_logits, box_regression = self.box_predictor(self.box_head(box_feats))
-        with timed(self.timer, "detections (softmax, nms)"):
-            detections = self.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+        class_logits, box_regression = self.box_predictor(self.box_head(self.box_roi_pool(features, rois)))
+        detections = self.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
         det_rois = _make_rois([d["boxes"] for d in detections])
-        if len(det_rois):
-            with timed(self.timer, "roi ops"):
-                mask_feats = self.mask_roi_pool(features, det_rois)
-            with timed(self.timer, "mask head"):
-                mask_logits = self.mask_head(mask_feats)                               # (D, K, 28, 28)
-            labels = np.concatenate([d["labels"] for d in detections])
-            chosen = mask_logits[np.arange(len(labels)), labels]                    # the predicted class
-            probs = expit(chosen)
-        else:
-            mask_logits = np.zeros((0, c.num_classes, 2 * c.mask_roi_size, 2 * c.mask_roi_size), np.float32)
-            probs = np.zeros((0, 2 * c.mask_roi_size, 2 * c.mask_roi_size), np.float32)
+        mask_logits = self.mask_head(self.mask_roi_pool(features, det_rois))    # (D, K, 28, 28)
+        labels = np.concatenate([d["labels"] for d in detections])
+        probs = expit(mask_logits[np.arange(len(labels)), labels])                 # the predicted class
         start = 0
         for d in detections:
             n = len(d["boxes"])

@@ -6,11 +6,13 @@ box deltas. Training compares them with targets from the anchor matcher;
 inference (and training too) turns them into proposals with the proposal
 layer of :mod:`tinymrcnn.model.proposals`.
 
-Gradient flow (SPEC "RPN"): losses -> (objectness, deltas) per level -> head
-(called once per level with shared weights, so its backward runs once per
-level in reverse order and the weight gradients add up) -> dP per level.
-No gradient flows through the proposals themselves (the paper, and
-torchvision, detach them).
+Training (SPEC "RPN"): :meth:`RegionProposalNetwork.loss` matches anchors to
+the ground truth and scores the head's outputs with :func:`losses.rpn_loss`;
+it returns the gradients with respect to each level's head outputs, in the
+head's (N, A, H, W) / (N, 4A, H, W) layout. ``MaskRCNN.backward`` hands them to
+``rpn.head.backward`` once per level, in reverse order (the head is shared
+by the levels, so its weight gradients add up). No gradient flows through
+the proposals themselves (the paper, and torchvision, detach them).
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import numpy as np
 from .. import losses
 from ..nn import Conv2d, Module, ReLU
 from ..ops.boxes import BoxCoder
-from ..profiling import timed
 from .anchors import AnchorGenerator
 from .matcher import BalancedPositiveNegativeSampler, Matcher
 from .proposals import assign_rpn_targets, generate_proposals
@@ -71,7 +72,7 @@ def unflatten_head_grads(d_logits, d_deltas, shape):
 
 
 class RegionProposalNetwork(Module):
-    """Anchors + head + proposal layer + (in training) the RPN losses."""
+    """Anchors + head + proposal layer; :meth:`loss` gives the RPN's losses and their gradients."""
 
     def __init__(self, config, rng=None):
         super().__init__()
@@ -85,95 +86,59 @@ class RegionProposalNetwork(Module):
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(c.rpn_fg_iou_thresh, c.rpn_bg_iou_thresh, allow_low_quality_matches=True)
         self.sampler = BalancedPositiveNegativeSampler(c.rpn_batch_size_per_image, c.rpn_positive_fraction)
-        self.timer = None
 
-    def forward(self, features, image_sizes, padded_size, targets=None, rng=None):
+    def forward(self, features, image_sizes, padded_size, trace=False):
         """Run the head on every level and make proposals.
 
         Args:
             features: [P2, ..., P6], each (N, D, H_k, W_k).
             image_sizes: [(h, w)] per image, the size before padding (clip boxes to it).
             padded_size: (H, W) of the padded batch (anchor strides come from it).
-            targets: in training, a list of dicts with "boxes" (G, 4).
-            rng: numpy Generator for the anchor sampler (training).
+            trace: also return every step of the proposal layer (inspect, notebooks).
 
         Returns:
-            proposals: list of (R_i, 4) arrays, one per image;
-            losses: dict with loss_objectness and loss_rpn_box_reg (training), else {};
-            info: intermediates for inspect() (anchors, objectness, proposal steps).
+            proposals: list of (R_i, 4) arrays, one per image (training or
+                testing top-n, by the module's mode);
+            out: dict with the head outputs flattened to the anchors' order,
+                "objectness" [(N, H_k*W_k*A)] and "rpn_deltas" [(N, H_k*W_k*A, 4)],
+                "anchors" [(H_k*W_k*A, 4)], "head_shapes" [(N, A, H_k, W_k)],
+                "proposal_scores" and "proposal_steps" (None unless trace).
         """
         c = self.config
-        logits, deltas, shapes = [], [], []
-        with timed(self.timer, "rpn head"):
-            for p in features:
-                l, d = self.head(p)
-                shapes.append(l.shape)
-                fl, fd = flatten_head_outputs(l, d)
-                logits.append(fl)
-                deltas.append(fd)
+        head_outputs = [self.head(p) for p in features]         # one call per level, shared weights
+        shapes = [logits.shape for logits, _ in head_outputs]
+        objectness, deltas = zip(*(flatten_head_outputs(l, d) for l, d in head_outputs))
         anchors = self.anchor_generator.anchors_per_level(padded_size, [s[-2:] for s in shapes],
                                                           dtype=features[0].dtype)
-        training = targets is not None
-        pre_n = c.rpn_pre_nms_top_n_train if training else c.rpn_pre_nms_top_n_test
-        post_n = c.rpn_post_nms_top_n_train if training else c.rpn_post_nms_top_n_test
-        with timed(self.timer, "proposals"):
-            proposals, scores, record = generate_proposals(
-                logits, deltas, anchors, image_sizes, pre_nms_top_n=pre_n, post_nms_top_n=post_n,
-                nms_thresh=c.rpn_nms_thresh, score_thresh=c.rpn_score_thresh, min_size=c.rpn_min_size,
-                box_coder=self.box_coder)
-        info = {"anchors": anchors, "objectness": logits, "rpn_deltas": deltas,
-                "proposal_steps": record, "proposal_scores": scores}
-        loss_dict = {}
-        if training:
-            with timed(self.timer, "rpn targets + losses"):
-                loss_dict, grads = self._losses(logits, deltas, anchors, targets, rng)
-            self.save(grads, shapes)
-        return proposals, loss_dict, info
+        top_n = ((c.rpn_pre_nms_top_n_train, c.rpn_post_nms_top_n_train) if self.training
+                 else (c.rpn_pre_nms_top_n_test, c.rpn_post_nms_top_n_test))
+        proposals, scores, steps = generate_proposals(
+            list(objectness), list(deltas), anchors, image_sizes, *top_n, nms_thresh=c.rpn_nms_thresh,
+            score_thresh=c.rpn_score_thresh, min_size=c.rpn_min_size, box_coder=self.box_coder,
+            trace=trace)
+        return proposals, {"objectness": list(objectness), "rpn_deltas": list(deltas), "anchors": anchors,
+                           "head_shapes": shapes, "proposal_scores": scores, "proposal_steps": steps}
 
-    def _losses(self, logits, deltas, anchors, targets, rng):
-        """BCE objectness on the sampled anchors + smooth L1 on the positives.
+    def loss(self, out, targets, rng):
+        """The RPN's losses and their gradients with respect to the head outputs.
 
-        Both are divided by the number of sampled anchors over the batch
-        (SPEC). Returns the losses and their gradients w.r.t. the flattened
-        logits and deltas of every level.
+        Args:
+            out: the dict :meth:`forward` returned.
+            targets: one dict per image with "boxes" (G, 4).
+            rng: numpy Generator for the anchor sampler.
+
+        Returns:
+            losses: {"loss_objectness", "loss_rpn_box_reg"} as floats;
+            grads: per level, (d_logits (N, A, H, W), d_deltas (N, 4A, H, W)),
+                ready for ``self.head.backward``.
         """
-        c = self.config
-        n = logits[0].shape[0]
-        level_sizes = [l.shape[1] for l in logits]
-        all_logits = np.concatenate(logits, axis=1)              # (N, A_total)
-        all_deltas = np.concatenate(deltas, axis=1)              # (N, A_total, 4)
-        all_anchors = np.concatenate(anchors, axis=0)            # (A_total, 4)
-        labels = np.empty(all_logits.shape, dtype=np.float64)
-        reg_targets = np.zeros(all_deltas.shape, dtype=all_deltas.dtype)
-        for i in range(n):
-            lab, tgt = assign_rpn_targets(all_anchors, targets[i]["boxes"], self.matcher, self.sampler,
-                                          self.box_coder, rng)
-            labels[i] = lab
-            reg_targets[i] = tgt
-        sampled = labels >= 0
-        positive = labels == 1
-        num_sampled = max(int(sampled.sum()), 1)
-        # Objectness: BCE over sampled anchors, averaged over them.
-        obj_loss, d_obj = losses.sigmoid_bce_with_logits(all_logits[sampled], labels[sampled].astype(all_logits.dtype),
-                                                         reduction="sum")
-        # Box regression: smooth L1 (beta 1/9) on positives, divided by the sampled count.
-        box_loss, d_box = losses.smooth_l1(all_deltas[positive], reg_targets[positive],
-                                           beta=c.rpn_smooth_l1_beta, reduction="sum")
-        g_logits = np.zeros_like(all_logits)
-        g_logits[sampled] = d_obj / num_sampled
-        g_deltas = np.zeros_like(all_deltas)
-        g_deltas[positive] = d_box / num_sampled
-        splits = np.cumsum(level_sizes)[:-1]
-        grads = list(zip(np.split(g_logits, splits, axis=1), np.split(g_deltas, splits, axis=1)))
-        loss_dict = {"loss_objectness": float(obj_loss) / num_sampled,
-                     "loss_rpn_box_reg": float(box_loss) / num_sampled}
-        return loss_dict, grads
-
-    def backward(self):
-        """Gradients of the RPN losses w.r.t. every level's features: [dP2, ..., dP6]."""
-        grads, shapes = self.restore()
-        d_features = [None] * len(shapes)
-        for k in range(len(shapes) - 1, -1, -1):           # reverse of the forward order
-            gl, gd = unflatten_head_grads(grads[k][0], grads[k][1], shapes[k])
-            d_features[k] = self.head.backward((gl, gd))
-        return d_features
+        anchors = np.concatenate(out["anchors"], axis=0)                   # (A_total, 4)
+        labels, reg_targets = zip(*(assign_rpn_targets(anchors, t["boxes"], self.matcher, self.sampler,
+                                                       self.box_coder, rng) for t in targets))
+        (obj, box), (d_obj, d_deltas) = losses.rpn_loss(
+            np.concatenate(out["objectness"], axis=1), np.concatenate(out["rpn_deltas"], axis=1),
+            np.stack(labels).astype(np.int64), np.stack(reg_targets), beta=self.config.rpn_smooth_l1_beta)
+        splits = np.cumsum([o.shape[1] for o in out["objectness"]])[:-1]
+        grads = [unflatten_head_grads(gl, gd, shape) for gl, gd, shape in
+                 zip(np.split(d_obj, splits, axis=1), np.split(d_deltas, splits, axis=1), out["head_shapes"])]
+        return {"loss_objectness": obj, "loss_rpn_box_reg": box}, grads

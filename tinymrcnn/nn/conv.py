@@ -5,15 +5,8 @@
 
 The forward caches (x, W); the backward calls the matching ``*_backward`` op,
 adds dW and db into the parameters' ``.grad`` and returns dx. The math of both
-backward passes is docs/derivations/conv.md.
-
-``layer.device`` says where the layer computes: "cpu" (the default, the ops
-above) or "cuda" (the numba.cuda kernels of ``tinymrcnn.kernels.cuda.conv``,
-float32). MaskRCNN sets it on every conv layer from ``config.device``. On
-"cuda" the layer still takes and returns NumPy arrays: x, W and b are copied
-to the GPU, y is copied back; in training the device copies of x and W are
-kept for the backward, which then copies only dy over and dx, dW, db back.
-Change ``device`` between passes, not between a forward and its backward.
+backward passes is docs/derivations/conv.md. Where the ops compute (CPU or
+GPU kernels) is chosen by ``tinymrcnn.kernels``, not here.
 """
 from __future__ import annotations
 
@@ -36,11 +29,8 @@ def _torch_default_init(rng, weight_shape, fan_in, bias_size):
 
 
 class _ConvBase(Module):
-    _transposed = False       # ConvTranspose2d: True (picks the GPU kernels)
-
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding):
         super().__init__()
-        self.device = "cpu"   # or "cuda": see the module docstring
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"{type(self).__name__} needs positive channel counts, "
                              f"got in={in_channels}, out={out_channels}")
@@ -61,27 +51,6 @@ class _ConvBase(Module):
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)
-
-    # -- the GPU path (device == "cuda") -----------------------------------------
-    def _forward_cuda(self, x):
-        from ..kernels.cuda import conv as gpu
-        from ..kernels.cuda.device import to_device, to_host
-        forward = gpu.conv_transpose2d_forward_cuda if self._transposed else gpu.conv2d_forward_cuda
-        x_d, w_d = to_device(x), to_device(self.weight.data)          # float32 only (checked there)
-        b_d = None if self.bias is None else to_device(self.bias.data)
-        y = to_host(forward(x_d, w_d, b_d, self.stride, self.padding))
-        self.save(x_d, w_d)                                           # stays on the GPU for backward
-        return y
-
-    def _backward_cuda(self, grad_output):
-        from ..kernels.cuda import conv as gpu
-        from ..kernels.cuda.device import to_device, to_host
-        backward = gpu.conv_transpose2d_backward_cuda if self._transposed else gpu.conv2d_backward_cuda
-        x_d, w_d = self.restore()
-        dy = to_device(np.asarray(grad_output, dtype=np.float32))
-        dx, dw, db = (to_host(g) for g in backward(dy, x_d, w_d, self.stride, self.padding))
-        self._accumulate(dw, db)
-        return dx
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, "
@@ -117,8 +86,6 @@ class Conv2d(_ConvBase):
         self.bias = Parameter(b) if bias else None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if self.device == "cuda":
-            return self._forward_cuda(x)
         w, b = self._params_as(getattr(x, "dtype", None) or np.float32)
         y = conv2d(x, w, b, self.stride, self.padding)
         self.save(x, w)
@@ -126,9 +93,6 @@ class Conv2d(_ConvBase):
 
     def backward(self, grad_output: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
         """dy -> dx; with ``need_input_grad=False`` only dW and db are made (dx is None)."""
-        if self.device == "cuda":
-            dx = self._backward_cuda(grad_output)
-            return dx if need_input_grad else None
         x, w = self.restore()
         dx, dw, db = conv2d_backward(grad_output, x, w, self.stride, self.padding, need_input_grad)
         self._accumulate(dw, db)
@@ -151,8 +115,6 @@ class ConvTranspose2d(_ConvBase):
     backward: dy -> dx (N, C_in, H, W).
     """
 
-    _transposed = True
-
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True, rng: np.random.Generator | None = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding)
@@ -164,16 +126,12 @@ class ConvTranspose2d(_ConvBase):
         self.bias = Parameter(b) if bias else None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if self.device == "cuda":
-            return self._forward_cuda(x)
         w, b = self._params_as(getattr(x, "dtype", None) or np.float32)
         y = conv_transpose2d(x, w, b, self.stride, self.padding)
         self.save(x, w)
         return y
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        if self.device == "cuda":
-            return self._backward_cuda(grad_output)
         x, w = self.restore()
         dx, dw, db = conv_transpose2d_backward(grad_output, x, w, self.stride, self.padding)
         self._accumulate(dw, db)

@@ -105,8 +105,8 @@ class Module:
     def backward(self, grad_output):
         raise NotImplementedError(f"{type(self).__name__} does not define backward")
 
-    def __call__(self, *inputs):
-        return self.forward(*inputs)
+    def __call__(self, *inputs, **options):
+        return self.forward(*inputs, **options)
 
     # -- children, parameters, buffers -------------------------------------
     def register_buffer(self, name: str, value: np.ndarray) -> None:

@@ -13,13 +13,19 @@ derivation of every backward is docs/derivations/conv.md.
 
 Functions
 ---------
+* ``*_reference`` (first below): the definitions above in slow, readable
+  NumPy, one einsum per kernel tap. Read these to see what a convolution and
+  its backward compute.
 * :func:`conv2d`, :func:`conv2d_backward`, :func:`conv_transpose2d`,
-  :func:`conv_transpose2d_backward`: the public ops (API.md); they validate
-  their arguments and run the fast CPU path, ``tinymrcnn/kernels/cpu/conv.py``
-  (shifted-window GEMMs in BLAS, data movement in Numba).
-* ``*_reference``: the same signatures in slow, readable NumPy, one einsum per
-  kernel tap, written straight from the definitions above. The tests hold the
-  fast path to them.
+  :func:`conv_transpose2d_backward`: the same signatures and results, fast.
+  They check their arguments and call the active kernels
+  (``tinymrcnn.kernels``): on the CPU ``tinymrcnn/kernels/cpu/conv.py``
+  (shifted-window GEMMs in BLAS, data movement in Numba), on a GPU
+  ``tinymrcnn/kernels/cuda/conv.py``. The tests hold them to the references.
+
+The backward convention of every functional op in tinymrcnn: ``op_backward(dy,
+*the forward's arguments*)`` returns the gradients of the forward's inputs
+(a bias is left out of the arguments: no gradient depends on its value).
 
 Shapes and dtypes
 -----------------
@@ -35,188 +41,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..checks import check_float_array, check_same_dtype, pair
-from ..kernels.cpu import conv as _cpu
+from ..kernels import active_backend
 
 __all__ = ["conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
            "conv2d_reference", "conv2d_backward_reference", "conv_transpose2d_reference",
            "conv_transpose2d_backward_reference"]
-
-
-# ---------------------------------------------------------------------------
-# Argument checks (shared by the fast ops and the references)
-# ---------------------------------------------------------------------------
-def _stride_padding(stride, padding) -> tuple[tuple[int, int], tuple[int, int]]:
-    s, p = pair(stride, "stride"), pair(padding, "padding")
-    if min(s) < 1:
-        raise ValueError(f"stride must be positive, got {stride!r}")
-    if min(p) < 0:
-        raise ValueError(f"padding must be non-negative, got {padding!r}")
-    return s, p
-
-
-def _check_common(op, x, weight, bias):
-    check_float_array(x, f"{op}: x", ndim=4)
-    check_float_array(weight, f"{op}: weight", ndim=4)
-    if bias is not None:
-        check_float_array(bias, f"{op}: bias", ndim=1)
-    check_same_dtype(("x", x), ("weight", weight), ("bias", bias))
-    if min(weight.shape) < 1:
-        raise ValueError(f"{op}: weight must have no empty dimension, got shape {weight.shape}")
-
-
-def _check_conv2d(x, weight, bias, stride, padding, op="conv2d"):
-    """Validate conv2d arguments; returns ((sh, sw), (ph, pw), (Ho, Wo))."""
-    _check_common(op, x, weight, bias)
-    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
-    O, C, kh, kw = weight.shape
-    if x.shape[1] != C:
-        raise ValueError(f"{op}: channel mismatch: x has {x.shape[1]} channels (shape {x.shape}), "
-                         f"weight expects {C} (weight shape (O, C, kh, kw) = {weight.shape})")
-    if bias is not None and bias.shape != (O,):
-        raise ValueError(f"{op}: bias must have shape ({O},), got {bias.shape}")
-    H, W = x.shape[2:]
-    if min(H, W) < 1:
-        raise ValueError(f"{op}: x has an empty spatial dimension, shape {x.shape}")
-    if kh > H + 2 * ph or kw > W + 2 * pw:
-        raise ValueError(f"{op}: kernel larger than padded input: kernel {kh}x{kw}, input {H}x{W} "
-                         f"with padding ({ph}, {pw}) is {H + 2 * ph}x{W + 2 * pw}")
-    return (sh, sw), (ph, pw), ((H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
-
-
-def _check_conv_transpose2d(x, weight, bias, stride, padding, op="conv_transpose2d"):
-    """Validate conv_transpose2d arguments; returns ((sh, sw), (ph, pw), (Hout, Wout))."""
-    _check_common(op, x, weight, bias)
-    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
-    Cin, Cout, kh, kw = weight.shape
-    if x.shape[1] != Cin:
-        raise ValueError(f"{op}: channel mismatch: x has {x.shape[1]} channels (shape {x.shape}), "
-                         f"weight expects {Cin} (weight shape (C_in, C_out, kh, kw) = {weight.shape})")
-    if bias is not None and bias.shape != (Cout,):
-        raise ValueError(f"{op}: bias must have shape ({Cout},), got {bias.shape}")
-    H, W = x.shape[2:]
-    if min(H, W) < 1:
-        raise ValueError(f"{op}: x has an empty spatial dimension, shape {x.shape}")
-    Hout, Wout = (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw
-    if Hout < 1 or Wout < 1:
-        raise ValueError(f"{op}: padding ({ph}, {pw}) too large: the output would be {Hout}x{Wout} "
-                         f"for input {H}x{W}, kernel {kh}x{kw}, stride ({sh}, {sw})")
-    return (sh, sw), (ph, pw), (Hout, Wout)
-
-
-def _check_grad(op, dy, expected_shape, dtype):
-    check_float_array(dy, f"{op}: dy", ndim=4)
-    if dy.shape != tuple(expected_shape):
-        raise ValueError(f"{op}: dy must have the output's shape {tuple(expected_shape)}, got {dy.shape}")
-    if dy.dtype != dtype:
-        raise ValueError(f"{op}: dtype mismatch (dy: {dy.dtype}, x: {dtype}); cast all inputs to one dtype")
-
-
-def _c(a):
-    return None if a is None else np.ascontiguousarray(a)
-
-
-# ---------------------------------------------------------------------------
-# The fast ops
-# ---------------------------------------------------------------------------
-def conv2d(x, weight, bias=None, stride=1, padding=0):
-    """2-D convolution (cross-correlation, as PyTorch).
-
-    Args:
-        x: (N, C, H, W) input.
-        weight: (O, C, kh, kw).
-        bias: (O,) or None.
-        stride, padding: int or (h, w) pair; zero padding.
-
-    Returns:
-        y (N, O, Ho, Wo), Ho = (H + 2 ph - kh) // sh + 1 (likewise Wo).
-    """
-    s, p, (Ho, Wo) = _check_conv2d(x, weight, bias, stride, padding)
-    if x.shape[0] == 0:
-        return np.zeros((0, weight.shape[0], Ho, Wo), dtype=x.dtype)
-    x, weight, bias = _c(x), _c(weight), _c(bias)
-    return _cpu.conv_output(x, weight, bias, _cpu.geometry(x.shape, weight.shape, s, p))
-
-
-def conv2d_backward(dy, x, weight, stride=1, padding=0, need_input_grad=True):
-    """Gradients of conv2d (docs/derivations/conv.md, "conv2d backward").
-
-        dx[n, c, h, w] = sum_{o, i, j: h = oh*sh + i - ph, w = ow*sw + j - pw} dy[n, o, oh, ow] w[o, c, i, j]
-        dw[o, c, i, j] = sum_{n, oh, ow} dy[n, o, oh, ow] x[n, c, oh*sh + i - ph, ow*sw + j - pw]
-        db[o]          = sum_{n, oh, ow} dy[n, o, oh, ow]
-
-    Args:
-        dy: (N, O, Ho, Wo), the gradient of the loss with respect to y.
-        x, weight, stride, padding: as given to :func:`conv2d`.
-        need_input_grad: False skips dx (returned as None), e.g. for the
-            image below the stem convolution, which nothing learns from.
-
-    Returns:
-        (dx (N, C, H, W), dweight (O, C, kh, kw), dbias (O,)).
-    """
-    s, p, (Ho, Wo) = _check_conv2d(x, weight, None, stride, padding, op="conv2d_backward")
-    _check_grad("conv2d_backward", dy, (x.shape[0], weight.shape[0], Ho, Wo), x.dtype)
-    if x.shape[0] == 0:
-        return np.zeros_like(x), np.zeros_like(weight), np.zeros(weight.shape[0], dtype=x.dtype)
-    dy, x, weight = _c(dy), _c(x), _c(weight)
-    g = _cpu.geometry(x.shape, weight.shape, s, p)
-    dyw = _cpu.wide_of(dy, g)                     # shared by both products
-    dx = _cpu.conv_input_grad(dy, weight, g, dyw=dyw) if need_input_grad else None
-    return dx, _cpu.conv_weight_grad(dy, x, g, dyw=dyw), dy.sum(axis=(0, 2, 3))
-
-
-def _transposed_geometry(y_shape, weight, s, p):
-    """conv_transpose2d(x, w) is the input gradient of conv2d over an input shaped like its output."""
-    Cin, Cout, kh, kw = weight.shape       # as a conv2d weight: O = C_in, C = C_out
-    return _cpu.geometry(y_shape, (Cin, Cout, kh, kw), s, p)
-
-
-def conv_transpose2d(x, weight, bias=None, stride=1, padding=0):
-    """Transposed convolution ("deconvolution"), the adjoint of conv2d.
-
-    Args:
-        x: (N, C_in, H, W).
-        weight: (C_in, C_out, kh, kw), PyTorch's layout.
-        bias: (C_out,) or None.
-        stride, padding: int or pair.
-
-    Returns:
-        y (N, C_out, Hout, Wout), Hout = (H - 1) sh - 2 ph + kh (likewise Wout).
-    """
-    s, p, (Hout, Wout) = _check_conv_transpose2d(x, weight, bias, stride, padding)
-    y_shape = (x.shape[0], weight.shape[1], Hout, Wout)
-    if x.shape[0] == 0:
-        return np.zeros(y_shape, dtype=x.dtype)
-    x, weight, bias = _c(x), _c(weight), _c(bias)
-    # y = dx of conv2d(y_shaped_input, weight) for upstream gradient x
-    return _cpu.conv_input_grad(x, weight, _transposed_geometry(y_shape, weight, s, p), bias)
-
-
-def conv_transpose2d_backward(dy, x, weight, stride=1, padding=0):
-    """Gradients of conv_transpose2d (docs/derivations/conv.md, "transposed convolution").
-
-    With conv2d's roles swapped (dy plays conv2d's input, x its upstream gradient):
-
-        dx = conv2d(dy, weight)                  (N, C_in, H, W)
-        dw = conv2d's weight gradient of (input dy, upstream x)   (C_in, C_out, kh, kw)
-        db = dy summed over n, h, w              (C_out,)
-
-    Args:
-        dy: (N, C_out, Hout, Wout).
-        x, weight, stride, padding: as given to :func:`conv_transpose2d`.
-
-    Returns:
-        (dx, dweight, dbias).
-    """
-    s, p, (Hout, Wout) = _check_conv_transpose2d(x, weight, None, stride, padding,
-                                                  op="conv_transpose2d_backward")
-    y_shape = (x.shape[0], weight.shape[1], Hout, Wout)
-    _check_grad("conv_transpose2d_backward", dy, y_shape, x.dtype)
-    if x.shape[0] == 0:
-        return np.zeros_like(x), np.zeros_like(weight), np.zeros(weight.shape[1], dtype=x.dtype)
-    dy, x, weight = _c(dy), _c(x), _c(weight)
-    g = _transposed_geometry(y_shape, weight, s, p)
-    return (_cpu.conv_output(dy, weight, None, g), _cpu.conv_weight_grad(x, dy, g),
-            dy.sum(axis=(0, 2, 3)))
 
 
 # ---------------------------------------------------------------------------
@@ -293,3 +122,155 @@ def conv_transpose2d_backward_reference(dy, x, weight, stride=1, padding=0):
         dx += np.einsum("ndhw,cd->nchw", landed, weight[:, :, i, j])
         dw[:, :, i, j] = np.einsum("nchw,ndhw->cd", x, landed)
     return dx, dw, dy.sum(axis=(0, 2, 3))
+
+
+# ---------------------------------------------------------------------------
+# The fast ops: checks, then the active kernels (tinymrcnn.kernels)
+# ---------------------------------------------------------------------------
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """2-D convolution (cross-correlation, as PyTorch).
+
+    Args:
+        x: (N, C, H, W) input.
+        weight: (O, C, kh, kw).
+        bias: (O,) or None.
+        stride, padding: int or (h, w) pair; zero padding.
+
+    Returns:
+        y (N, O, Ho, Wo), Ho = (H + 2 ph - kh) // sh + 1 (likewise Wo).
+    """
+    s, p, out_hw = _check_conv2d(x, weight, bias, stride, padding)
+    return active_backend().conv2d(_c(x), _c(weight), _c(bias), s, p, out_hw)
+
+
+def conv2d_backward(dy, x, weight, stride=1, padding=0, need_input_grad=True):
+    """Gradients of conv2d (docs/derivations/conv.md, "conv2d backward").
+
+        dx[n, c, h, w] = sum_{o, i, j: h = oh*sh + i - ph, w = ow*sw + j - pw} dy[n, o, oh, ow] w[o, c, i, j]
+        dw[o, c, i, j] = sum_{n, oh, ow} dy[n, o, oh, ow] x[n, c, oh*sh + i - ph, ow*sw + j - pw]
+        db[o]          = sum_{n, oh, ow} dy[n, o, oh, ow]
+
+    Args:
+        dy: (N, O, Ho, Wo), the gradient of the loss with respect to y.
+        x, weight, stride, padding: as given to :func:`conv2d`.
+        need_input_grad: False skips dx (returned as None), e.g. for the
+            image below the stem convolution, which nothing learns from.
+
+    Returns:
+        (dx (N, C, H, W), dweight (O, C, kh, kw), dbias (O,)).
+    """
+    s, p, (Ho, Wo) = _check_conv2d(x, weight, None, stride, padding, op="conv2d_backward")
+    _check_grad("conv2d_backward", dy, (x.shape[0], weight.shape[0], Ho, Wo), x.dtype)
+    return active_backend().conv2d_backward(_c(dy), _c(x), _c(weight), s, p, need_input_grad)
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0):
+    """Transposed convolution ("deconvolution"), the adjoint of conv2d.
+
+    Args:
+        x: (N, C_in, H, W).
+        weight: (C_in, C_out, kh, kw), PyTorch's layout.
+        bias: (C_out,) or None.
+        stride, padding: int or pair.
+
+    Returns:
+        y (N, C_out, Hout, Wout), Hout = (H - 1) sh - 2 ph + kh (likewise Wout).
+    """
+    s, p, out_hw = _check_conv_transpose2d(x, weight, bias, stride, padding)
+    return active_backend().conv_transpose2d(_c(x), _c(weight), _c(bias), s, p, out_hw)
+
+
+def conv_transpose2d_backward(dy, x, weight, stride=1, padding=0):
+    """Gradients of conv_transpose2d (docs/derivations/conv.md, "transposed convolution").
+
+    With conv2d's roles swapped (dy plays conv2d's input, x its upstream gradient):
+
+        dx = conv2d(dy, weight)                  (N, C_in, H, W)
+        dw = conv2d's weight gradient of (input dy, upstream x)   (C_in, C_out, kh, kw)
+        db = dy summed over n, h, w              (C_out,)
+
+    Args:
+        dy: (N, C_out, Hout, Wout).
+        x, weight, stride, padding: as given to :func:`conv_transpose2d`.
+
+    Returns:
+        (dx, dweight, dbias).
+    """
+    s, p, (Hout, Wout) = _check_conv_transpose2d(x, weight, None, stride, padding,
+                                                  op="conv_transpose2d_backward")
+    y_shape = (x.shape[0], weight.shape[1], Hout, Wout)
+    _check_grad("conv_transpose2d_backward", dy, y_shape, x.dtype)
+    return active_backend().conv_transpose2d_backward(_c(dy), _c(x), _c(weight), s, p)
+
+
+# ---------------------------------------------------------------------------
+# Argument checks (shared by the fast ops and the references)
+# ---------------------------------------------------------------------------
+def _stride_padding(stride, padding) -> tuple[tuple[int, int], tuple[int, int]]:
+    s, p = pair(stride, "stride"), pair(padding, "padding")
+    if min(s) < 1:
+        raise ValueError(f"stride must be positive, got {stride!r}")
+    if min(p) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return s, p
+
+
+def _check_common(op, x, weight, bias):
+    check_float_array(x, f"{op}: x", ndim=4)
+    check_float_array(weight, f"{op}: weight", ndim=4)
+    if bias is not None:
+        check_float_array(bias, f"{op}: bias", ndim=1)
+    check_same_dtype(("x", x), ("weight", weight), ("bias", bias))
+    if min(weight.shape) < 1:
+        raise ValueError(f"{op}: weight must have no empty dimension, got shape {weight.shape}")
+
+
+def _check_conv2d(x, weight, bias, stride, padding, op="conv2d"):
+    """Validate conv2d arguments; returns ((sh, sw), (ph, pw), (Ho, Wo))."""
+    _check_common(op, x, weight, bias)
+    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
+    O, C, kh, kw = weight.shape
+    if x.shape[1] != C:
+        raise ValueError(f"{op}: channel mismatch: x has {x.shape[1]} channels (shape {x.shape}), "
+                         f"weight expects {C} (weight shape (O, C, kh, kw) = {weight.shape})")
+    if bias is not None and bias.shape != (O,):
+        raise ValueError(f"{op}: bias must have shape ({O},), got {bias.shape}")
+    H, W = x.shape[2:]
+    if min(H, W) < 1:
+        raise ValueError(f"{op}: x has an empty spatial dimension, shape {x.shape}")
+    if kh > H + 2 * ph or kw > W + 2 * pw:
+        raise ValueError(f"{op}: kernel larger than padded input: kernel {kh}x{kw}, input {H}x{W} "
+                         f"with padding ({ph}, {pw}) is {H + 2 * ph}x{W + 2 * pw}")
+    return (sh, sw), (ph, pw), ((H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
+
+
+def _check_conv_transpose2d(x, weight, bias, stride, padding, op="conv_transpose2d"):
+    """Validate conv_transpose2d arguments; returns ((sh, sw), (ph, pw), (Hout, Wout))."""
+    _check_common(op, x, weight, bias)
+    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
+    Cin, Cout, kh, kw = weight.shape
+    if x.shape[1] != Cin:
+        raise ValueError(f"{op}: channel mismatch: x has {x.shape[1]} channels (shape {x.shape}), "
+                         f"weight expects {Cin} (weight shape (C_in, C_out, kh, kw) = {weight.shape})")
+    if bias is not None and bias.shape != (Cout,):
+        raise ValueError(f"{op}: bias must have shape ({Cout},), got {bias.shape}")
+    H, W = x.shape[2:]
+    if min(H, W) < 1:
+        raise ValueError(f"{op}: x has an empty spatial dimension, shape {x.shape}")
+    Hout, Wout = (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw
+    if Hout < 1 or Wout < 1:
+        raise ValueError(f"{op}: padding ({ph}, {pw}) too large: the output would be {Hout}x{Wout} "
+                         f"for input {H}x{W}, kernel {kh}x{kw}, stride ({sh}, {sw})")
+    return (sh, sw), (ph, pw), (Hout, Wout)
+
+
+def _check_grad(op, dy, expected_shape, dtype):
+    check_float_array(dy, f"{op}: dy", ndim=4)
+    if dy.shape != tuple(expected_shape):
+        raise ValueError(f"{op}: dy must have the output's shape {tuple(expected_shape)}, got {dy.shape}")
+    if dy.dtype != dtype:
+        raise ValueError(f"{op}: dtype mismatch (dy: {dy.dtype}, x: {dtype}); cast all inputs to one dtype")
+
+
+def _c(a):
+    return None if a is None else np.ascontiguousarray(a)

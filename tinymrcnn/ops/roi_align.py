@@ -11,287 +11,48 @@ pass is docs/derivations/roi_align.md.
 
 Functions
 ---------
-* :func:`roi_align`, :func:`roi_align_backward`: the public ops (API.md), on
-  the Numba CPU kernels of ``tinymrcnn.kernels.cpu.roi_align``;
-  :func:`roi_align_levels` and its backward: the same over several maps (an
-  FPN pyramid) in one pass, for the multi-scale pooler.
-* :func:`channels_last` / :class:`ChannelsLast`: the kernels gather along
-  channels, so they read an (N, H, W, C) copy of the map. ``roi_align`` makes
-  that copy itself when given an (N, C, H, W) array; convert a pyramid level
-  once with ``channels_last(p)`` and pass the result to every call that pools
-  from it (the box and the mask pooler) to pay for the transpose once.
-* :func:`roi_align_reference`, :func:`roi_align_backward_reference`: slow,
-  readable NumPy that follows SPEC.md line by line; the tests hold the
-  kernels to them.
-* :func:`roi_sample_points`, :func:`bilinear_reference`: the geometry of the
-  reference, also used by ``tinymrcnn.viz.roi`` to draw exactly the points
-  the code samples.
+Read this file top to bottom:
+
+* :func:`roi_sample_points` (where a box's samples are), :func:`bilinear_reference`
+  (the four pixels one sample reads), :func:`roi_align_reference` and
+  :func:`roi_align_backward_reference`: the definition in slow, readable
+  NumPy, following SPEC.md line by line. ``tinymrcnn.viz.roi`` draws exactly
+  these points.
+* :func:`roi_align`, :func:`roi_align_backward`: the same signatures and
+  results, fast: they check their arguments and call the active kernels
+  (``tinymrcnn/kernels/cpu/roi_align.py``, one parallel Numba loop; or the
+  numba.cuda kernels). The tests hold them to the references.
+  :func:`roi_align_levels` and its backward do the same over the maps of an
+  FPN pyramid in one pass (the multi-scale pooler), and
+  :func:`roi_feature_maps` lays a pyramid out for the kernels once, for the
+  box and the mask pooler to share.
+
+Backward convention (every functional op): ``roi_align_backward(dy, *the
+forward's arguments*)`` returns the gradient of the feature map.
 
 Layout of the arguments (as torchvision.ops.roi_align)
 -------------------------------------------------------
 x: (N, C, H, W) float32 or float64, finite.
 rois: (K, 5) [batch_index, x1, y1, x2, y2] in input-image pixels; the box is
 multiplied by ``spatial_scale`` (1 / the map's stride) to land on the map.
-Coordinates may be NaN or lie outside the map; the batch index must be an
-integer in [0, N).
+Boxes may lie partly or wholly outside the map, or have zero size; their
+coordinates must be finite, and the batch index an integer in [0, N).
 Coordinates are computed in float64 for both dtypes; a float32 map is
 interpolated and summed in float32.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from ..checks import check_float_array, pair
-
-MODES = ("avg", "max")
-
-
-# ----------------------------------------------------------------------------
-# Channels-last feature maps
-# ----------------------------------------------------------------------------
-class ChannelsLast:
-    """A feature map stored (N, H, W, C), made once by :func:`channels_last`.
-
-    ``shape`` still reads (N, C, H, W), the shape of the map it stands for,
-    so code that asks a map for its size works with either. Its values were
-    checked to be finite when it was made.
-    """
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: np.ndarray):
-        self.data = data                                  # (N, H, W, C)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        n, h, w, c = self.data.shape
-        return n, c, h, w
-
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    def numpy(self) -> np.ndarray:
-        """Back to an (N, C, H, W) array (a copy)."""
-        return np.ascontiguousarray(self.data.transpose(0, 3, 1, 2))
-
-    def __repr__(self) -> str:
-        return f"ChannelsLast(shape(NCHW)={self.shape}, dtype={self.dtype})"
-
-
-def channels_last(x, name: str = "x") -> ChannelsLast:
-    """(N, C, H, W) array -> :class:`ChannelsLast`, checking it on the way.
-
-    A non-finite map raises ValueError. A ChannelsLast is returned as it is.
-    The copy costs about as much as one RoIAlign forward of 512 RoIs on an
-    800x800 image's pyramid (benchmarks/bench_roi.py): make it once per level.
-    """
-    if isinstance(x, ChannelsLast):
-        return x
-    check_float_array(x, name, ndim=4)
-    if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"{name} must have a non-empty spatial size, got shape {x.shape}")
-    return ChannelsLast(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+from ..kernels import active_backend
+from ..checks import check_feature_map, check_float_array, check_roi_args, check_rois, pair
 
 
 # ----------------------------------------------------------------------------
-# Input checks shared by roi_align and roi_pool
-# ----------------------------------------------------------------------------
-def check_rois(rois, num_images: int, name: str = "rois") -> np.ndarray:
-    """(K, 5) [batch_index, x1, y1, x2, y2] -> float64 C-contiguous copy.
-
-    Raises ValueError for a wrong shape or a batch index that is not an
-    integer in [0, num_images). Box coordinates may be anything (NaN
-    included): the kernels define what a degenerate box gives.
-    """
-    if not isinstance(rois, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(rois).__name__}")
-    if rois.ndim != 2 or rois.shape[1] != 5:
-        raise ValueError(f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], "
-                         f"got {rois.shape}")
-    if not (np.issubdtype(rois.dtype, np.floating) or np.issubdtype(rois.dtype, np.integer)):
-        raise ValueError(f"{name} must be a float or integer array, got {rois.dtype}")
-    r = np.ascontiguousarray(rois, dtype=np.float64)
-    b = r[:, 0]
-    bad = ~((b >= 0) & (b < num_images) & (b == np.floor(b)))       # NaN fails too
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}[{i}, 0] = {rois[i, 0]!r} is not a batch index in "
-                         f"[0, {num_images}) ({int(bad.sum())} bad row(s))")
-    return r
-
-
-def _check_args(output_size, sampling_ratio, mode, spatial_scale):
-    ph, pw = pair(output_size, "output_size")
-    if ph < 1 or pw < 1:
-        raise ValueError(f"output_size must be positive, got {output_size!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(sampling_ratio, (int, np.integer)):
-        raise ValueError(f"sampling_ratio must be an int (<= 0: adaptive), got {sampling_ratio!r}")
-    if not (np.isfinite(spatial_scale) and spatial_scale > 0):
-        raise ValueError(f"spatial_scale must be a positive number, got {spatial_scale!r}")
-    return ph, pw
-
-
-def _check_shape4(shape, name="input_shape"):
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise ValueError(f"{name} must be (N, C, H, W), got {shape!r}") from None
-    if len(shape) != 4 or min(shape) < 0 or shape[2] < 1 or shape[3] < 1:
-        raise ValueError(f"{name} must be (N, C, H, W) with H, W >= 1, got {shape!r}")
-    return shape
-
-
-# ----------------------------------------------------------------------------
-# The public ops (Numba CPU kernels)
-# ----------------------------------------------------------------------------
-def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-              mode="avg"):
-    """Pool a (ph, pw) grid of bilinearly sampled features for each RoI.
-
-    Args:
-        x: (N, C, H, W) float32/float64 feature map, or a :class:`ChannelsLast`
-            made from one (skips the transpose; see :func:`channels_last`).
-        rois: (K, 5) [batch_index, x1, y1, x2, y2], input-image pixels.
-        output_size: int or (ph, pw).
-        spatial_scale: map cells per input pixel (1/stride; 2^-k for FPN level k).
-        sampling_ratio: sampling points per bin side; <= 0: adaptive,
-            ceil(roi_size / output_size) per RoI.
-        aligned: False: torchvision's legacy mapping (pixel i at coordinate i,
-            RoIs at least 1x1); True: half-pixel offset (detectron2).
-        mode: "avg" (the paper's and torchvision's) or "max".
-
-    Returns:
-        (K, C, ph, pw), x's dtype.
-    """
-    levels = np.zeros(len(rois) if isinstance(rois, np.ndarray) and rois.ndim == 2 else 0, np.int64)
-    return roi_align_levels([x], rois, levels, [spatial_scale], output_size, sampling_ratio,
-                            aligned, mode)
-
-
-def roi_align_backward(dy, rois, input_shape, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-                       mode="avg", x=None):
-    """Gradient of :func:`roi_align` with respect to its feature map.
-
-    avg: dx[b, :, tap] += dy[k, :, ph, pw] * w_tap / count for the four taps of
-    every sample of every bin. max: dy goes to the four taps of the bin's
-    winning sample only (first maximum), so ``x`` is needed to find it.
-    No gradient flows to the boxes. Derivation: docs/derivations/roi_align.md.
-
-    Args:
-        dy: (K, C, ph, pw) gradient of the output.
-        rois, spatial_scale, sampling_ratio, aligned, mode: as in the forward.
-        input_shape: (N, C, H, W) of the forward's x.
-        x: the forward's x (array or ChannelsLast); required for mode="max".
-
-    Returns:
-        dx: (N, C, H, W), dy's dtype.
-    """
-    levels = np.zeros(len(rois) if isinstance(rois, np.ndarray) and rois.ndim == 2 else 0, np.int64)
-    return roi_align_levels_backward(dy, rois, levels, [spatial_scale], [input_shape],
-                                     sampling_ratio, aligned, mode,
-                                     None if x is None else [x])[0]
-
-
-def _check_levels(levels, k, n_maps):
-    lv = np.asarray(levels)
-    if lv.shape != (k,) or (k and not np.issubdtype(lv.dtype, np.integer)):
-        raise ValueError(f"levels must be {k} integers (one per RoI), got shape {lv.shape}")
-    if k and (lv.min() < 0 or lv.max() >= n_maps):
-        raise ValueError(f"levels must index the {n_maps} feature maps, got values in "
-                         f"[{lv.min()}, {lv.max()}]")
-    return np.ascontiguousarray(lv, dtype=np.int64)
-
-
-def roi_align_levels(features, rois, levels, scales, output_size, sampling_ratio=-1, aligned=False,
-                     mode="avg"):
-    """RoIAlign of RoIs spread over several maps (an FPN pyramid), in one parallel pass.
-
-    RoI k is pooled from ``features[levels[k]]`` with ``scales[levels[k]]``;
-    the result is in RoI order. :func:`roi_align` is the one-map case; the
-    multi-scale pooler (``tinymrcnn.model.poolers``) calls this directly, so
-    one parallel loop covers every RoI and each writes its own output row.
-
-    Args:
-        features: list of L maps, each (N, C, H_l, W_l) or :class:`ChannelsLast`;
-            one N, C and dtype.
-        rois: (K, 5) [batch_index, x1, y1, x2, y2].
-        levels: (K,) ints in [0, L).
-        scales: L spatial scales.
-        output_size, sampling_ratio, aligned, mode: as :func:`roi_align`.
-
-    Returns:
-        (K, C, ph, pw), the maps' dtype.
-    """
-    from ..kernels.cpu.roi_align import roi_align_forward_nhwc
-    maps = [channels_last(f, f"features[{i}]") for i, f in enumerate(features)]
-    if not maps:
-        raise ValueError("features is empty")
-    if len(scales) != len(maps):
-        raise ValueError(f"{len(scales)} scales for {len(maps)} feature maps")
-    for sc in scales:
-        ph, pw = _check_args(output_size, sampling_ratio, mode, sc)
-    n, c = maps[0].shape[:2]
-    if any(m.shape[:2] != (n, c) or m.dtype != maps[0].dtype for m in maps):
-        raise ValueError("feature maps disagree on N, C or dtype: "
-                         f"{[(m.shape, str(m.dtype)) for m in maps]}")
-    r = check_rois(rois, n)
-    lv = _check_levels(levels, len(r), len(maps))
-    return roi_align_forward_nhwc(tuple(m.data for m in maps), lv, np.asarray(scales, np.float64),
-                                  r, ph, pw, int(sampling_ratio), bool(aligned), mode == "max")
-
-
-def roi_align_levels_backward(dy, rois, levels, scales, input_shapes, sampling_ratio=-1,
-                              aligned=False, mode="avg", features=None):
-    """Gradient of :func:`roi_align_levels`: one (N, C, H_l, W_l) array per map.
-
-    A map no RoI was pooled from gets zeros. ``features`` (the forward's maps)
-    is required for mode="max".
-    """
-    from ..kernels.cpu.roi_align import roi_align_backward_stripes
-    check_float_array(dy, "dy", ndim=4)
-    shapes = [_check_shape4(s) for s in input_shapes]
-    if len(scales) != len(shapes):
-        raise ValueError(f"{len(scales)} scales for {len(shapes)} input shapes")
-    for sc in scales:
-        ph, pw = _check_args(dy.shape[2:], sampling_ratio, mode, sc)
-    N, C = shapes[0][:2]
-    if any(s[:2] != (N, C) for s in shapes):
-        raise ValueError(f"input shapes disagree on N, C: {shapes}")
-    r = check_rois(rois, N)
-    if dy.shape != (r.shape[0], C, ph, pw):
-        raise ValueError(f"dy has shape {dy.shape}, expected (K, C, ph, pw) = "
-                         f"{(r.shape[0], C, ph, pw)}")
-    lv = _check_levels(levels, len(r), len(shapes))
-    if mode == "max":
-        if features is None:
-            raise ValueError('mode="max" needs the forward input x to find the winning samples')
-        maps = [channels_last(f, f"features[{i}]") for i, f in enumerate(features)]
-        for m, s in zip(maps, shapes):
-            if m.shape != s:
-                raise ValueError(f"x has shape {m.shape}, expected input_shape {s}")
-            if m.dtype != dy.dtype:
-                raise ValueError(f"dtype mismatch (x: {m.dtype}, dy: {dy.dtype})")
-    dy = np.ascontiguousarray(dy)
-    grads = []
-    for i, (n, c, h, w) in enumerate(shapes):
-        index = np.flatnonzero(lv == i)
-        if len(index) == 0:
-            grads.append(np.zeros((n, c, h, w), dy.dtype))
-            continue
-        xd = maps[i].data if mode == "max" else np.zeros((1, 1, 1, 1), dy.dtype)  # avg: unused
-        # 8-row stripes: one task's (8, W, C) accumulator stays in cache (1.6 MB for W=200, C=256)
-        grads.append(roi_align_backward_stripes(dy, r, index, xd, n, h, w, float(scales[i]),
-                                                int(sampling_ratio), bool(aligned), mode == "max", 8))
-    return grads
-
-
-# ----------------------------------------------------------------------------
-# The readable reference (SPEC.md "RoIAlign", line by line)
+# The definition, in readable NumPy (SPEC.md "RoIAlign", line by line)
 # ----------------------------------------------------------------------------
 def roi_sample_points(box, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
     """Where RoIAlign samples one box, in feature-map coordinates.
@@ -374,8 +135,8 @@ def _bin_samples(feat, ys, xs):
 
 def roi_align_reference(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
                         mode="avg"):
-    """Readable RoIAlign: same signature and result as :func:`roi_align` (x an array)."""
-    ph_, pw_ = _check_args(output_size, sampling_ratio, mode, spatial_scale)
+    """RoIAlign, readable: x (N, C, H, W), rois (K, 5) -> (K, C, ph, pw); arguments as :func:`roi_align`."""
+    ph_, pw_ = check_roi_args(output_size, sampling_ratio, mode, spatial_scale)
     check_float_array(x, "x", ndim=4)
     r = check_rois(rois, x.shape[0])
     # --- exercise: roi_align_forward ---
@@ -396,14 +157,15 @@ def roi_align_reference(x, rois, output_size, spatial_scale=1.0, sampling_ratio=
     # --- end exercise ---
 
 
-def roi_align_backward_reference(dy, rois, input_shape, spatial_scale=1.0, sampling_ratio=-1,
-                                 aligned=False, mode="avg", x=None):
-    """Readable RoIAlign backward: same signature and result as :func:`roi_align_backward`."""
-    N, C, H, W = _check_shape4(input_shape)
-    _check_args(dy.shape[2:], sampling_ratio, mode, spatial_scale)
+def roi_align_backward_reference(dy, x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                                 aligned=False, mode="avg"):
+    """RoIAlign's gradient, readable: dy (K, C, ph, pw) -> dx (N, C, H, W); arguments as
+    :func:`roi_align_backward`. avg reads only x's shape; max reads x to find each bin's winner."""
+    check_float_array(x, "x", ndim=4)
+    N, C, H, W = x.shape
+    _check_grad(dy, len(rois) if isinstance(rois, np.ndarray) else 0, C, output_size, sampling_ratio,
+                mode, spatial_scale)
     r = check_rois(rois, N)
-    if mode == "max" and x is None:
-        raise ValueError('mode="max" needs the forward input x to find the winning samples')
     # --- exercise: roi_align_backward ---
     dx = np.zeros((N, C, H, W), dy.dtype)
     chans = np.arange(C)
@@ -428,3 +190,145 @@ def roi_align_backward_reference(dy, rois, input_shape, spatial_scale=1.0, sampl
                         dx[b, c, ty, tx] += g[c] * w                     # only the winner's taps
     return dx
     # --- end exercise ---
+
+
+# ----------------------------------------------------------------------------
+# The fast op: checks, then the active kernels (tinymrcnn.kernels: the Numba
+# CPU kernels of kernels/cpu/roi_align.py, or numba.cuda ones)
+# ----------------------------------------------------------------------------
+def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
+              mode="avg"):
+    """Pool a (ph, pw) grid of bilinearly sampled features for each RoI.
+
+    Args:
+        x: (N, C, H, W) float32/float64 feature map.
+        rois: (K, 5) [batch_index, x1, y1, x2, y2], input-image pixels.
+        output_size: int or (ph, pw).
+        spatial_scale: map cells per input pixel (1/stride; 2^-k for FPN level k).
+        sampling_ratio: sampling points per bin side; <= 0: adaptive,
+            ceil(roi_size / output_size) per RoI.
+        aligned: False: torchvision's legacy mapping (pixel i at coordinate i,
+            RoIs at least 1x1); True: half-pixel offset (detectron2).
+        mode: "avg" (the paper's and torchvision's) or "max".
+
+    Returns:
+        (K, C, ph, pw), x's dtype.
+    """
+    return roi_align_levels([x], rois, _one_level(rois), [spatial_scale], output_size,
+                            sampling_ratio, aligned, mode)
+
+
+def roi_align_backward(dy, x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
+                       mode="avg"):
+    """Gradient of :func:`roi_align` with respect to its feature map x.
+
+    avg: dx[b, :, tap] += dy[k, :, ph, pw] * w_tap / count for the four taps of
+    every sample of every bin (only x's shape is read). max: dy goes to the
+    four taps of the bin's winning sample only (first maximum), found in x.
+    No gradient flows to the boxes. Derivation: docs/derivations/roi_align.md.
+
+    Args:
+        dy: (K, C, ph, pw) gradient of the output.
+        x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode:
+            the forward's arguments.
+
+    Returns:
+        dx: (N, C, H, W), dy's dtype.
+    """
+    return roi_align_levels_backward(dy, [x], rois, _one_level(rois), [spatial_scale], output_size,
+                                     sampling_ratio, aligned, mode)[0]
+
+
+class FeatureMaps(tuple):
+    """Feature maps checked and laid out for the active RoI kernels (see :func:`roi_feature_maps`)."""
+
+
+def roi_feature_maps(features) -> FeatureMaps:
+    """Check a list of (N, C, H_l, W_l) maps and lay them out for the RoI kernels, once.
+
+    The CPU kernels gather along channels and read a channels-last copy of
+    each map; the GPU kernels read a device copy. The box and the mask
+    pooler both pool from the same pyramid, so the model makes this once per
+    pass and hands it to both. :func:`roi_align_levels` accepts either.
+    """
+    if isinstance(features, FeatureMaps):
+        return features
+    features = list(features)
+    if not features:
+        raise ValueError("features is empty")
+    for i, f in enumerate(features):
+        check_feature_map(f, f"features[{i}]")
+    n, c = features[0].shape[:2]
+    if any(tuple(f.shape[:2]) != (n, c) or f.dtype != features[0].dtype for f in features):
+        raise ValueError("feature maps disagree on N, C or dtype: "
+                         f"{[(tuple(f.shape), str(f.dtype)) for f in features]}")
+    return FeatureMaps(active_backend().roi_maps(features))
+
+
+def roi_align_levels(features, rois, levels, scales, output_size, sampling_ratio=-1, aligned=False,
+                     mode="avg"):
+    """RoIAlign of RoIs spread over several maps (an FPN pyramid), in one pass.
+
+    RoI k is pooled from ``features[levels[k]]`` with ``scales[levels[k]]``;
+    the result is in RoI order. :func:`roi_align` is the one-map case.
+
+    Args:
+        features: L maps, each (N, C, H_l, W_l), one N, C and dtype; or
+            :func:`roi_feature_maps` of them.
+        rois: (K, 5) [batch_index, x1, y1, x2, y2].
+        levels: (K,) ints in [0, L).
+        scales: L spatial scales.
+        output_size, sampling_ratio, aligned, mode: as :func:`roi_align`.
+
+    Returns:
+        (K, C, ph, pw), the maps' dtype.
+    """
+    maps = roi_feature_maps(features)
+    ph, pw, r, lv = _check_levels(maps, rois, levels, scales, output_size, sampling_ratio, mode)
+    return active_backend().roi_align_levels(list(maps), r, lv, list(scales), (ph, pw),
+                                              int(sampling_ratio), bool(aligned), mode == "max")
+
+
+def roi_align_levels_backward(dy, features, rois, levels, scales, output_size, sampling_ratio=-1,
+                              aligned=False, mode="avg"):
+    """Gradient of :func:`roi_align_levels`: one (N, C, H_l, W_l) array per map (zeros
+    for a map no RoI was pooled from). Arguments: dy, then the forward's."""
+    maps = roi_feature_maps(features)
+    ph, pw, r, lv = _check_levels(maps, rois, levels, scales, output_size, sampling_ratio, mode)
+    _check_grad(dy, len(r), maps[0].shape[1], (ph, pw), sampling_ratio, mode, scales[0])
+    if dy.dtype != maps[0].dtype:
+        raise ValueError(f"dtype mismatch (x: {maps[0].dtype}, dy: {dy.dtype})")
+    return active_backend().roi_align_levels_backward(np.ascontiguousarray(dy), list(maps), r, lv,
+                                                       list(scales), int(sampling_ratio), bool(aligned),
+                                                       mode == "max")
+
+
+# ----------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------
+def _one_level(rois):
+    return np.zeros(len(rois) if isinstance(rois, np.ndarray) and rois.ndim == 2 else 0, np.int64)
+
+
+def _check_levels(maps, rois, levels, scales, output_size, sampling_ratio, mode):
+    """-> (ph, pw, rois as float64, levels as int64), or ValueError."""
+    if len(scales) != len(maps):
+        raise ValueError(f"{len(scales)} scales for {len(maps)} feature maps")
+    for sc in scales:
+        ph, pw = check_roi_args(output_size, sampling_ratio, mode, sc)
+    r = check_rois(rois, maps[0].shape[0])
+    lv = np.asarray(levels)
+    k = len(r)
+    if lv.shape != (k,) or (k and not np.issubdtype(lv.dtype, np.integer)):
+        raise ValueError(f"levels must be {k} integers (one per RoI), got shape {lv.shape}")
+    if k and (lv.min() < 0 or lv.max() >= len(maps)):
+        raise ValueError(f"levels must index the {len(maps)} feature maps, got values in "
+                         f"[{lv.min()}, {lv.max()}]")
+    return ph, pw, r, np.ascontiguousarray(lv, dtype=np.int64)
+
+
+def _check_grad(dy, k, c, output_size, sampling_ratio, mode, spatial_scale):
+    check_float_array(dy, "dy", ndim=4)
+    ph, pw = check_roi_args(output_size, sampling_ratio, mode, spatial_scale)
+    if dy.shape != (k, c, ph, pw):
+        raise ValueError(f"dy has shape {dy.shape}, expected (K, C, ph, pw) = {(k, c, ph, pw)}")

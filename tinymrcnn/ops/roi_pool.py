@@ -12,84 +12,29 @@ features away from where the RoI really is, by up to half a cell each: the
 misalignment Mask R-CNN's masks suffer from (the paper's Table 2c).
 
 Backward: the max routes each output's gradient to the one input element that
-won (its ``argmax``); nothing else gets gradient. Derivation:
-docs/derivations/roi_align.md.
+won (its argmax); nothing else gets gradient. Derivation:
+docs/derivations/roi_align.md. As every functional op, the backward takes dy
+and the forward's arguments, ``roi_pool_backward(dy, x, rois, output_size,
+spatial_scale)``, and finds the winners again in x.
 
-``argmax`` is the flat index into the input, ``x.ravel()`` (so it names the
-batch image and the channel too), or -1 for an empty bin; with it the
-backward needs no RoIs, as API.md's ``roi_pool_backward(dy, argmax,
-input_shape)`` has it.
+Read top to bottom: :func:`roi_pool_cells` (the quantised bins of one box),
+:func:`roi_pool_reference` and :func:`roi_pool_backward_reference` (the
+definition in readable NumPy), then :func:`roi_pool` and
+:func:`roi_pool_backward`, the same on the Numba kernels of
+``tinymrcnn/kernels/cpu/roi_pool.py``.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from ..checks import check_float_array
-from .roi_align import _check_args, _check_shape4, check_rois
-
-
-def roi_pool(x, rois, output_size, spatial_scale=1.0):
-    """Max-pool each RoI's quantised bins.
-
-    Args:
-        x: (N, C, H, W) float32/float64, finite.
-        rois: (K, 5) [batch_index, x1, y1, x2, y2] in input pixels.
-        output_size: int or (ph, pw).
-        spatial_scale: map cells per input pixel.
-
-    Returns:
-        y: (K, C, ph, pw), x's dtype (0 for an empty bin).
-        argmax: (K, C, ph, pw) int64, flat index into x (-1 for an empty bin).
-    """
-    from ..kernels.cpu.roi_pool import roi_pool_forward
-    ph, pw = _check_args(output_size, 1, "avg", spatial_scale)
-    check_float_array(x, "x", ndim=4)
-    r = check_rois(rois, x.shape[0])
-    return roi_pool_forward(np.ascontiguousarray(x), r, float(spatial_scale), ph, pw)
-
-
-def _check_argmax(dy, argmax, shape):
-    check_float_array(dy, "dy", ndim=4)
-    if not isinstance(argmax, np.ndarray) or argmax.shape != dy.shape:
-        raise ValueError(f"argmax must be an array of dy's shape {dy.shape}, got "
-                         f"{getattr(argmax, 'shape', type(argmax).__name__)}")
-    if not np.issubdtype(argmax.dtype, np.integer):
-        raise ValueError(f"argmax must be an integer array, got {argmax.dtype}")
-    N, C, H, W = shape
-    if dy.shape[1] != C:
-        raise ValueError(f"dy has {dy.shape[1]} channels, input_shape has {C}")
-    a = argmax.astype(np.int64, copy=False)
-    ok = a >= 0
-    # each argmax must lie in its own channel's planes (that is what makes the backward race-free)
-    chan = np.broadcast_to(np.arange(C)[None, :, None, None], a.shape)
-    good = (a == -1) | (ok & (a < N * C * H * W) & ((a // max(H * W, 1)) % max(C, 1) == chan))
-    if not good.all():
-        raise ValueError("argmax holds indices that are not -1 or an element of the same channel "
-                         f"of an input of shape {shape}: pass the argmax roi_pool returned")
-    return np.ascontiguousarray(a)
-
-
-def roi_pool_backward(dy, argmax, input_shape):
-    """Gradient of :func:`roi_pool` with respect to x: dx[argmax] += dy.
-
-    Args:
-        dy: (K, C, ph, pw) gradient of the output.
-        argmax: (K, C, ph, pw) int64 from :func:`roi_pool`.
-        input_shape: (N, C, H, W).
-
-    Returns:
-        dx: (N, C, H, W), dy's dtype.
-    """
-    from ..kernels.cpu.roi_pool import roi_pool_backward as kernel
-    shape = _check_shape4(input_shape)
-    a = _check_argmax(dy, argmax, shape)
-    return kernel(np.ascontiguousarray(dy), a, *shape)
+from ..checks import check_float_array, check_roi_args, check_rois
 
 
 # ----------------------------------------------------------------------------
-# The readable reference (SPEC.md "RoI pooling", line by line)
+# The definition, in readable NumPy (SPEC.md "RoI pooling", line by line)
 # ----------------------------------------------------------------------------
 def _round(v):
     """C's round(): halves away from zero."""
@@ -122,13 +67,29 @@ def roi_pool_cells(box, output_size, spatial_scale, height, width):
 
 
 def roi_pool_reference(x, rois, output_size, spatial_scale=1.0):
-    """Readable RoI pooling: same signature and results as :func:`roi_pool`."""
-    ph_, pw_ = _check_args(output_size, 1, "avg", spatial_scale)
+    """RoI pooling, readable: x (N, C, H, W), rois (K, 5) -> y (K, C, ph, pw); as :func:`roi_pool`."""
+    return _pool_reference(x, rois, output_size, spatial_scale)[0]
+
+
+def roi_pool_backward_reference(dy, x, rois, output_size, spatial_scale=1.0):
+    """RoI pooling's gradient, readable: each output's dy goes to the element that won its bin."""
+    _, winners = _pool_reference(x, rois, output_size, spatial_scale)
+    _check_grad(dy, winners.shape)
+    dx = np.zeros(x.size, dy.dtype)
+    hit = winners >= 0
+    np.add.at(dx, winners[hit], dy[hit])                      # each output to its winner
+    return dx.reshape(x.shape)
+
+
+def _pool_reference(x, rois, output_size, spatial_scale):
+    """-> (y, winners): the max of every bin and the flat index into x of the element
+    that won it (first maximum; -1 for an empty bin)."""
+    ph_, pw_ = check_roi_args(output_size, 1, "avg", spatial_scale)
     check_float_array(x, "x", ndim=4)
     r = check_rois(rois, x.shape[0])
     N, C, H, W = x.shape
     y = np.zeros((len(r), C, ph_, pw_), x.dtype)
-    argmax = np.full((len(r), C, ph_, pw_), -1, np.int64)
+    winners = np.full((len(r), C, ph_, pw_), -1, np.int64)
     flat = np.arange(x.size).reshape(x.shape)                 # flat index of every element
     for k, roi in enumerate(r):
         b = int(roi[0])
@@ -137,19 +98,60 @@ def roi_pool_reference(x, rois, output_size, spatial_scale=1.0):
             for pw in range(pw_):
                 h0, h1, w0, w1 = bins[ph][pw]
                 if h1 <= h0 or w1 <= w0:
-                    continue                                  # empty bin: 0, argmax -1
+                    continue                                  # empty bin: 0, no winner
                 region = x[b, :, h0:h1, w0:w1].reshape(C, -1)  # (C, cells)
                 win = region.argmax(axis=1)                   # first maximum
                 y[k, :, ph, pw] = region[np.arange(C), win]
-                argmax[k, :, ph, pw] = flat[b, :, h0:h1, w0:w1].reshape(C, -1)[np.arange(C), win]
-    return y, argmax
+                winners[k, :, ph, pw] = flat[b, :, h0:h1, w0:w1].reshape(C, -1)[np.arange(C), win]
+    return y, winners
 
 
-def roi_pool_backward_reference(dy, argmax, input_shape):
-    """Readable RoI pooling backward: same signature and result as :func:`roi_pool_backward`."""
-    shape = _check_shape4(input_shape)
-    a = _check_argmax(dy, argmax, shape)
-    dx = np.zeros(int(np.prod(shape)), dy.dtype)
-    hit = a >= 0
-    np.add.at(dx, a[hit], dy[hit])                            # each output to its argmax
-    return dx.reshape(shape)
+# ----------------------------------------------------------------------------
+# The fast op: checks, then the Numba kernels (kernels/cpu/roi_pool.py)
+# ----------------------------------------------------------------------------
+def roi_pool(x, rois, output_size, spatial_scale=1.0):
+    """Max-pool each RoI's quantised bins.
+
+    Args:
+        x: (N, C, H, W) float32/float64, finite.
+        rois: (K, 5) [batch_index, x1, y1, x2, y2] in input pixels.
+        output_size: int or (ph, pw).
+        spatial_scale: map cells per input pixel.
+
+    Returns:
+        y: (K, C, ph, pw), x's dtype (0 for an empty bin).
+    """
+    return _pool(x, rois, output_size, spatial_scale)[0]
+
+
+def roi_pool_backward(dy, x, rois, output_size, spatial_scale=1.0):
+    """Gradient of :func:`roi_pool` with respect to x: each dy goes to its bin's winner.
+
+    Args:
+        dy: (K, C, ph, pw) gradient of the output.
+        x, rois, output_size, spatial_scale: the forward's arguments.
+
+    Returns:
+        dx: (N, C, H, W), dy's dtype.
+    """
+    from ..kernels.cpu.roi_pool import roi_pool_backward as kernel
+    _, winners = _pool(x, rois, output_size, spatial_scale)
+    _check_grad(dy, winners.shape)
+    if dy.dtype != x.dtype:
+        raise ValueError(f"dtype mismatch (x: {x.dtype}, dy: {dy.dtype})")
+    return kernel(np.ascontiguousarray(dy), winners, *x.shape)
+
+
+def _pool(x, rois, output_size, spatial_scale):
+    """-> (y, winners (K, C, ph, pw) int64: flat index into x, -1 for an empty bin)."""
+    from ..kernels.cpu.roi_pool import roi_pool_forward
+    ph, pw = check_roi_args(output_size, 1, "avg", spatial_scale)
+    check_float_array(x, "x", ndim=4)
+    r = check_rois(rois, x.shape[0])
+    return roi_pool_forward(np.ascontiguousarray(x), r, float(spatial_scale), ph, pw)
+
+
+def _check_grad(dy, shape):
+    check_float_array(dy, "dy", ndim=4)
+    if dy.shape != tuple(shape):
+        raise ValueError(f"dy has shape {dy.shape}, expected the output's shape {tuple(shape)}")

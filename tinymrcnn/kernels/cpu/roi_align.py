@@ -14,7 +14,7 @@ vectorised multiply-add over one cache-friendly row; in PyTorch's (N, C, H, W)
 each channel of a tap sits in a different plane and every read is a cache miss.
 On the development machine the NHWC gather was about 8x faster, so:
 
-* the forward kernel reads an NHWC map (``tinymrcnn.ops.roi_align.channels_last``
+* the forward kernel reads an NHWC map (``channels_last``
   converts a map once, with NumPy's transpose copy, so the box and the mask
   pooler can share one conversion) and writes PyTorch's (K, C, ph, pw);
 * the backward accumulates NHWC in small per-task buffers and writes the
@@ -44,6 +44,42 @@ import math
 
 import numpy as np
 from numba import get_num_threads, get_thread_id, njit, prange
+
+
+class ChannelsLast:
+    """A feature map stored (N, H, W, C), made once by :func:`channels_last`.
+
+    The kernels below gather along channels, so they read this layout.
+    ``shape`` still reads (N, C, H, W), the shape of the map it stands for.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: np.ndarray):
+        self.data = data                                  # (N, H, W, C)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n, h, w, c = self.data.shape
+        return n, c, h, w
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self) -> str:
+        return f"ChannelsLast(shape(NCHW)={self.shape}, dtype={self.dtype})"
+
+
+def channels_last(x) -> ChannelsLast:
+    """(N, C, H, W) array -> :class:`ChannelsLast` (returned as it is if it already is one).
+
+    The copy costs about as much as one RoIAlign forward of 512 RoIs on an
+    800x800 image's pyramid (benchmarks/bench_roi.py): make it once per level.
+    """
+    if isinstance(x, ChannelsLast):
+        return x
+    return ChannelsLast(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
 
 
 @njit(cache=True)

@@ -186,9 +186,9 @@ def _launch(n):
 
 
 def _rois_device(rois, num_images):
-    """NumPy rois are checked (ops.roi_align.check_rois) and copied; device rois are trusted."""
+    """NumPy rois are checked (tinymrcnn.checks.check_rois) and copied; device rois are trusted."""
     if isinstance(rois, np.ndarray):
-        from ...ops.roi_align import check_rois
+        from ...checks import check_rois
         return to_device(check_rois(rois, num_images))
     if rois.ndim != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois must have shape (K, 5), got {rois.shape}")

@@ -1,0 +1,133 @@
+"""How the model runs, kept out of the model: device, BLAS threads, the step's gradients, timing.
+
+The model's code (``tinymrcnn/model``, ``tinymrcnn/nn``) computes; it never asks
+how many threads it has, which device its kernels run on, or how long it
+took. Those are set here, around its calls, by ``train.py``, ``cli.py``, the
+benchmarks and the data-parallel workers (``parallel.py``):
+
+    with runtime.session(model.config):           # kernels on config.device, BLAS threads
+        losses = runtime.compute_gradients(model, images, targets)
+
+    timer = runtime.StageTimer()
+    with timer.watch(model):                       # time each stage's forward and backward
+        ...
+    print(timer.table())
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
+
+from .kernels import get_device, set_device
+
+
+@contextmanager
+def session(config):
+    """Run the ops on ``config.device`` with ``config.blas_threads`` BLAS threads, then restore both.
+
+    BLAS threads: the Numba kernels already run in parallel, and on a small
+    machine OpenBLAS's spin-waiting threads steal their cores (README, Speed),
+    so the presets use one. None leaves the process's setting alone.
+    """
+    previous = get_device()
+    with ExitStack() as stack:
+        set_device(config.device)
+        stack.callback(set_device, previous)
+        if config.blas_threads is not None:
+            from threadpoolctl import threadpool_limits
+            stack.enter_context(threadpool_limits(limits=config.blas_threads, user_api="blas"))
+        yield
+
+
+def compute_gradients(model, images, targets) -> dict:
+    """One training step's gradients: zero them, forward with losses, backward.
+
+    Leaves the gradient of the summed losses in every ``Parameter.grad`` and
+    returns the five losses. A non-finite loss skips the backward (the caller
+    stops training); the single process and every data-parallel worker run
+    exactly this.
+    """
+    model.zero_grad()
+    losses = model.forward_train(images, targets)
+    if all(math.isfinite(v) for v in losses.values()):
+        model.backward()
+    return losses
+
+
+# The stages of a MaskRCNN whose forward and backward a StageTimer times
+# (dotted path, method names): nested stages are included in their parents.
+MASK_RCNN_STAGES = (
+    ("transform", ("forward",)),
+    ("backbone.body", ("forward", "backward")),
+    ("backbone.fpn", ("forward", "backward")),
+    ("rpn", ("forward",)),                      # head + anchors + proposal layer
+    ("rpn.head", ("forward", "backward")),
+    ("rpn", ("loss",)),                         # anchor targets + RPN losses
+    ("roi_heads", ("forward_train", "forward")),
+    ("roi_heads.box_roi_pool", ("forward", "backward")),
+    ("roi_heads.box_head", ("forward", "backward")),
+    ("roi_heads.box_predictor", ("forward", "backward")),
+    ("roi_heads.mask_roi_pool", ("forward", "backward")),
+    ("roi_heads.mask_head", ("forward", "backward")),
+)
+
+
+class StageTimer:
+    """Accumulates wall-clock seconds per named stage, in first-seen order."""
+
+    def __init__(self):
+        self.seconds: OrderedDict[str, float] = OrderedDict()
+        self.calls: dict[str, int] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    @contextmanager
+    def watch(self, model, stages=MASK_RCNN_STAGES):
+        """Time the given methods of the model's stages while inside the block.
+
+        Each method is wrapped on its instance (the class and the model's
+        code are untouched) and unwrapped on exit. Rows read e.g.
+        "backbone.body forward"; nested stages count in their parents too.
+        """
+        wrapped = []
+        try:
+            for path, methods in stages:
+                module = model
+                for part in path.split(".") if path else []:
+                    module = getattr(module, part)
+                for method in methods:
+                    wrapped.append((module, method))
+                    setattr(module, method, self._timed(f"{path} {method}", getattr(module, method)))
+            yield self
+        finally:
+            for module, method in wrapped:
+                module.__dict__.pop(method, None)
+
+    def _timed(self, name, fn):
+        def timed(*args, **kwargs):
+            with self.stage(name):
+                return fn(*args, **kwargs)
+        return timed
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    def table(self, repeats: int = 1, total_s: float | None = None) -> str:
+        """One row per stage, ms per repeat; ``total_s`` (the whole step) adds each stage's share."""
+        lines = [f"{'stage':36s} {'ms':>9s} {'share':>7s}"]
+        for name, s in self.seconds.items():
+            share = f"{100 * s / total_s:6.1f}%" if total_s else ""
+            lines.append(f"{name:36s} {1000 * s / repeats:9.1f} {share:>7s}")
+        if total_s:
+            lines.append(f"{'whole step':36s} {1000 * total_s / repeats:9.1f}")
+        return "\n".join(lines)
