@@ -66,27 +66,65 @@ def frozen_proposals(monkeypatch):
     return cache
 
 
-def test_whole_model_backward_matches_finite_differences(frozen_proposals):
-    model = MaskRCNN(tiny_config(), seed=3)
+def fd_config():
+    """The tiny model, set so that every parameter gets gradient: a canonical RoI size of 16
+    px spreads the RoIs of these 64-px images over P2..P5 (with 224 they all pool from P2),
+    and sampling every anchor puts the RPN's loss on every level, P6 included."""
+    return tiny_config(canonical_scale=16, rpn_batch_size_per_image=2048)
+
+
+def fd_batch():
+    """Two 64-px images whose objects span P2..P5 at a canonical size of 16 px: a 6-px square
+    and a 14-px disc, a 26-px square and a 46 x 40 rectangle."""
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    shapes = [[(1, (xx > 8) & (xx < 14) & (yy > 8) & (yy < 14)), (2, (xx - 40) ** 2 + (yy - 40) ** 2 < 49)],
+              [(1, (xx > 4) & (xx < 30) & (yy > 34) & (yy < 60)), (3, (xx > 14) & (xx < 60) & (yy > 2) & (yy < 30))]]
+    rng = np.random.default_rng(0)
+    images, targets = [], []
+    for objects in shapes:
+        img = np.empty((3, 64, 64))
+        img[:] = rng.uniform(0, 1, (3, 1, 1))
+        masks = []
+        for _, m in objects:
+            m = m & ~np.any(masks, axis=0) if masks else m
+            img[:, m] = rng.uniform(0, 1, (3, 1))
+            masks.append(m)
+        boxes = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] for ys, xs in (np.nonzero(m) for m in masks)]
+        images.append(img)
+        targets.append({"boxes": np.array(boxes, np.float64), "labels": np.array([c for c, _ in objects]),
+                        "masks": np.stack(masks).astype(np.uint8)})
+    return images, targets
+
+
+def whole_model_check(model, images, targets, mutate_fpn_grads=None):
+    """Worst relative error per parameter between backward() and centred differences.
+
+    ``mutate_fpn_grads`` rewires the gradients handed to the FPN's backward (a deliberate
+    wiring mistake), to show that this check catches one.
+    """
     rng = np.random.default_rng(0)
     # Zero-initialised norms switch residual branches off at start; perturb every
-    # parameter so each one affects the loss.
+    # parameter so each one affects the loss (0.1: with 0.05 some backbone gradients
+    # were small enough for rounding noise in the differences to reach 1e-5).
     for p in model.parameters():
-        p.data = p.data + 0.05 * rng.standard_normal(p.data.shape)
-    images, targets = toy_batch(2)
+        p.data = p.data + 0.1 * rng.standard_normal(p.data.shape)
 
     def loss():
         model.rng = np.random.default_rng(11)          # the same samples every call
         return sum(model.forward_train(images, targets).values())
 
+    if mutate_fpn_grads is not None:
+        fpn_backward = model.backbone.fpn.backward
+        model.backbone.fpn.backward = lambda grads: fpn_backward(mutate_fpn_grads(grads))
     model.zero_grad()
-    losses_now = loss()
-    assert np.isfinite(losses_now)
+    assert np.isfinite(loss())
     model.backward()
     assert model.roi_heads.box_roi_pool._caches == [] and model.backbone.body.conv1._caches == []
-    worst = {}
+    worst, zero = {}, []
     for name, p in model.named_parameters():
         analytic = p.grad.copy()
+        if not np.abs(analytic).max() > 0:
+            zero.append(name)
         all_idx = list(np.ndindex(*p.data.shape))
         pick = [all_idx[j] for j in rng.choice(len(all_idx), size=min(3, len(all_idx)), replace=False)]
         # Backbone gradients are ~1e-5 at this init while the loss is ~3: at h=1e-6
@@ -98,11 +136,31 @@ def test_whole_model_backward_matches_finite_differences(frozen_proposals):
         sel = tuple(np.array(pick).T)
         floor = max(1e-3 * float(np.abs(analytic).max()), 1e-12)
         worst[name] = relative_error(analytic[sel], num[sel], floor=floor)
-    groups = {n.split(".")[0] + "." + n.split(".")[1] for n in worst}
-    assert {"backbone.body", "backbone.fpn", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor",
-            "roi_heads.mask_head"} <= groups
+    return worst, zero
+
+
+def test_whole_model_backward_matches_finite_differences(frozen_proposals):
+    model = MaskRCNN(fd_config(), seed=3)
+    images, targets = fd_batch()
+    pooled = {}
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pooler = getattr(model.roi_heads, name)
+        pooler.map_levels = lambda rois, f=pooler.map_levels, name=name: pooled.setdefault(name, f(rois))
+    worst, zero = whole_model_check(model, images, targets)
+    assert set(pooled["box_roi_pool"]) == {2, 3, 4, 5} and len(set(pooled["mask_roi_pool"])) >= 2, pooled
+    assert not zero, f"parameters with an all-zero gradient: {zero}"
+    assert len(worst) == len(model.parameters())
     bad = {k: v for k, v in worst.items() if v > 1e-5}
     assert not bad, bad
+
+
+def test_whole_model_check_catches_a_wrong_wiring(frozen_proposals):
+    # drop dP6 and triple dP5: every stage is right on its own, the model's wiring is not
+    images, targets = fd_batch()
+    worst, _ = whole_model_check(MaskRCNN(fd_config(), seed=3), images, targets,
+                                 lambda g: g[:3] + [3 * g[3], np.zeros_like(g[4])])
+    bad = {k for k, v in worst.items() if v > 1e-5}
+    assert "backbone.fpn.layer_blocks.3.weight" in bad and "backbone.fpn.inner_blocks.3.weight" in bad, bad
 
 
 def test_losses_have_torchvision_names_and_are_finite_without_objects():
@@ -134,14 +192,14 @@ def test_mask_batch_size_per_image_caps_the_mask_branch():
     rois, other_losses = {}, {}
     for cap in (None, 2):
         model = MaskRCNN(tiny_config(dtype="float32", mask_batch_size_per_image=cap), seed=0)
-        heads_forward = model.roi_heads.forward
+        heads_forward = model.roi_heads.forward_train
 
         def recording_forward(*args, cap=cap, heads_forward=heads_forward, **kw):
-            losses, info = heads_forward(*args, **kw)
+            losses, grads, info = heads_forward(*args, **kw)
             rois[cap] = info["mask_rois"]
-            return losses, info
+            return losses, grads, info
 
-        model.roi_heads.forward = recording_forward
+        model.roi_heads.forward_train = recording_forward
         model.rng = np.random.default_rng(5)
         losses = model.forward_train(images, targets)
         model.backward()

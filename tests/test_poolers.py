@@ -4,7 +4,7 @@ import pytest
 
 from tinymrcnn.gradcheck import numerical_gradient, relative_error
 from tinymrcnn.model.poolers import LevelMapper, MultiScaleRoIAlign
-from tinymrcnn.ops.roi_align import channels_last, roi_align, roi_align_backward
+from tinymrcnn.ops.roi_align import roi_align, roi_align_backward
 from tinymrcnn.ops.roi_pool import roi_pool
 
 
@@ -52,7 +52,7 @@ def test_forward_pools_each_roi_from_its_level_in_roi_order(op, mode):
     assert out.shape == (len(rois), 3, 4, 3)
     for i, (roi, k) in enumerate(zip(rois, levels)):
         if op == "roi_pool":
-            want, _ = roi_pool(feats[k - 2], roi[None], (4, 3), 2.0 ** -k)
+            want = roi_pool(feats[k - 2], roi[None], (4, 3), 2.0 ** -k)
         else:
             want = roi_align(feats[k - 2], roi[None], (4, 3), 2.0 ** -k, 2, True, mode)
         np.testing.assert_allclose(out[i], want[0], rtol=1e-12)
@@ -95,18 +95,18 @@ def test_backward_equals_per_level_roi_align_backward():
     levels = pooler.map_levels(rois)
     for k, (f, d) in enumerate(zip(feats, grads), start=2):
         sel = levels == k
-        want = roi_align_backward(dy[sel], rois[sel], f.shape, 2.0 ** -k, 2)
+        want = roi_align_backward(dy[sel], f, rois[sel], 7, 2.0 ** -k, 2)
         np.testing.assert_allclose(d, want, rtol=1e-6, atol=1e-6)
         assert d.dtype == np.float32
 
 
-def test_channels_last_features_and_zero_rois():
+def test_prepared_features_and_zero_rois():
     rng = np.random.default_rng(3)
     feats = pyramid(rng, dtype=np.float32)
     rois = mixed_rois(rng).astype(np.float32)
     pooler = MultiScaleRoIAlign(7, 2)
     a = pooler(feats, rois)
-    b = pooler([channels_last(f) for f in feats], rois)     # converted once, shared by two poolers
+    b = pooler(pooler.prepare(feats), rois)     # laid out once, shared by two poolers
     np.testing.assert_array_equal(a, b)
     ga, gb = pooler.backward(np.ones_like(b)), pooler.backward(np.ones_like(a))
     for x, y in zip(ga, gb):

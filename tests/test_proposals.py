@@ -30,7 +30,8 @@ def hand_case():
 def test_hand_built_case_step_by_step():
     logits, deltas, anchors = hand_case()
     boxes, scores, records = generate_proposals(logits, deltas, anchors, [(50, 50)], pre_nms_top_n=5,
-                                                post_nms_top_n=2, nms_thresh=0.7, score_thresh=0.55)
+                                                post_nms_top_n=2, nms_thresh=0.7, score_thresh=0.55,
+                                                trace=True)
     rec = records[0]
     assert rec["counts"] == {"topk": 7, "decoded": 7, "clipped": 7, "remove_small": 6,
                              "score_thresh": 5, "nms": 3, "final": 2}
@@ -57,7 +58,7 @@ def test_hand_built_case_step_by_step():
 
 def test_defaults_keep_everything_but_the_small_and_the_overlapping():
     logits, deltas, anchors = hand_case()
-    boxes, scores, records = generate_proposals(logits, deltas, anchors, [(50, 50)], 2000, 2000)
+    boxes, scores, records = generate_proposals(logits, deltas, anchors, [(50, 50)], 2000, 2000, trace=True)
     np.testing.assert_array_equal(records[0]["final"]["anchor_index"], [0, 6, 4, 3, 5])
     assert (np.diff(scores[0]) <= 0).all()
 
@@ -90,7 +91,7 @@ def test_random_batch_equals_per_level_derivation(dtype):
     logits = [rng.normal(0, 2, (2, a.shape[0])).astype(dtype) for a in anchors]
     deltas = [rng.normal(0, 0.3, (2, a.shape[0], 4)).astype(dtype) for a in anchors]
     args = dict(pre_nms_top_n=100, post_nms_top_n=60, nms_thresh=0.6, score_thresh=0.2, min_size=3.0)
-    boxes, scores, records = generate_proposals(logits, deltas, anchors, sizes, **args)
+    boxes, scores, records = generate_proposals(logits, deltas, anchors, sizes, **args, trace=True)
     for i in range(2):
         exp_boxes, exp_scores = proposals_by_hand([o[i] for o in logits], [d[i] for d in deltas],
                                                   [a.astype(dtype) for a in anchors], sizes[i], **args)
@@ -168,3 +169,14 @@ def test_assign_rpn_targets_rejects_inverted_gt():
     with pytest.raises(ValueError):
         assign_rpn_targets(anchors, np.array([[10, 0, 0, 10]], np.float32), *rpn_layers(),
                            rng=np.random.default_rng(0))
+
+
+def test_trace_only_when_asked_and_the_same_proposals():
+    logits, deltas, anchors = hand_case()
+    boxes, scores, records = generate_proposals(logits, deltas, anchors, [(50, 50)], 4, 3)
+    traced_boxes, traced_scores, traced = generate_proposals(logits, deltas, anchors, [(50, 50)], 4, 3,
+                                                             trace=True)
+    assert records is None and traced[0]["counts"]["final"] == len(boxes[0]) > 0
+    np.testing.assert_array_equal(boxes[0], traced_boxes[0])
+    np.testing.assert_array_equal(scores[0], traced_scores[0])
+    np.testing.assert_array_equal(traced[0]["final"]["boxes"], boxes[0])
