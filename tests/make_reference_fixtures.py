@@ -2,8 +2,8 @@
 
 tests/test_reference_fixtures.py compares tinymrcnn with these stored answers,
 so the comparisons with torch also run where torch is not installed (CI).
-Run from the repository root, in an environment with torch and torchvision
-(CPU builds are enough):
+Run from the repository root, in an environment where torch and torchvision
+import (CPU builds are enough; torchvision must be built for that torch):
 
     PYTHONPATH=. python tests/make_reference_fixtures.py            # every family
     PYTHONPATH=. python tests/make_reference_fixtures.py nms conv   # some of them
@@ -13,13 +13,18 @@ torch installed, test_reference_fixtures.py::test_fixtures_are_up_to_date
 rebuilds every family in memory and fails while the stored files differ.
 
 Every input comes from NumPy's default_rng with a fixed integer seed, so the
-files are the same on every run; the cases, seeds and shapes are those of the
-live comparisons in tests/test_*.py (conv, layers, losses, optim, boxes,
-anchors, transforms, roi_align, roi_pool, nms). A file holds the inputs and
+files are the same on every run. The cases, seeds, shapes and dtypes are those
+of the live comparisons (test_conv, test_layers, test_losses, test_optim,
+test_boxes, test_anchors, test_transforms, test_roi_align, test_roi_pool;
+Linear's weights are drawn here, not by its init); on top of them: box coder,
+IoU and anchors from torchvision itself (the live tests repeat its formulas in
+torch), RoIAlign/RoIPool gradients and empty RoI lists, and torchvision's NMS
+on test_nms.py's hand-built cases and random sets. A file holds the inputs and
 torch's outputs and gradients, keyed "<case>.<name>"; parameters that are not
 arrays (optimizer settings) are a JSON string. Nothing needs pickle:
 np.load(path, allow_pickle=False) reads every file. torch is imported only
-inside the builders, so this module imports without it.
+inside the builders, so this module imports without it (the tests take the
+case lists from it).
 """
 from __future__ import annotations
 
