@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from optional_torch import import_torch, import_torchvision_ops
 from tinymrcnn.gradcheck import gradcheck
 from tinymrcnn.ops.roi_pool import (roi_pool, roi_pool_backward, roi_pool_backward_reference,
                                     roi_pool_cells, roi_pool_reference)
@@ -125,9 +126,10 @@ def test_bad_input_is_a_clear_value_error():
         roi_pool_backward(y.astype(np.float64), x, rois, 2)
 
 
+@pytest.mark.torch
 def test_matches_torchvision_when_installed():
-    torch = pytest.importorskip("torch")
-    tv_ops = pytest.importorskip("torchvision.ops")
+    torch = import_torch()
+    tv_ops = import_torchvision_ops()           # skips when torchvision is installed but broken too
     rng = np.random.default_rng(4)
     x, rois = random_case(rng, np.float64)
     rois = rois[np.isfinite(rois).all(axis=1)]
