@@ -1,4 +1,4 @@
-"""Region Proposal Network: head, losses and proposals (BLOG.md steps 3-4).
+"""Region Proposal Network: head, losses and proposals (steps 3-4 of docs/walkthrough.md).
 
 For every pyramid level P2..P6 the same small head predicts, at every
 position and for each of the A anchors there, an objectness logit and four
@@ -6,7 +6,7 @@ box deltas. Training compares them with targets from the anchor matcher;
 inference (and training too) turns them into proposals with the proposal
 layer of :mod:`tinymrcnn.model.proposals`.
 
-Gradient flow (SPEC "RPN"): losses -> (objectness, deltas) per level -> head
+Gradient flow: losses -> (objectness, deltas) per level -> head
 (called once per level with shared weights, so its backward runs once per
 level in reverse order and the weight gradients add up) -> dP per level.
 No gradient flows through the proposals themselves (the paper, and
@@ -28,7 +28,7 @@ from .proposals import assign_rpn_targets, generate_proposals
 class RPNHead(Module):
     """3x3 conv (D -> D) + ReLU, then 1x1 convs to A logits and 4A deltas.
 
-    Weights N(0, 0.01), biases 0 (SPEC). Names as torchvision: conv,
+    Weights N(0, 0.01), biases 0 (as torchvision). Names as torchvision: conv,
     cls_logits, bbox_pred.
     """
 
@@ -134,7 +134,7 @@ class RegionProposalNetwork(Module):
         """BCE objectness on the sampled anchors + smooth L1 on the positives.
 
         Both are divided by the number of sampled anchors over the batch
-        (SPEC). Returns the losses and their gradients w.r.t. the flattened
+        (docs/semantics.md#rpn-losses). Returns the losses and their gradients w.r.t. the flattened
         logits and deltas of every level.
         """
         c = self.config

@@ -14,7 +14,7 @@ derivation of every backward is docs/derivations/conv.md.
 Functions
 ---------
 * :func:`conv2d`, :func:`conv2d_backward`, :func:`conv_transpose2d`,
-  :func:`conv_transpose2d_backward`: the public ops (API.md); they validate
+  :func:`conv_transpose2d_backward`: the public ops (``tinymrcnn.ops``); they validate
   their arguments and run the fast CPU path, ``tinymrcnn/kernels/cpu/conv.py``
   (shifted-window GEMMs in BLAS, data movement in Numba).
 * ``*_reference``: the same signatures in slow, readable NumPy, one einsum per

@@ -5,13 +5,13 @@ each region of interest *without rounding anything*: the RoI is split into
 ph x pw equal bins, each bin is sampled at grid_h x grid_w regularly spaced
 points, each point is read by bilinear interpolation from its four nearest
 pixels, and the samples of a bin are averaged (``mode="avg"``, torchvision and
-detectron2) or maxed (``mode="max"``, the blog's step 5). The exact rules,
-edge cases included, are SPEC.md "RoIAlign"; the derivation of the backward
+detectron2) or maxed (``mode="max"``, which the paper allows). The exact rules,
+edge cases included, are docs/semantics.md#roialign; the derivation of the backward
 pass is docs/derivations/roi_align.md.
 
 Functions
 ---------
-* :func:`roi_align`, :func:`roi_align_backward`: the public ops (API.md), on
+* :func:`roi_align`, :func:`roi_align_backward`: the public ops (``tinymrcnn.ops``), on
   the Numba CPU kernels of ``tinymrcnn.kernels.cpu.roi_align``;
   :func:`roi_align_levels` and its backward: the same over several maps (an
   FPN pyramid) in one pass, for the multi-scale pooler.
@@ -21,7 +21,7 @@ Functions
   once with ``channels_last(p)`` and pass the result to every call that pools
   from it (the box and the mask pooler) to pay for the transpose once.
 * :func:`roi_align_reference`, :func:`roi_align_backward_reference`: slow,
-  readable NumPy that follows SPEC.md line by line; the tests hold the
+  readable NumPy that follows docs/semantics.md#roialign line by line; the tests hold the
   kernels to them.
 * :func:`roi_sample_points`, :func:`bilinear_reference`: the geometry of the
   reference, also used by ``tinymrcnn.viz.roi`` to draw exactly the points
@@ -291,7 +291,7 @@ def roi_align_levels_backward(dy, rois, levels, scales, input_shapes, sampling_r
 
 
 # ----------------------------------------------------------------------------
-# The readable reference (SPEC.md "RoIAlign", line by line)
+# The readable reference (docs/semantics.md#roialign, line by line)
 # ----------------------------------------------------------------------------
 def roi_sample_points(box, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
     """Where RoIAlign samples one box, in feature-map coordinates.
@@ -307,7 +307,7 @@ def roi_sample_points(box, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     ph_, pw_ = pair(output_size, "output_size")
     x1, y1, x2, y2 = (float(v) for v in box)
     # --- exercise: roi_align_forward ---
-    offset = 0.5 if aligned else 0.0                       # SPEC: offset = 0.5 if aligned else 0
+    offset = 0.5 if aligned else 0.0                       # offset = 0.5 if aligned else 0
     start_w, start_h = x1 * spatial_scale - offset, y1 * spatial_scale - offset
     end_w, end_h = x2 * spatial_scale - offset, y2 * spatial_scale - offset
     roi_w, roi_h = end_w - start_w, end_h - start_h

@@ -1,6 +1,7 @@
 """RoI pooling (Fast R-CNN, Girshick 2015): the baseline RoIAlign replaced.
 
-RoI pooling quantises twice (SPEC.md "RoI pooling"; the blog's section 2):
+RoI pooling quantises twice (docs/semantics.md#roi-pooling;
+docs/walkthrough.md#roi-pooling-versus-roialign-the-worked-example):
 
 1. the RoI's corners are rounded to whole feature-map cells,
    start = round(x1 * scale), end = round(x2 * scale), size = end - start + 1;
@@ -17,8 +18,7 @@ docs/derivations/roi_align.md.
 
 ``argmax`` is the flat index into the input, ``x.ravel()`` (so it names the
 batch image and the channel too), or -1 for an empty bin; with it the
-backward needs no RoIs, as API.md's ``roi_pool_backward(dy, argmax,
-input_shape)`` has it.
+backward needs no RoIs: ``roi_pool_backward(dy, argmax, input_shape)``.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def roi_pool_backward(dy, argmax, input_shape):
 
 
 # ----------------------------------------------------------------------------
-# The readable reference (SPEC.md "RoI pooling", line by line)
+# The readable reference (docs/semantics.md#roi-pooling, line by line)
 # ----------------------------------------------------------------------------
 def _round(v):
     """C's round(): halves away from zero."""
