@@ -282,18 +282,18 @@ def test_planted_half_pixel_offset_in_roi_align_forward(tmp_path):
         "roi_sample_points": SAMPLE_POINTS_NO_OFFSET, "bilinear_reference": BILINEAR,
         "roi_align_reference": POOL})
     # aligned=False does not need the offset: those checks pass with this code
-    for name in ("SPEC.md's known answer (detectron2's test), aligned=False",
-                 "roi_sample_points: the blog's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
+    for name in ("RoIAlign's known answer (detectron2's test), aligned=False",
+                 "roi_sample_points: the walkthrough's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
                  "bilinear_reference: edges, out of range and NaN", "mode=\"max\": the largest sample of each bin"):
         assert checks[name].passed, (name, checks[name].message)
-    known = checks["SPEC.md's known answer (detectron2's test), aligned=True"]
+    known = checks["RoIAlign's known answer (detectron2's test), aligned=True"]
     assert not known.passed
     assert "your result equals the aligned=False answer" in known.message
     assert "half-pixel offset" in known.message and "expected 4.5, got 7.5" in known.message
     pts = checks["roi_sample_points: adaptive grid, aligned=True, (3, 4) bins"]
     assert "your points are those of aligned=False" in pts.message
     assert 0 < result.score < 100
-    assert "FAIL SPEC.md's known answer (detectron2's test), aligned=True: output:" in text
+    assert "FAIL RoIAlign's known answer (detectron2's test), aligned=True: output:" in text
 
 
 MASK_LOSS_OVER_ALL_CHANNELS = """

@@ -1,6 +1,6 @@
 """The step-through notebooks run top to bottom, headless, and their own asserts pass.
 
-Each notebook checks its key numbers with ``assert`` (the blog's 4.53 x 6.25
+Each notebook checks its key numbers with ``assert`` (the worked example's 4.53 x 6.25
 RoI, a live gradient check, the proposal counts, ...), so running it is the
 test. ``TINYMRCNN_NOTEBOOK_SMALL=1`` makes the training cells tiny; the runs
 they train go to a temporary folder shared by this module, so the toy model

@@ -1,4 +1,4 @@
-"""RoIAlign: SPEC known answers, Numba kernel vs readable reference, gradients, bad input."""
+"""RoIAlign: known answers, Numba kernel vs readable reference, gradients, bad input."""
 import numpy as np
 import pytest
 
@@ -11,7 +11,7 @@ from tinymrcnn.ops.roi_align import (roi_align, roi_align_backward, roi_align_ba
 ARANGE = np.arange(25, dtype=np.float64).reshape(1, 1, 5, 5)
 BOX = np.array([[0, 1, 1, 3, 3]], dtype=np.float64)
 
-# SPEC.md "RoIAlign", known answers (detectron2's test): 5x5 arange, box [1, 1, 3, 3], 4x4, adaptive
+# docs/semantics.md#roialign, known answers (detectron2's test): 5x5 arange, box [1, 1, 3, 3], 4x4, adaptive
 KNOWN = {
     False: [[7.5, 8, 8.5, 9], [10, 10.5, 11, 11.5], [12.5, 13, 13.5, 14], [15, 15.5, 16, 16.5]],
     True: [[4.5, 5, 5.5, 6], [7, 7.5, 8, 8.5], [9.5, 10, 10.5, 11], [12, 12.5, 13, 13.5]],

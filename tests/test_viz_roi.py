@@ -1,4 +1,4 @@
-"""The blog's RoI pooling vs RoIAlign example, computed and drawn."""
+"""The RoI pooling vs RoIAlign example of docs/walkthrough.md, computed and drawn."""
 import numpy as np
 import pytest
 
@@ -7,14 +7,14 @@ from tinymrcnn.viz.roi import (BLOG_BOX, blog_roi_numbers, blog_sample_points,
                                roi_pool_vs_align_figure)
 
 
-def test_the_blogs_numbers():
+def test_the_worked_examples_numbers():
     nb = blog_roi_numbers()                            # 145 x 200 RoI, stride 32, 3 x 3 output
     assert nb["roi_size"] == (145, 200)
     assert round(nb["projected"][0], 2) == 4.53 and nb["projected"][1] == 6.25
     assert nb["cells"] == (4, 6)                       # first quantisation
     assert nb["bin_stride"] == (1, 2)                  # second: floor(4/3) x floor(6/3)
     r0, c0 = nb["origin"]
-    # the 4th row of the 4 x 6 region is never pooled (the blog's sky-blue row)
+    # the 4th row of the 4 x 6 region is never pooled (the figure's sky-blue row)
     assert nb["never_read"] == [(r0 + 3, c0 + j) for j in range(6)]
     assert len(nb["pooled"]) == 3 * 6
     np.testing.assert_allclose(nb["align_bin"], (1.51, 2.08), atol=0.005)

@@ -5,7 +5,7 @@ Two presets:
 * :meth:`MaskRCNNConfig.shapes` -- the toy default. A small GroupNorm ResNet
   trained from scratch on 128x128 shapes images on a laptop CPU.
 * :meth:`MaskRCNNConfig.torchvision_r50_fpn` -- the values of torchvision's
-  ``maskrcnn_resnet50_fpn`` (SPEC.md), so that with the same weights
+  ``maskrcnn_resnet50_fpn`` (docs/semantics.md), so that with the same weights
   tinymrcnn computes the same thing.
 
 Field names say which stage uses them (``rpn_*``, ``box_*``, ``mask_*``).
@@ -25,14 +25,14 @@ class MaskRCNNConfig:
     num_classes: int = 4                      # including background (label 0)
     class_names: tuple = ("background", "square", "circle", "triangle")
 
-    # ---- input transform (SPEC "Input transform") -------------------------
+    # ---- input transform (docs/semantics.md#input-transform) -----------------
     min_size: int | None = None               # resize short side to this; None keeps the size
     max_size: int | None = None               # cap on the long side (torchvision: 1333)
     image_mean: tuple = (0.485, 0.456, 0.406)
     image_std: tuple = (0.229, 0.224, 0.225)
     size_divisible: int = 32                  # zero-pad H and W up to a multiple of this
 
-    # ---- backbone (SPEC "Backbone and FPN") -------------------------------
+    # ---- backbone (docs/semantics.md#backbone-and-fpn) ------------------------
     block: str = "basic"                      # "basic" (ResNet-18/34) or "bottleneck" (ResNet-50+)
     blocks_per_stage: tuple = (2, 2, 2, 2)    # layer1..layer4
     stem_channels: int = 64
@@ -45,12 +45,12 @@ class MaskRCNNConfig:
     # ---- FPN -------------------------------------------------------------
     fpn_channels: int = 256
 
-    # ---- anchors (SPEC "Anchors") ----------------------------------------
+    # ---- anchors (docs/semantics.md#anchors) -----------------------------------
     anchor_sizes: tuple = (32, 64, 128, 256, 512)     # one per level P2..P6
     aspect_ratios: tuple = (0.5, 1.0, 2.0)            # h / w
     anchor_cell_centered: bool = False                # torchvision: False (centres at cell corners)
 
-    # ---- RPN (SPEC "RPN and the proposal layer") ---------------------------
+    # ---- RPN (docs/semantics.md#proposal-layer) ----------------------------
     rpn_pre_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_train: int = 2000
@@ -64,9 +64,9 @@ class MaskRCNNConfig:
     rpn_positive_fraction: float = 0.5
     rpn_smooth_l1_beta: float = 1.0 / 9
 
-    # ---- RoI feature extraction (SPEC "RoIAlign", "LevelMapper") ------------
+    # ---- RoI feature extraction (docs/semantics.md#roialign) -------------------
     roi_op: str = "roi_align"                 # "roi_align" or "roi_pool" (Table 2c ablation)
-    roi_align_mode: str = "avg"               # "avg" or "max" (the blog's step 5)
+    roi_align_mode: str = "avg"               # "avg" or "max" (docs/semantics.md#roialign)
     roi_aligned: bool = False                 # half-pixel offset (detectron2: True)
     roi_sampling_ratio: int = 2               # <= 0: adaptive ceil(roi / bins)
     canonical_scale: float = 224.0
@@ -74,7 +74,7 @@ class MaskRCNNConfig:
     box_roi_size: int = 7
     mask_roi_size: int = 14
 
-    # ---- box head (SPEC "Box head") -----------------------------------------
+    # ---- box head (docs/semantics.md#box-head) ----------------------------------
     box_fg_iou_thresh: float = 0.5
     box_bg_iou_thresh: float = 0.5
     box_batch_size_per_image: int = 512
@@ -87,7 +87,7 @@ class MaskRCNNConfig:
     box_detections_per_img: int = 100
     box_min_size: float = 1e-2
 
-    # ---- mask head (SPEC "Mask head") ---------------------------------------
+    # ---- mask head (docs/semantics.md#mask-head) --------------------------------
     mask_num_convs: int = 4
     mask_channels: int = 256
     mask_target_mode: str = "soft"            # "soft" (torchvision) or "threshold" (detectron2)
@@ -181,7 +181,7 @@ class MaskRCNNConfig:
 
     @classmethod
     def torchvision_r50_fpn(cls, **overrides) -> "MaskRCNNConfig":
-        """torchvision's maskrcnn_resnet50_fpn (91 COCO classes), values from SPEC.md."""
+        """torchvision's maskrcnn_resnet50_fpn (91 COCO classes): the values of docs/semantics.md."""
         cfg = dict(
             num_classes=91,
             class_names=tuple(["background"] + [f"class_{i}" for i in range(1, 91)]),

@@ -54,7 +54,7 @@ class Exercise:
     title: str
     module: str                        # dotted module that holds the parts
     parts: tuple[Part, ...]
-    minutes: int                       # estimated time for a student who read the blog
+    minutes: int                       # estimated time for a student who read docs/walkthrough.md
     teaches: str
     requires: tuple[str, ...] = field(default=())   # exercises whose functions these parts call
 
@@ -187,7 +187,7 @@ EXERCISES: tuple[Exercise, ...] = (
         module="tinymrcnn.model.proposals", minutes=45, requires=("box_coder",),
         teaches=("What turns a dense map of anchor scores into a few hundred object proposals: "
                  "top-k per pyramid level, decoding, clipping, small-box removal, a score "
-                 "threshold, NMS per level and the final top-n (the blog's training step 4). "
+                 "threshold, NMS per level and the final top-n (step 4 of docs/walkthrough.md). "
                  "Why NMS runs per level, and where the proposal counts go at each step."),
         parts=(Part(
             function="generate_proposals",
@@ -222,7 +222,7 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise(
         number=4, name="roi_align_forward", title="RoIAlign: sampling points, bilinear taps, pooling",
         module="tinymrcnn.ops.roi_align", minutes=60,
-        teaches=("The blog's RoIAlign example made exact: keep the projected RoI unquantised "
+        teaches=("The RoIAlign example of docs/walkthrough.md made exact: keep the projected RoI "
                  "(145 x 200 px at stride 32 is 4.53 x 6.25 cells), split it into bins, sample "
                  "each bin on a regular grid, read each sample by bilinear interpolation and "
                  "average. The half-pixel offset (aligned=True) and every edge case of the exact "
@@ -263,7 +263,7 @@ EXERCISES: tuple[Exercise, ...] = (
                     if y_low >= height - 1: y_low = y_high = height - 1 and y = y_low
                     else: y_high = y_low + 1                        (x likewise)
                     ly = y - y_low, hy = 1 - ly (x likewise)
-                    weights: hy*hx, hy*lx, ly*hx, ly*lx  (the blog's Q11, Q21, Q12, Q22 weights)""",
+                    weights: hy*hx, hy*lx, ly*hx, ly*lx  (the weights of Q11, Q21, Q12, Q22)""",
                 hint=("Write the range test as not (-1 <= y <= height and -1 <= x <= width): "
                       "then NaN lands in the out-of-range branch by itself."),
             ),
@@ -281,7 +281,7 @@ EXERCISES: tuple[Exercise, ...] = (
                     out[k, c, p, q] = 1 / count * sum_{iy, ix} bilinear(x[b_k, c], ys[p, iy], xs[q, ix])""",
                 hint=("count comes from roi_sample_points, not from the number of samples that "
                       "fell inside the map: a sample outside the map contributes 0 but still "
-                      "counts (SPEC.md 'RoIAlign')."),
+                      "counts (docs/semantics.md#roialign)."),
             ),
         ),
     ),
@@ -313,8 +313,8 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise(
         number=6, name="mask_loss", title="the per-class mask loss and its gradient",
         module="tinymrcnn.losses", minutes=25,
-        teaches=("Mask R-CNN's decoupling of masks and classes (paper section 3, the blog's "
-                 "section 3): a sigmoid per pixel on the ground-truth class's channel only, so "
+        teaches=("Mask R-CNN's decoupling of masks and classes (paper section 3; the loss in "
+                 "docs/walkthrough.md): a sigmoid per pixel on the ground-truth class's channel only, so "
                  "the K masks never compete; the gradient sigmoid(z) - t on that channel and "
                  "exactly zero on the others; what the mean runs over."),
         parts=(Part(

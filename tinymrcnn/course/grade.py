@@ -13,12 +13,12 @@ the solution's source is ever printed; expected *values* are.
 The checks, per exercise (see the ``_checks_*`` functions):
 
 * comparisons with the solution on small random inputs (float64, relative
-  tolerance 1e-7), including the edge cases of SPEC.md;
+  tolerance 1e-7), including the edge cases of docs/semantics.md;
 * float64 finite-difference gradient checks (max relative error 1e-6):
   against the forward for a backward exercise, against the student's own
   loss for the mask loss;
-* the known numbers: SPEC.md's RoIAlign answers (detectron2's test) and the
-  blog's 145 x 200 px RoI at stride 32;
+* the known numbers: RoIAlign's known answers (detectron2's test, docs/semantics.md#roialign)
+  and the 145 x 200 px RoI at stride 32 of docs/walkthrough.md;
 * float32 in, float32 out.
 
 This module is the instructor's: ``make-student`` leaves it (and the runner)
@@ -356,7 +356,7 @@ def _checks_box_coder(b: _Builder, rng: np.random.Generator):
         coder = BoxCoder(weights)
         exp = coder.encode(g, p)
         variants = [("the deltas of Detectron's legacy '+1' box sizes", coder.encode(g + one, p + one),
-                     "a box is x2 - x1 wide, with no +1 (SPEC.md 'Box coder')"),
+                     "a box is x2 - x1 wide, with no +1 (docs/semantics.md#box-coding)"),
                     ("encode(proposals, reference_boxes), the arguments swapped", coder.encode(p, g),
                      "the deltas measure the reference box relative to the proposal: divide by the "
                      "proposal's size")]
@@ -515,7 +515,7 @@ def _rand_rois(rng, k, n_images, size, lo=-2.0, smin=2.0, smax=14.0):
     return np.concatenate([rng.integers(0, n_images, (k, 1)).astype(np.float64), boxes], axis=1)
 
 
-HALF_PIXEL = ("check the half-pixel offset: SPEC.md 'RoIAlign', offset = 0.5 if aligned else 0, "
+HALF_PIXEL = ("check the half-pixel offset (docs/semantics.md#roialign): offset = 0.5 if aligned else 0, "
               "subtracted from the scaled box")
 
 
@@ -543,7 +543,7 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
         return judge
 
     blog_args = (BLOG_BOX, BLOG_OUTPUT, 1.0 / BLOG_STRIDE, 2, False)
-    b.check("roi_sample_points: the blog's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
+    b.check("roi_sample_points: the walkthrough's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
             b.call(SP, *blog_args), points_judge(roi_sample_points(*blog_args)),
             hint="The RoI covers 6.25 x 4.53 cells (width x height); a bin is 2.08 x 1.51 cells; "
                  "its 2 x 2 points sit at (i + 0.5) / 2 of the bin, not at thirds.")
@@ -585,14 +585,14 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
     roi = np.array([[0.0, 1.0, 1.0, 3.0, 3.0]])
     known = {al: roi_align_reference(x25, roi, 4, 1.0, -1, al) for al in (False, True)}
     for al in (False, True):
-        b.check(f"SPEC.md's known answer (detectron2's test), aligned={al}", b.call(RA, x25, roi, 4, 1.0, -1, al),
+        b.check(f"RoIAlign's known answer (detectron2's test), aligned={al}", b.call(RA, x25, roi, 4, 1.0, -1, al),
                 lambda v, al=al: diff_arrays(known[al], v[0], "output", variants=[
                     (f"the aligned={not al} answer", known[not al], HALF_PIXEL)]))
 
     xb = rng.standard_normal((1, 2, BLOG_FEATURE_SIZE, BLOG_FEATURE_SIZE))
     rb = np.array([[0.0, *BLOG_BOX]])
     eb = roi_align_reference(xb, rb, BLOG_OUTPUT, 1.0 / BLOG_STRIDE, 2, False)
-    b.check("the blog's RoI on a random 16x16 map, 3x3 output, 2x2 samples per bin",
+    b.check("the walkthrough's RoI on a random 16x16 map, 3x3 output, 2x2 samples per bin",
             b.call(RA, xb, rb, BLOG_OUTPUT, 1.0 / BLOG_STRIDE, 2, False),
             lambda v: diff_arrays(eb, v[0], "output"))
 
@@ -610,7 +610,7 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
     e = roi_align_reference(x, out_rois, 3, 1.0, 2, False)
     b.check("RoIs partly and wholly outside the map", b.call(RA, x, out_rois, 3, 1.0, 2, False),
             lambda v: diff_arrays(e, v[0], "output"),
-            hint="A sample outside the map contributes 0 but still counts in count (SPEC.md).")
+            hint="A sample outside the map contributes 0 but still counts in count (docs/semantics.md).")
 
     odd = np.array([[0, 5.0, 5.0, 5.0, 5.0], [1, float("nan"), 2.0, 3.0, 4.0]])
     eo = roi_align_reference(x, odd, 2, 1.0, -1, True)

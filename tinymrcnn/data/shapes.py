@@ -1,11 +1,11 @@
 """The toy "shapes" dataset: squares, circles and triangles on a plain background.
 
-SPEC "The toy dataset (shapes)": 128 x 128 images with one random
+As matterport's Mask_RCNN shapes sample defines it: 128 x 128 images with one random
 background colour and 1-4 shapes of random colours; each shape's centre is
 at least 20 px from the border and its half-size is in [20, 32] px; heavily
 overlapping shapes are avoided and the masks account for occlusion.
 
-Choices made here (the spec leaves them open):
+Choices made here (that definition leaves them open):
 
 * **Determinism.** Image ``i`` is drawn from its own generator seeded with
   ``(seed, split, i)``, so ``ds[i]`` is the same whatever was read before and

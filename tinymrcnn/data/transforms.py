@@ -7,7 +7,7 @@ the ``numpy.random.Generator`` they are given, so a training loop that seeds
 one generator per step gets the same augmentation on a resumed run;
 ``rng=None`` means a fresh, unseeded generator.
 
-The resize is the model's own (SPEC "Input transform", in
+The resize is the model's own (docs/semantics.md#input-transform, in
 :mod:`tinymrcnn.model.transform`): bilinear with half-pixel centres
 (PyTorch's ``align_corners=False``), output ``floor(side * scale)``, boxes
 multiplied by the per-axis ratio new / old, masks resized nearest. Use it

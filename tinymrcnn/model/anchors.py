@@ -1,6 +1,6 @@
 """Anchors: the reference boxes the RPN scores and regresses, one set per pyramid level.
 
-SPEC.md "Anchors" (torchvision's ``AnchorGenerator``): level l has sizes
+docs/semantics.md#anchors (torchvision's ``AnchorGenerator``): level l has sizes
 ``sizes[l]`` and aspect ratios ``aspect_ratios[l]`` (ratio = h / w). For each
 (ratio r, size s) the base anchor, centred on the origin, is
 

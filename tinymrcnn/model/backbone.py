@@ -1,6 +1,7 @@
 """ResNet backbone: image -> C2, C3, C4, C5 (strides 4, 8, 16, 32).
 
-BLOG.md step 2, SPEC.md "Backbone and FPN". The layout follows torchvision's
+docs/walkthrough.md#2-backbone-and-fpn and docs/semantics.md#backbone-and-fpn.
+The layout follows torchvision's
 ResNet so parameter names line up (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer1.0.downsample.0`` ...):
 

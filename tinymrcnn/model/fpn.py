@@ -1,4 +1,4 @@
-"""Feature Pyramid Network: C2..C5 -> P2..P6 (BLOG.md step 2, SPEC.md "FPN").
+"""Feature Pyramid Network: C2..C5 -> P2..P6 (docs/semantics.md#backbone-and-fpn).
 
     last = lateral5(C5);                        P5 = out5(last)
     last = lateral4(C4) + up(last, C4's size);  P4 = out4(last)

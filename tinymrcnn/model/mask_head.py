@@ -1,4 +1,4 @@
-"""The mask branch: a small FCN on 14x14 RoI features (BLOG.md section 1, step 7).
+"""The mask branch: a small FCN on 14x14 RoI features (docs/walkthrough.md#7-mask-branch).
 
     (R, D, 14, 14) -> [conv 3x3 + ReLU] x num_convs -> deconv 2x2/2 + ReLU
                    -> conv 1x1 to K channels -> (R, K, 28, 28) mask logits
@@ -6,7 +6,7 @@
 One m x m mask per class (K = num_classes including background, as
 torchvision), each an independent per-pixel sigmoid: the classification
 branch picks the class, the mask branch only says which pixels belong to the
-object *given* that class. The blog's simplified head (conv - ReLU - deconv -
+object *given* that class. The smallest form of the head (conv - ReLU - deconv -
 1x1) is ``num_convs=1``.
 
 Names follow torchvision's MaskRCNNHeads / MaskRCNNPredictor:

@@ -2,7 +2,7 @@
 
 He, Gkioxari, Dollar, Girshick, "Mask R-CNN", ICCV 2017 (arXiv 1703.06870).
 
-Data flow (BLOG.md section 4; one file per stage in this folder):
+Data flow (docs/walkthrough.md#the-nine-steps; one file per stage in this folder):
 
     images --transform--> batch (N, 3, H, W)
       --backbone--> C2..C5 --fpn--> P2..P6
@@ -204,5 +204,5 @@ class MaskRCNN(Module):
 
 
 def binarize_masks(masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Probabilities -> uint8 {0, 1} masks (BLOG.md step 8: >= 0.5 -> 1)."""
+    """Probabilities -> uint8 {0, 1} masks (>= 0.5 -> 1; docs/walkthrough.md#8-post-processing)."""
     return (masks >= threshold).astype(np.uint8)

@@ -1,6 +1,6 @@
 """Matching predictions (anchors, proposals) to ground truth, and sampling a balanced minibatch.
 
-SPEC.md "IoU, matching, sampling"; the code follows torchvision's
+docs/semantics.md#matcher and #sampler; the code follows torchvision's
 ``torchvision.models.detection._utils.Matcher`` and
 ``BalancedPositiveNegativeSampler``:
 

@@ -6,8 +6,8 @@ pixels) to pyramid level
     k = floor(k0 + log2(sqrt(w h) / 224) + eps),   clamped to [2, 5],
 
 so a 224x224 RoI (ImageNet's canonical size) pools from P4 (k0 = 4), one
-half its size from P3, and so on (SPEC.md "Multi-scale RoI assignment";
-the blog's training step 5). Level k has stride 2^k, so it is pooled with
+half its size from P3, and so on (docs/semantics.md#multi-scale-roi-level-mapping;
+docs/walkthrough.md#5-roialign). Level k has stride 2^k, so it is pooled with
 ``spatial_scale = 2^-k``.
 
 :class:`MultiScaleRoIAlign` pools every RoI from its level and puts the results

@@ -1,7 +1,7 @@
 """The RPN's two box layers: the proposal layer and the anchor target layer.
 
-``generate_proposals`` turns the RPN head's outputs into proposals (BLOG.md
-step 4, SPEC.md "RPN and the proposal layer"), per image:
+``generate_proposals`` turns the RPN head's outputs into proposals
+(docs/walkthrough.md#4-proposal-layer, docs/semantics.md#proposal-layer), per image:
 
 1. per level, keep the ``pre_nms_top_n`` anchors with the highest objectness logits;
 2. decode their deltas against the anchors and clip the boxes to the image;

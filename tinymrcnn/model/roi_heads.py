@@ -1,6 +1,7 @@
 """RoI heads: proposal targets, box head, mask head, their losses and inference.
 
-BLOG.md steps 5-8 and section 5; SPEC.md "Box head", "Mask head".
+Steps 5-8 and inference in docs/walkthrough.md; docs/semantics.md#box-head and
+docs/semantics.md#mask-head.
 
 Training (``forward`` with targets):
   1. proposal targets: append the GT boxes to the proposals, match them
@@ -105,7 +106,7 @@ class RoIHeads(Module):
 
     # ------------------------------------------------------------------ targets
     def select_training_samples(self, proposals, targets, rng):
-        """Proposal target layer (SPEC "Box head"): per image, returns
+        """Proposal target layer (docs/semantics.md#box-head): per image, returns
 
         sampled proposals (S_i, 4), their labels (S_i,) in 0..K-1, regression
         targets (S_i, 4) and the index of the matched GT (S_i,) (-1 for background).
@@ -230,7 +231,7 @@ class RoIHeads(Module):
         return detections, info
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_sizes):
-        """Softmax, per-class decode, clip, threshold, per-class NMS, top-N (SPEC "Box head")."""
+        """Softmax, per-class decode, clip, threshold, per-class NMS, top-N (docs/semantics.md#box-head)."""
         c = self.config
         k = c.num_classes
         z = class_logits - class_logits.max(axis=1, keepdims=True)

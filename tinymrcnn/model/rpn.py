@@ -1,4 +1,4 @@
-"""Region Proposal Network: head, losses and proposals (BLOG.md steps 3-4).
+"""Region Proposal Network: head, losses and proposals (steps 3-4 of docs/walkthrough.md).
 
 For every pyramid level P2..P6 the same small head predicts, at every
 position and for each of the A anchors there, an objectness logit and four
@@ -29,7 +29,7 @@ from .proposals import assign_rpn_targets, generate_proposals
 class RPNHead(Module):
     """3x3 conv (D -> D) + ReLU, then 1x1 convs to A logits and 4A deltas.
 
-    Weights N(0, 0.01), biases 0 (SPEC). Names as torchvision: conv,
+    Weights N(0, 0.01), biases 0 (as torchvision). Names as torchvision: conv,
     cls_logits, bbox_pred.
     """
 

@@ -1,4 +1,4 @@
-"""Input transform and output post-processing (BLOG.md steps 1 and 8, SPEC "Input transform").
+"""Input transform and output post-processing (docs/semantics.md#input-transform).
 
 Before the network: normalise each image, optionally resize it (short side
 to ``min_size``, long side at most ``max_size``), and zero-pad the batch at
@@ -6,8 +6,8 @@ the bottom/right to a common size that is a multiple of 32, so every
 pyramid level has an integer size.
 
 After the network: scale the boxes back to the original image and paste
-each 28x28 mask probability map into the original image (SPEC "Mask head",
-paste with padding 1).
+each 28x28 mask probability map into the original image (padding 1,
+docs/semantics.md#pasting-masks-into-the-image).
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def expand_boxes(boxes: np.ndarray, scale: float) -> np.ndarray:
 
 def paste_masks_in_image(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
                          padding: int = 1) -> np.ndarray:
-    """Paste (D, M, M) mask probabilities into (D, H, W) canvases (SPEC "Mask head").
+    """Paste (D, M, M) mask probabilities into (D, H, W) canvases (see docs/semantics.md).
 
     The M x M map covers the box. It is padded by one zero pixel on each side
     and the box is enlarged by (M + 2) / M to match, so the mask can fall off

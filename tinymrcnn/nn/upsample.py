@@ -1,7 +1,7 @@
 """Nearest-neighbour resize to an exact size (the FPN top-down path).
 
 FPN adds ``F.interpolate(last, size=lateral.shape[-2:], mode="nearest")`` to
-each lateral map (SPEC "Backbone and FPN"). Each output cell copies one input
+each lateral map (docs/semantics.md#backbone-and-fpn). Each output cell copies one input
 cell; along each axis
 
     src(dst) = min(floor(dst * in / out), in - 1)

@@ -1,8 +1,8 @@
 """Box arithmetic: area, IoU, clipping, small-box removal and the box coder.
 
 Boxes are (x1, y1, x2, y2) in continuous pixel coordinates with
-width = x2 - x1 (no +1), as in torchvision and SPEC.md "Box coder" /
-"IoU, matching, sampling". Every function works in the dtype it is given
+width = x2 - x1 (no +1), as in torchvision (docs/semantics.md#box-coding,
+docs/semantics.md#iou). Every function works in the dtype it is given
 (float32 or float64) and computes in the same order as torchvision's
 ``torchvision.ops.boxes`` and ``torchvision.models.detection._utils.BoxCoder``,
 so the numbers agree to the last bit wherever NumPy and PyTorch round alike.
@@ -100,7 +100,7 @@ class BoxCoder:
         dy = wy (gy - py) / ph      dh = wh log(gh / ph)
 
     with weights (wx, wy, ww, wh): (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for
-    the box head (SPEC.md "Box coder"). ``decode`` clamps dw, dh from above at
+    the box head (docs/semantics.md#box-coding). ``decode`` clamps dw, dh from above at
     ``bbox_xform_clip`` = log(1000 / 16) so that exp() cannot blow up early in
     training.
     """

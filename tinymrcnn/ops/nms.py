@@ -1,4 +1,4 @@
-"""Non-maximum suppression, plain and batched (SPEC.md "NMS").
+"""Non-maximum suppression, plain and batched (docs/semantics.md#nms).
 
 Greedy: sort by score, descending and stable (equal scores keep their input
 order); keep the best box; drop every later box whose IoU with it is strictly

@@ -5,8 +5,8 @@ each region of interest *without rounding anything*: the RoI is split into
 ph x pw equal bins, each bin is sampled at grid_h x grid_w regularly spaced
 points, each point is read by bilinear interpolation from its four nearest
 pixels, and the samples of a bin are averaged (``mode="avg"``, torchvision and
-detectron2) or maxed (``mode="max"``, the blog's step 5). The exact rules,
-edge cases included, are SPEC.md "RoIAlign"; the derivation of the backward
+detectron2) or maxed (``mode="max"``, which the paper allows). The exact rules,
+edge cases included, are docs/semantics.md#roialign; the derivation of the backward
 pass is docs/derivations/roi_align.md.
 
 Functions
@@ -68,7 +68,7 @@ def roi_sample_points(box, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     ph_, pw_ = pair(output_size, "output_size")
     x1, y1, x2, y2 = (float(v) for v in box)
     # --- exercise: roi_align_forward ---
-    offset = 0.5 if aligned else 0.0                       # SPEC: offset = 0.5 if aligned else 0
+    offset = 0.5 if aligned else 0.0                       # offset = 0.5 if aligned else 0
     start_w, start_h = x1 * spatial_scale - offset, y1 * spatial_scale - offset
     end_w, end_h = x2 * spatial_scale - offset, y2 * spatial_scale - offset
     roi_w, roi_h = end_w - start_w, end_h - start_h

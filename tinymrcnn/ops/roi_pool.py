@@ -1,6 +1,7 @@
 """RoI pooling (Fast R-CNN, Girshick 2015): the baseline RoIAlign replaced.
 
-RoI pooling quantises twice (SPEC.md "RoI pooling"; the blog's section 2):
+RoI pooling quantises twice (docs/semantics.md#roi-pooling;
+docs/walkthrough.md#roi-pooling-versus-roialign-the-worked-example):
 
 1. the RoI's corners are rounded to whole feature-map cells,
    start = round(x1 * scale), end = round(x2 * scale), size = end - start + 1;

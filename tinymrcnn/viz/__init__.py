@@ -1,2 +1,2 @@
 """Pictures: predictions drawn on images, precision-recall curves, and RoI
-pooling versus RoIAlign's sampling (roi.py, the blog's section 2)."""
+pooling versus RoIAlign's sampling (roi.py; the worked example of docs/walkthrough.md)."""

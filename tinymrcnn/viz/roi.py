@@ -1,7 +1,8 @@
-"""RoI pooling versus RoIAlign, drawn (the blog's section 2, with its numbers).
+"""RoI pooling versus RoIAlign, drawn, with the worked example's numbers
+(docs/walkthrough.md#roi-pooling-versus-roialign-the-worked-example).
 
-The blog's example: a 145 x 200 pixel RoI (height 145, width 200: the blog's
-"145/32 = 4.53 by 200/32 = 6.25" lists height first, and its "4 x 6 cells"
+The example: a 145 x 200 pixel RoI (height 145, width 200:
+"145/32 = 4.53 by 200/32 = 6.25" lists height first, and "4 x 6 cells"
 and "1 x 2 stride" are rows x columns; the never-pooled *row* confirms it) on
 a 16 x 16 feature map of stride 32 (a 512 x 512 image), pooled to 3 x 3.
 
@@ -22,12 +23,12 @@ at coordinate i instead of i + 0.5, so its samples land half a cell below and
 right of the drawn RoI (torchvision's legacy offset), and the drawing shows
 that shift.
 
-Blog's numbers (the "thirds" placement of sampling points, and the simple
-"floor" quantisation the blog describes) come from :func:`blog_roi_numbers`;
+The example's numbers (the "thirds" placement of sampling points, and the simple
+"floor" quantisation explanations usually draw) come from :func:`blog_roi_numbers`;
 the code's own sampling points from ``tinymrcnn.ops.roi_align.roi_sample_points``.
-Note that the exact Fast R-CNN kernel (``tinymrcnn.ops.roi_pool``, SPEC.md)
+Note that the exact Fast R-CNN kernel (``tinymrcnn.ops.roi_pool``, docs/semantics.md#roi-pooling)
 rounds the corners and uses overlapping floor/ceil bins, a refinement of
-the blog's picture with the same two quantisations.
+that picture with the same two quantisations.
 """
 from __future__ import annotations
 
@@ -38,20 +39,20 @@ import numpy as np
 from ..ops.roi_align import bilinear_reference, roi_sample_points
 
 # (x1, y1, x2, y2) in image pixels: 200 wide, 145 high, its corner on a cell corner
-# (cell (2, 2) of the stride-32 map), as the blog draws it.
+# (cell (2, 2) of the stride-32 map), as the worked example draws it.
 BLOG_BOX = (64.0, 64.0, 264.0, 209.0)
 BLOG_STRIDE = 32
 BLOG_FEATURE_SIZE = 16
 BLOG_OUTPUT = 3
 
-LOST_H = "#2ca02c"        # green: the lost fractional rows (the blog's colour)
+LOST_H = "#2ca02c"        # green: the lost fractional rows
 LOST_W = "#1f77b4"        # blue: the lost fractional columns
 NEVER = "#87ceeb"         # sky blue: the never-pooled row
 QUANT = "#ffdd88"         # the quantised region
 
 
 def blog_roi_numbers(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT):
-    """The blog's numbers, computed.
+    """The worked example's numbers, computed (RoI pooling with "floor" rounding).
 
     Args:
         box: (x1, y1, x2, y2) in image pixels.
@@ -67,7 +68,7 @@ def blog_roi_numbers(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT):
         bin_stride: the second, floor(cells / output): (1, 2);
         pooled: set of (row, col) map cells RoI pooling reads;
         never_read: sorted (row, col) cells of the quantised region it never
-            reads (the blog's sky-blue row);
+            reads (the sky-blue row of the figure);
         lost: (h, w) fractions of a cell dropped by the first quantisation;
         align_bin: (h, w) size of RoIAlign's bins, (1.51, 2.08).
     """
@@ -95,7 +96,7 @@ def blog_roi_numbers(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT):
 
 
 def blog_sample_points(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT, n=2):
-    """The blog's sampling points: the points dividing each bin into thirds (n = 2).
+    """The "thirds" sampling points: the points dividing each bin into thirds (n = 2).
 
     Returns:
         (ys, xs): (output, n) arrays in cell units; bin (i, j)'s points are
@@ -141,7 +142,7 @@ def draw_roi(ax, box=BLOG_BOX, stride=BLOG_STRIDE, **kw):
 
 def draw_roi_pool(ax, box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT,
                   feature_size=BLOG_FEATURE_SIZE, view=None):
-    """RoI pooling as the blog explains it: quantised cells, bins, lost strips, never-read row."""
+    """RoI pooling with "floor" rounding: quantised cells, bins, lost strips, never-read row."""
     nb = blog_roi_numbers(box, stride, output_size)
     (r0, c0), (ch, cw), (sh, sw) = nb["origin"], nb["cells"], nb["bin_stride"]
     ph, pw = nb["projected"]
@@ -175,7 +176,7 @@ def draw_roi_align(ax, box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT
                    aligned=True, view=None):
     """RoIAlign's bins and sampling points.
 
-    placement: "thirds" (the blog's: points dividing a bin into thirds) or
+    placement: "thirds" (points dividing a bin into thirds) or
     "implementation" (the code's: (i + 0.5) / grid of a bin, from
     ``roi_sample_points`` with ``aligned``).
 
@@ -191,7 +192,7 @@ def draw_roi_align(ax, box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT
     draw_roi(ax, box, stride)
     if placement == "thirds":
         ys, xs = blog_sample_points(box, stride, output_size, sampling_ratio)
-        title = "RoIAlign, the blog's points (bin thirds)"
+        title = "RoIAlign, points at bin thirds"
         color = "darkorange"
     elif placement == "implementation":
         ys, xs, _ = roi_sample_points(box, output_size, 1.0 / stride, sampling_ratio, aligned)
@@ -239,7 +240,7 @@ def draw_bilinear_taps(ax, y, x, feature_size=BLOG_FEATURE_SIZE, values=None):
 
 def roi_pool_vs_align_figure(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT,
                              feature_size=BLOG_FEATURE_SIZE, sampling_ratio=2, aligned=True):
-    """The four panels: RoI pooling; RoIAlign with the blog's and the code's
+    """The four panels: RoI pooling; RoIAlign with the "thirds" and the code's
     points; one point's bilinear taps. Returns a matplotlib Figure (no pyplot)."""
     from matplotlib.figure import Figure
     nb = blog_roi_numbers(box, stride, output_size)

@@ -1,4 +1,4 @@
-"""Numba CPU kernels for RoIAlign (SPEC.md "RoIAlign"), forward and backward.
+"""Numba CPU kernels for RoIAlign (docs/semantics.md#roialign), forward and backward.
 
 The readable reference lives in ``tinymrcnn/ops/roi_align.py``; these kernels
 compute the same numbers and are tested against it.
@@ -84,7 +84,7 @@ def channels_last(x) -> ChannelsLast:
 
 @njit(cache=True)
 def roi_geometry(x1, y1, x2, y2, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
-    """Where one RoI's bins and sampling points lie (SPEC "RoIAlign", first three items).
+    """Where one RoI's bins and sampling points lie (docs/semantics.md#roialign, "Geometry").
 
     Args:
         x1, y1, x2, y2: the box in input-image pixels (may be NaN).
@@ -135,7 +135,7 @@ def sample_coordinate(start, p, bin_size, i, grid):
 
 @njit(cache=True)
 def linear_taps(v, size):
-    """One axis of bilinear interpolation (SPEC "Bilinear", the y half; x is the same).
+    """One axis of bilinear interpolation (y; x is the same), docs/semantics.md#roialign.
 
     Returns:
         (valid, low, high, w_low, w_high): the coordinate ``v`` reads pixels
@@ -185,9 +185,11 @@ def bin_axis_weights(start, p, bin_size, grid, size, idx, wts):
     weights are products, so the average over the bin is
         sum_r sum_c  A_y[r] A_x[c] f[r, c] / count,
     with A_y[r] the sum over the bin's sample rows of their linear weights on
-    pixel row r (likewise A_x). Neighbouring samples share pixels, so this
-    reads each pixel row once instead of twice per sample: 16 channel
-    vectors per bin (2x2 samples x 4 taps) shrink to 9 or fewer.
+    pixel row r (likewise A_x). Neighbouring samples can share pixel rows,
+    and this reads each distinct row once: with 2x2 samples, 16 channel
+    vectors per bin (4 samples x 4 taps) shrink to 9 or fewer when the bin
+    is at most 2 cells on a side; larger bins can still read 16
+    (docs/derivations/roi_align.md).
 
     Args:
         idx, wts: output buffers of length >= 2 * grid (int64, float64).
@@ -225,7 +227,7 @@ def roi_align_forward_nhwc(maps, levels, scales, rois, pooled_h, pooled_w, sampl
         scales: (L,) float64, each map's spatial_scale.
         rois: (K, 5) float64 [batch_index, x1, y1, x2, y2]; batch indices
             already validated (integers in [0, N)).
-        use_max: False: average of the samples (SPEC); True: their maximum.
+        use_max: False: average of the samples (torchvision); True: their maximum.
 
     Returns:
         (K, C, pooled_h, pooled_w) in RoI order, the maps' dtype (PyTorch

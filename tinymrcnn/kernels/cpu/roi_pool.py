@@ -1,4 +1,4 @@
-"""Numba CPU kernels for RoI pooling (Fast R-CNN; SPEC.md "RoI pooling").
+"""Numba CPU kernels for RoI pooling (Fast R-CNN; docs/semantics.md#roi-pooling).
 
 The readable reference is in ``tinymrcnn/ops/roi_pool.py``; tests hold these
 kernels to it. RoI pooling is the baseline RoIAlign replaced (the paper's

@@ -1,4 +1,4 @@
-"""numba.cuda kernels for RoIAlign forward and backward (SPEC.md "RoIAlign").
+"""numba.cuda kernels for RoIAlign forward and backward (docs/semantics.md#roialign).
 
 Nothing here runs at import: ``numba.cuda`` is imported (through
 ``device.require_cuda``, which gives one clear error without a GPU), and the
@@ -33,7 +33,7 @@ SIMD loop, runs across the elements).
   sample (max, recomputed from x as the forward). Different bins and RoIs
   share taps, so the adds are ``cuda.atomic.add``.
 
-Host wrappers (operate on numba device arrays; API.md's device path)
+Host wrappers (operate on numba device arrays; the ops' device path)
 --------------------------------------------------------------------
     roi_align_forward_cuda(x_dev, rois_dev, output_size, spatial_scale=1.0,
                            sampling_ratio=-1, aligned=False, mode="avg") -> (K, C, ph, pw) device array
