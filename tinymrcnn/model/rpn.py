@@ -6,7 +6,7 @@ box deltas. Training compares them with targets from the anchor matcher;
 inference (and training too) turns them into proposals with the proposal
 layer of :mod:`tinymrcnn.model.proposals`.
 
-Training (SPEC "RPN"): :meth:`RegionProposalNetwork.loss` matches anchors to
+Training (docs/semantics.md, "RPN losses"): :meth:`RegionProposalNetwork.loss` matches anchors to
 the ground truth and scores the head's outputs with :func:`losses.rpn_loss`;
 it returns the gradients with respect to each level's head outputs, in the
 head's (N, A, H, W) / (N, 4A, H, W) layout. ``MaskRCNN.backward`` hands them to

@@ -16,7 +16,7 @@ Read this file top to bottom:
 * :func:`roi_sample_points` (where a box's samples are), :func:`bilinear_reference`
   (the four pixels one sample reads), :func:`roi_align_reference` and
   :func:`roi_align_backward_reference`: the definition in slow, readable
-  NumPy, following SPEC.md line by line. ``tinymrcnn.viz.roi`` draws exactly
+  NumPy, following docs/semantics.md ("RoIAlign") line by line. ``tinymrcnn.viz.roi`` draws exactly
   these points.
 * :func:`roi_align`, :func:`roi_align_backward`: the same signatures and
   results, fast: they check their arguments and call the active kernels
@@ -52,7 +52,7 @@ from ..checks import check_feature_map, check_float_array, check_roi_args, check
 
 
 # ----------------------------------------------------------------------------
-# The definition, in readable NumPy (SPEC.md "RoIAlign", line by line)
+# The definition, in readable NumPy (docs/semantics.md, "RoIAlign", line by line)
 # ----------------------------------------------------------------------------
 def roi_sample_points(box, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
     """Where RoIAlign samples one box, in feature-map coordinates.

@@ -35,7 +35,7 @@ from ..checks import check_float_array, check_roi_args, check_rois
 
 
 # ----------------------------------------------------------------------------
-# The definition, in readable NumPy (SPEC.md "RoI pooling", line by line)
+# The definition, in readable NumPy (docs/semantics.md, "RoI pooling", line by line)
 # ----------------------------------------------------------------------------
 def _round(v):
     """C's round(): halves away from zero."""
