@@ -96,6 +96,7 @@ MISTAKES = [
     (["predict", "--checkpoint", "CKPT", "IMG", "BASE/missing.png", "--out", "BASE/pred"],
      r"no such image file: .*missing.png \(nothing was predicted\)"),
     (["predict", "--checkpoint", "RANDOM", "IMG", "--out", "BASE/pred"], r"argument --checkpoint: .*not a checkpoint"),
+    (["convert-torchvision", "BASE/none.pth", "BASE/out.npz"], r"argument input: no such file"),
 ]
 
 

@@ -371,6 +371,8 @@ def _describe(e: BaseException) -> tuple[int, str]:
     from .train import NonFiniteLossError
     if isinstance(e, UsageError):
         return 2, str(e)
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return 2, str(e)                         # a path given on the command line, almost always
     if isinstance(e, NonFiniteLossError):
         return 1, str(e)
     if isinstance(e, MemoryError):
@@ -392,6 +394,8 @@ def main(argv=None):
         return 2
     from .train import TrainingInterrupted
     try:
+        if args.command == "convert-torchvision" and not os.path.isfile(args.input):
+            raise UsageError(f"argument input: no such file: {args.input}")
         args.func(args)
     except TrainingInterrupted as e:
         print(f"{prog}: interrupted at step {e.step}; checkpoint saved to {e.checkpoint}; "
