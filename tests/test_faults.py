@@ -297,6 +297,18 @@ def test_divergence_names_step_and_quantity_and_keeps_the_last_good_checkpoint(c
     assert all(np.isfinite(p.data).all() for p in model.parameters())
 
 
+def test_no_checkpoint_with_non_finite_weights_is_saved_without_clipping(tmp_path):
+    from tinymrcnn.model.mask_rcnn import MaskRCNN
+    from tinymrcnn.train import NonFiniteLossError, TrainConfig, train
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), iters=10, lr=1e6, grad_clip=0.0, checkpoint_every=1,
+                      warmup_iters=0, batch_size=2, num_train_images=4, num_val_images=1, workers=1)
+    with pytest.raises(NonFiniteLossError, match=r"training diverged at step \d+: "):
+        train(cfg, progress=False)
+    ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
+    if os.path.exists(ckpt):
+        assert all(np.isfinite(p.data).all() for p in MaskRCNN.load(ckpt).parameters())
+
+
 def test_compile_time_is_shown_and_not_counted(tmp_path, monkeypatch):
     import tinymrcnn.train as tr
     from tinymrcnn.model.mask_rcnn import MaskRCNN

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -381,6 +383,14 @@ def _describe(e: BaseException) -> tuple[int, str]:
     return 1, f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop: unwinds like Ctrl-C, so temporary files are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TINYMRCNN_DEBUG", "") not in ("", "0")
@@ -393,6 +403,9 @@ def main(argv=None):
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}{hint}", file=sys.stderr)
         return 2
     from .train import TrainingInterrupted
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "convert-torchvision" and not os.path.isfile(args.input):
             raise UsageError(f"argument input: no such file: {args.input}")
@@ -401,17 +414,20 @@ def main(argv=None):
         print(f"{prog}: interrupted at step {e.step}; checkpoint saved to {e.checkpoint}; "
               "continue with --resume", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
         print(f"{prog}: interrupted; the last checkpoint saved (if any) is kept", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     except Exception as e:
         if debug:
             raise
         status, msg = _describe(e)
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return status
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return 0
 
 

@@ -222,6 +222,10 @@ class _StopRequests:
         return self
 
     def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        """Back to the previous handlers: from now on Ctrl-C interrupts at once."""
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old = {}
@@ -475,6 +479,9 @@ def _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, 
                 bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()},
                                  "s/step": f"{dt:.2f}"})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                if not _weights_finite(model):           # (caught above when the gradient is clipped)
+                    bar.close()
+                    raise _diverged(step, "the weights became NaN or inf", last_good, cfg.lr)
                 _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
                 last_good = (step, ckpt_path)
             if cfg.eval_every and step % cfg.eval_every == 0:
@@ -483,12 +490,21 @@ def _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, 
                 log(f"step {step}  mask AP {ev['mask_AP']:.3f}  AP50 {ev['mask_AP50']:.3f}  "
                     f"box AP {ev['box_AP']:.3f}")
         bar.close()
+    if not _weights_finite(model):
+        raise _diverged(step, "the weights became NaN or inf", last_good, cfg.lr)
     _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
+    if stops.signum is not None:                         # (arrived during the last step)
+        raise TrainingInterrupted(step, ckpt_path, stops.signum)
+    stops.release()                                      # the checkpoint is saved: Ctrl-C may stop the evaluation
     final = evaluate_model(model, val_set)
     _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": final})
     plot_training_curves(metrics_path, cfg.out_dir)
     return {"step": step, "elapsed_s": elapsed, "eval": final, "checkpoint": ckpt_path,
             "metrics": metrics_path, "history": history}
+
+
+def _weights_finite(model) -> bool:
+    return all(np.isfinite(p.data).all() for p in model.parameters())
 
 
 COMPILE_NOTICE_S = 3.0
