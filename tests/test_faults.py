@@ -152,6 +152,17 @@ def test_predict_does_every_image_it_can(run, capsys, tmp_path):
                                             "(see above); the others were")
 
 
+def test_predict_shrinks_a_huge_image(run, capsys, tmp_path):
+    import matplotlib.image as mpimg
+    big = np.zeros((2000, 1500, 3), np.float32)
+    big[500:1500, 400:1200] = 0.8
+    mpimg.imsave(tmp_path / "big.png", big)
+    status, out, _ = cli(capsys, "predict", "--checkpoint", run["CKPT"], tmp_path / "big.png", "--out", tmp_path,
+                         "--max-size", "256")
+    assert status == 0
+    assert "1500x2000 shrunk to 192x256" in out
+
+
 def test_outputs_share_one_file_mode(run):
     modes = {name: os.stat(os.path.join(run["RUN"], name)).st_mode & 0o777
              for name in ("checkpoint.npz", "metrics.jsonl", "loss_curve.png", "ap_curve.png")}

@@ -266,6 +266,30 @@ def cmd_evaluate(args):
     return ev
 
 
+PREDICT_MAX_SIZE = 1333        # torchvision's cap on the long side
+
+
+def _fit_for_prediction(img, config, max_size, path):
+    """Shrink an image whose long side exceeds the limit, when the model does not resize itself.
+
+    A preset with ``min_size`` (torchvision_r50_fpn) resizes every image to its
+    limits; the shapes preset keeps the size it is given, so a 4000x4000 photo
+    would cost gigabytes. The limit is ``--max-size``, else the config's
+    ``max_size``, else 1333; detections are drawn on the shrunk image.
+    """
+    if config.min_size is not None and max_size is None:
+        return img
+    limit = max_size or config.max_size or PREDICT_MAX_SIZE
+    h, w = img.shape[1:]
+    if max(h, w) <= limit:
+        return img
+    from .model.transform import interpolate_bilinear
+    s = limit / max(h, w)
+    size = (max(int(h * s), 1), max(int(w * s), 1))
+    print(f"{path}: {w}x{h} shrunk to {size[1]}x{size[0]} (long side at most {limit}; --max-size)")
+    return interpolate_bilinear(img, size)
+
+
 def cmd_predict(args):
     from .viz.detections import save_prediction_image
     if not 0.0 <= args.score_thresh <= 1.0:
@@ -275,12 +299,14 @@ def cmd_predict(args):
         raise UsageError(f"no such image file: {', '.join(missing)} (nothing was predicted)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"argument --out: {args.out} is a file, not a folder")
+    if args.max_size is not None and args.max_size < 32:
+        raise UsageError(f"argument --max-size: must be at least 32 pixels, got {args.max_size}")
     model = _load_model(args.checkpoint, args.device)
     os.makedirs(args.out, exist_ok=True)
     failed = []
     for path in args.images:
         try:
-            img = _load_image(path)
+            img = _fit_for_prediction(_load_image(path), model.config, args.max_size, path)
             pred = model.predict([img])[0]
         except ValueError as e:                  # unreadable, or refused by the model's input checks
             print(f"tinymrcnn predict: error: {path}: {e}", file=sys.stderr)
@@ -358,6 +384,9 @@ def build_parser():
     r.add_argument("images", nargs="+")
     r.add_argument("--out", required=True)
     r.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this (0..1)")
+    r.add_argument("--max-size", type=int, default=None,
+                   help="shrink images whose long side is larger (default: the config's max_size, else 1333, "
+                        "for presets that do not resize)")
     _add_device_flag(r, "the checkpoint's")
     r.set_defaults(func=cmd_predict)
 
