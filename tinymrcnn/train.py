@@ -38,9 +38,10 @@ step appears twice. A loss, gradient or intermediate that becomes NaN or inf
 stops training with :class:`NonFiniteLossError` naming the step and the
 quantity; the last good checkpoint is kept.
 
-The first step of a process compiles the Numba kernels (minutes in a fresh
-install, then cached on disk). It runs once before the clock starts, as a
-warm-up whose gradient is thrown away, so ``minutes`` counts training only.
+The first step of a process compiles the Numba kernels (about half a minute
+of CPU time in a fresh install, then cached on disk) or loads them from the
+cache. That pass runs once before the clock starts, as a warm-up whose
+gradient is thrown away, so ``minutes`` counts training only.
 """
 from __future__ import annotations
 
@@ -395,6 +396,7 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
     # -- from here on the folder is written to, under its lock
     os.makedirs(cfg.out_dir, exist_ok=True)
     with run_lock(cfg.out_dir), _StopRequests() as stops:
+        check_out_dir(cfg.out_dir, resume, overwrite)    # again, under the lock: a run may have ended meanwhile
         for tmp in remove_stale_temp_files(cfg.out_dir):
             log(f"removed {tmp}, left by a process killed while saving")
         if resume:
