@@ -290,6 +290,7 @@ def test_sigterm_saves_too(tmp_path):
     MaskRCNN.load(os.path.join(out, "checkpoint.npz"))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")       # NumPy's overflow warnings on the way
 def test_divergence_names_step_and_quantity_and_keeps_the_last_good_checkpoint(capsys, tmp_path):
     out = str(tmp_path / "run")
     status, _, err = cli(capsys, "train", "--out", out, "--iters", "10", "--lr", "1e6", "--checkpoint-every", "1",
@@ -308,6 +309,7 @@ def test_divergence_names_step_and_quantity_and_keeps_the_last_good_checkpoint(c
     assert all(np.isfinite(p.data).all() for p in model.parameters())
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_no_checkpoint_with_non_finite_weights_is_saved_without_clipping(tmp_path):
     from tinymrcnn.model.mask_rcnn import MaskRCNN
     from tinymrcnn.train import NonFiniteLossError, TrainConfig, train
