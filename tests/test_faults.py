@@ -58,6 +58,10 @@ def run(tmp_path_factory):
     img, _ = ShapesDataset(1, seed=5)[0]
     mpimg.imsave(base / "photo.png", img.transpose(1, 2, 0))
     (base / "notanimage.png").write_text("hello")
+    (base / "bad.json").write_text('{"images": [')
+    (base / "nogt.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "photo.png", "height": 128, "width": 128}], "annotations": [],
+        "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}]}))
     return {"RUN": out, "CKPT": os.path.join(out, "checkpoint.npz"), "BASE": str(base),
             "RANDOM": str(base / "random.npz"), "BADJSON": str(base / "badjson.npz"),
             "IMG": str(base / "photo.png"), "NOTIMG": str(base / "notanimage.png")}
@@ -91,6 +95,10 @@ MISTAKES = [
     (["evaluate", "--checkpoint", "CKPT", "--images", "RUN"], r"--images needs --coco"),
     (["evaluate", "--checkpoint", "CKPT", "--coco", "BASE/none.json", "--images", "RUN"],
      r"argument --coco: no such file"),
+    (["evaluate", "--checkpoint", "CKPT", "--coco", "BASE/bad.json", "--images", "BASE"],
+     r"argument --coco: .*bad.json: not valid JSON"),
+    (["evaluate", "--checkpoint", "CKPT", "--coco", "BASE/nogt.json", "--images", "RUN"],
+     r"argument --coco: .*photo.png: image file not found"),
     (["predict", "--checkpoint", "CKPT", "IMG", "--out", "BASE/pred", "--score-thresh", "2"],
      r"argument --score-thresh: must be in \[0, 1\]"),
     (["predict", "--checkpoint", "CKPT", "IMG", "BASE/missing.png", "--out", "BASE/pred"],
@@ -139,6 +147,13 @@ def test_a_fault_is_one_line_with_status_1(run, capsys, monkeypatch):
     assert status == 1
     assert err.strip() == ("tinymrcnn evaluate: error: RuntimeError: something broke over two lines "
                            "(run with --debug for the traceback)")
+
+
+def test_evaluate_says_when_there_is_no_ground_truth(run, capsys):
+    status, out, err = cli(capsys, "evaluate", "--checkpoint", run["CKPT"], "--coco",
+                           os.path.join(run["BASE"], "nogt.json"), "--images", run["BASE"])
+    assert status == 0 and "-1.000" in out
+    assert err.strip().startswith("tinymrcnn evaluate: note: no ground truth: the 1 image(s) hold no")
 
 
 def test_predict_does_every_image_it_can(run, capsys, tmp_path):
