@@ -75,8 +75,8 @@ def check_rois(rois, num_images: int, name: str = "rois") -> np.ndarray:
     finite = np.isfinite(r[:, 1:]).all(axis=1)
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
-        raise ValueError(f"{name}[{i}] = {rois[i].tolist()} has a NaN or inf coordinate "
-                         f"({int((~finite).sum())} such row(s))")
+        raise ValueError(f"{name} contains {int((~finite).sum())} non-finite value(s) (NaN or inf): "
+                         f"row {i} = {rois[i].tolist()}")
     return r
 
 

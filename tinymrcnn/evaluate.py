@@ -34,6 +34,8 @@ thresholded mask's pixel count ("segm").
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 # The exact values pycocotools uses (np.linspace rounding included).
@@ -74,10 +76,12 @@ def coco_evaluate(predictions, dataset, iou_type: str = "segm", max_dets: int = 
 
     # Per category and area range, the per-image matching results, in image order.
     per_cell = [[[] for _ in areas] for _ in range(num_classes)]
+    num_gt = 0
     for i, pred in enumerate(predictions):
         target = _target(dataset, i)
         dt = _detections(pred, iou_type, mask_threshold, target["masks"].shape[-2:], i, num_classes)
         gt = _ground_truth(target, iou_type)
+        num_gt += int(np.count_nonzero(~gt["iscrowd"] & (gt["labels"] >= 1) & (gt["labels"] <= num_classes)))
         for k in range(num_classes):
             d = np.flatnonzero(dt["labels"] == k + 1)
             g = np.flatnonzero(gt["labels"] == k + 1)
@@ -101,6 +105,10 @@ def coco_evaluate(predictions, dataset, iou_type: str = "segm", max_dets: int = 
         x = x[x > -1]
         return float(np.mean(x)) if x.size else -1.0
 
+    if num_gt == 0:
+        warnings.warn(f"no ground truth: the {len(dataset)} image(s) hold no (non-crowd) object of the "
+                      f"{num_classes} categories, so every AP is undefined (-1); check the annotation "
+                      "file's category ids and image ids", stacklevel=2)
     t50, t75 = (int(np.argmin(np.abs(IOU_THRESHOLDS - t))) for t in (0.5, 0.75))
     return {
         "AP": mean_valid(precision[..., 0]),

@@ -25,6 +25,23 @@ Files written to ``out_dir``:
     metrics.jsonl       one JSON object per logged step / evaluation
     loss_curve.png      the five losses and their sum against steps
     ap_curve.png        mask and box AP on the held-out split against minutes
+    .lock               held while a trainer runs in the folder (a second one is refused)
+
+A run is never lost by accident: a folder that already holds a run is
+refused unless ``resume`` (continue it) or ``overwrite`` (start again) is
+given, and nothing is written before the arguments have been checked. Ctrl-C
+or SIGTERM finishes the current step, saves a checkpoint at it and raises
+:class:`TrainingInterrupted`; resuming repeats the uninterrupted run. Lines of
+``metrics.jsonl`` logged after the checkpoint a run resumes from (and a torn
+last line, from a process killed while writing) are dropped on resume, so no
+step appears twice. A loss, gradient or intermediate that becomes NaN or inf
+stops training with :class:`NonFiniteLossError` naming the step and the
+quantity; the last good checkpoint is kept.
+
+The first step of a process compiles the Numba kernels (about half a minute
+of CPU time in a fresh install, then cached on disk) or loads them from the
+cache. That pass runs once before the clock starts, as a warm-up whose
+gradient is thrown away, so ``minutes`` counts training only.
 """
 from __future__ import annotations
 
@@ -32,6 +49,9 @@ import dataclasses
 import json
 import math
 import os
+import re
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import runtime
+from .checkpoint import atomic_write, remove_stale_temp_files
 from .config import MaskRCNNConfig
 from .data.batches import batch_indices, load_batch, make_datasets, step_seeds
 from .model.mask_rcnn import LOSS_NAMES, MaskRCNN
@@ -72,9 +93,155 @@ class TrainConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field with an impossible value."""
+        def bad(field, msg):
+            raise ConfigError(field, f"{field} {msg}, got {getattr(self, field)!r}")
+        if self.iters is None and self.minutes is None:
+            raise ConfigError("iters", "give iters (steps) or minutes (a time budget)")
+        if self.iters is not None and not (isinstance(self.iters, int) and self.iters >= 1):
+            bad("iters", "must be a whole number of steps >= 1")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            bad("minutes", "must be a number of minutes > 0")
+        for field in ("batch_size", "num_train_images", "num_val_images", "log_every"):
+            if not getattr(self, field) >= 1:
+                bad(field, "must be >= 1")
+        for field in ("workers", "eval_every", "checkpoint_every", "warmup_iters"):
+            if not getattr(self, field) >= 0:
+                bad(field, "must be >= 0")
+        for field in ("lr", "weight_decay", "momentum", "min_lr_factor"):
+            v = getattr(self, field)
+            if not (math.isfinite(v) and v >= 0) or (field == "lr" and v == 0):
+                bad(field, "must be a finite number " + (">= 0" if field != "lr" else "> 0"))
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            bad("grad_clip", "must be >= 0 (0 or None: no clipping)")
+        if self.optimizer not in ("adamw", "sgd"):
+            bad("optimizer", "must be 'adamw' or 'sgd'")
+        if self.dataset not in ("shapes", "shapes-hard"):
+            bad("dataset", "must be 'shapes' or 'shapes-hard'")
+        if self.num_train_images < self.batch_size:
+            bad("num_train_images", f"must be at least the batch size ({self.batch_size})")
+
+
+class ConfigError(ValueError):
+    """A TrainConfig field with an impossible value; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or inf; training stopped and the last good checkpoint was kept."""
+    """A loss, gradient or intermediate became NaN or inf; training stopped, the last good checkpoint was kept."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM: a checkpoint was saved at ``step``; resume to continue."""
+
+    def __init__(self, step: int, checkpoint: str, signum: int):
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class RunLockedError(RuntimeError):
+    """Another trainer holds the output folder's lock."""
+
+
+RUN_FILES = ("checkpoint.npz", "metrics.jsonl", "loss_curve.png", "ap_curve.png", "predictions.png")
+
+
+def check_out_dir(out_dir: str, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output folder that cannot be used as asked; reads, never writes."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or start it again")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir} is a file, not a folder; choose another --out")
+    ckpt = os.path.join(out_dir, "checkpoint.npz")
+    if resume:
+        if not os.path.exists(ckpt):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; start a new run without --resume")
+    elif not overwrite:
+        held = [f for f in ("checkpoint.npz", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+        if held:
+            raise RunExistsError(f"{out_dir} already holds a run ({', '.join(held)}); add --resume to continue "
+                                 "it, --overwrite to start it again, or choose another --out")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into {parent}; choose another --out")
+
+
+@contextmanager
+def run_lock(out_dir: str):
+    """Hold ``out_dir/.lock`` for the duration; another holder raises RunLockedError.
+
+    The operating system releases the lock when the process ends in any way
+    (kill -9 included), so a stale lock file never blocks the next run.
+    """
+    try:
+        import fcntl
+    except ImportError:                          # not POSIX: no lock
+        yield
+        return
+    path = os.path.join(out_dir, ".lock")
+    with open(path, "a+") as f:                  # closing it releases the lock
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise RunLockedError(f"{out_dir} is in use by another training run (process {pid}); wait for it "
+                                 "to end or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+class _StopRequests:
+    """While active, Ctrl-C / SIGTERM set ``signum`` instead of raising; a second one raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        os.write(2, b"\ninterrupt received: saving a checkpoint when the current step ends "
+                    b"(press Ctrl-C again to stop at once, without it)\n")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        """Back to the previous handlers: from now on Ctrl-C interrupts at once."""
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+
+_NON_FINITE = re.compile(r"(\w+) contains (\d+) non-finite value")
+
+
+def _diverged(step, what, last_good, lr):
+    kept = (f"the last good checkpoint ({last_good[1]}, step {last_good[0]}) is kept" if last_good
+            else "no checkpoint was saved before it")
+    return NonFiniteLossError(f"training diverged at step {step}: {what}; {kept}. "
+                              f"Try a lower learning rate (--lr, now {lr:g})")
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -145,32 +312,65 @@ def schedule_progress(cfg: TrainConfig, step: int, elapsed: float, warmup_end_s:
 
 
 def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: bool = False,
-          progress: bool = True, log=print) -> dict:
-    """Train (or resume) a model; returns a summary dict with the final metrics and paths."""
-    from tqdm.auto import tqdm
-    os.makedirs(cfg.out_dir, exist_ok=True)
+          progress: bool = True, log=print, overwrite: bool = False) -> dict:
+    """Train (or resume) a model; returns a summary dict with the final metrics and paths.
+
+    Everything is checked before anything is written: the config
+    (:meth:`TrainConfig.validate`), the output folder (:func:`check_out_dir`:
+    a folder holding a run needs ``resume`` or ``overwrite``) and, for
+    ``resume``, the checkpoint. Raises :class:`TrainingInterrupted` after
+    Ctrl-C/SIGTERM (a checkpoint at the current step is saved) and
+    :class:`NonFiniteLossError` if training diverges.
+    """
+    cfg.validate()
+    check_out_dir(cfg.out_dir, resume, overwrite)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.npz")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     start_step, elapsed, warmup_end_s = 0, 0.0, None
     if resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         model, extra, meta = MaskRCNN.load(ckpt_path, return_extra=True)
         state = meta.get("train")
         if not state:
             raise ValueError(f"{ckpt_path} holds no training state; cannot resume from it")
         start_step, elapsed = int(state["step"]), float(state["elapsed_s"])
         warmup_end_s = state.get("warmup_end_s")
+        if cfg.iters is not None and cfg.iters <= start_step:
+            raise ConfigError("iters", f"the run is already at step {start_step}; give iters > {start_step} "
+                                       "to train further")
+        if cfg.iters is None and elapsed >= cfg.minutes * 60.0:
+            raise ConfigError("minutes", f"the run has already trained {elapsed / 60:.2f} minutes; give minutes "
+                                         f"> {elapsed / 60:.2f} to train further")
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict({k[len("optim/"):]: v for k, v in extra.items() if k.startswith("optim/")})
     else:
         model = MaskRCNN(model_config or MaskRCNNConfig.shapes(), seed=cfg.seed)
         optimizer = make_optimizer(model, cfg)
-        with open(metrics_path, "w"):
-            pass
     train_set, val_set = make_datasets(cfg)
-    if cfg.iters is None and cfg.minutes is None:
-        raise ValueError("give iters or minutes")
+
+    # -- from here on the folder is written to, under its lock
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with run_lock(cfg.out_dir), _StopRequests() as stops:
+        check_out_dir(cfg.out_dir, resume, overwrite)    # again, under the lock: a run may have ended meanwhile
+        for tmp in remove_stale_temp_files(cfg.out_dir):
+            log(f"removed {tmp}, left by a process killed while saving")
+        if resume:
+            dropped = _trim_metrics(metrics_path, start_step)
+            if dropped:
+                log(f"{metrics_path}: dropped {dropped} line(s) written after the checkpoint of step "
+                    f"{start_step} (or torn by a kill)")
+        else:
+            for name in RUN_FILES:                       # overwrite: the old run goes only now
+                if os.path.exists(os.path.join(cfg.out_dir, name)):
+                    os.remove(os.path.join(cfg.out_dir, name))
+            with open(metrics_path, "w"):
+                pass
+        return _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, warmup_end_s,
+                           ckpt_path, metrics_path, progress, log, stops, resume)
+
+
+def _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, warmup_end_s,
+                ckpt_path, metrics_path, progress, log, stops, resumed):
+    from tqdm.auto import tqdm
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
     # (a run shorter than its warm-up just warms up: the decay would start after its end)
     schedule = WarmupCosine(cfg.lr, cfg.warmup_iters,
@@ -182,11 +382,16 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
         resolve_workers(cfg.workers, cfg.batch_size)
     step = start_step
     history = []
-    bar = tqdm(total=cfg.iters, initial=start_step, disable=not progress, dynamic_ncols=True,
-               desc="train" if n_workers == 1 else f"train ({n_workers} workers)", unit="step")
-    last_good = None
+    last_good = (start_step, ckpt_path) if resumed else None
     with runtime.session(model.config), _data_parallel(model, n_workers, cfg) as pool:
+        _compile_warm_up(model, pool, train_set, cfg, n_workers, step, log)
+        bar = tqdm(total=cfg.iters, initial=start_step, disable=not progress, dynamic_ncols=True,
+                   desc="train" if n_workers == 1 else f"train ({n_workers} workers)", unit="step")
         while True:
+            if stops.signum is not None:
+                bar.close()
+                _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
+                raise TrainingInterrupted(step, ckpt_path, stops.signum)
             if cfg.iters is not None and step >= cfg.iters:
                 break
             if budget is not None and elapsed >= budget:
@@ -204,8 +409,17 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
                 losses, gnorm = train_step(model, optimizer, images, targets, lr, cfg.grad_clip, pool)
             except NonFiniteLossError as e:
                 bar.close()
-                kept = f"; the last good checkpoint ({last_good}) is kept" if last_good else ""
-                raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {e}{kept}") from None
+                raise _diverged(step + 1, str(e), last_good, cfg.lr) from None
+            except (ValueError, RuntimeError) as e:      # a kernel's input check, here or in a worker
+                m = _NON_FINITE.search(str(e))
+                if m is None:
+                    raise
+                bar.close()
+                raise _diverged(step + 1, f"{m.group(1)} has {m.group(2)} NaN or inf value(s)",
+                                last_good, cfg.lr) from None
+            if cfg.grad_clip and not math.isfinite(gnorm):
+                bar.close()
+                raise _diverged(step + 1, f"the gradient norm is {gnorm}", last_good, cfg.lr)
             dt = time.perf_counter() - t0
             elapsed += dt
             step += 1
@@ -221,20 +435,92 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
                 bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()},
                                  "s/step": f"{dt:.2f}"})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                if not _weights_finite(model):           # (caught above when the gradient is clipped)
+                    bar.close()
+                    raise _diverged(step, "the weights became NaN or inf", last_good, cfg.lr)
                 _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
-                last_good = ckpt_path
+                last_good = (step, ckpt_path)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 ev = evaluate_model(model, val_set)
                 _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": ev})
                 log(f"step {step}  mask AP {ev['mask_AP']:.3f}  AP50 {ev['mask_AP50']:.3f}  "
                     f"box AP {ev['box_AP']:.3f}")
-    bar.close()
+        bar.close()
+    if not _weights_finite(model):
+        raise _diverged(step, "the weights became NaN or inf", last_good, cfg.lr)
     _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
+    if stops.signum is not None:                         # (arrived during the last step)
+        raise TrainingInterrupted(step, ckpt_path, stops.signum)
+    stops.release()                                      # the checkpoint is saved: Ctrl-C may stop the evaluation
     final = evaluate_model(model, val_set)
     _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": final})
     plot_training_curves(metrics_path, cfg.out_dir)
     return {"step": step, "elapsed_s": elapsed, "eval": final, "checkpoint": ckpt_path,
             "metrics": metrics_path, "history": history}
+
+
+def _weights_finite(model) -> bool:
+    return all(np.isfinite(p.data).all() for p in model.parameters())
+
+
+COMPILE_NOTICE_S = 3.0
+
+
+def _compile_warm_up(model, pool, train_set, cfg, n_workers, step, log):
+    """One forward and backward pass on step ``step``'s batch (all workers), the gradient thrown away.
+
+    The first pass of a process compiles the Numba kernels, or loads them from
+    the cache; doing it here keeps that time off the training clock and off
+    the progress bar. Parameters, buffers and every random choice of the run
+    are left as they were (each step reseeds the samplers).
+    """
+    timer = threading.Timer(COMPILE_NOTICE_S, log, args=(
+        "compiling kernels, first run only (Numba caches them for later runs); this can take minutes ...",))
+    timer.daemon = True
+    timer.start()
+    t0 = time.perf_counter()
+    buffers = {k: v.copy() for k, v in model.state_dict().items()}
+    idx = shard(batch_indices(len(train_set), cfg.batch_size, step, cfg.seed), n_workers)
+    if pool is not None:
+        pool.start_step(step, idx)
+    images, targets = load_batch(train_set, idx[0], step, cfg.seed, cfg.hflip, 0, n_workers)
+    model.rng = np.random.default_rng(step_seeds(cfg.seed, step, 0, n_workers)[1])
+    try:
+        runtime.compute_gradients(model, images, targets)
+    finally:
+        if pool is not None:
+            pool.finish_step()
+        timer.cancel()
+    model.zero_grad()
+    model.load_state_dict(buffers)
+    dt = time.perf_counter() - t0
+    if dt >= COMPILE_NOTICE_S:
+        log(f"kernels ready in {dt:.0f} s (not counted in the training time)")
+
+
+def _trim_metrics(path: str, last_step: int) -> int:
+    """Keep the lines of ``metrics.jsonl`` up to ``last_step`` (a resumed run's checkpoint); drop torn ones.
+
+    Returns how many lines were dropped; the file is rewritten atomically only then.
+    """
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+                ok = line.endswith("\n") and int(r["step"]) <= last_step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        with atomic_write(path, "w") as f:
+            f.writelines(kept)
+    return dropped
 
 
 @contextmanager
@@ -251,22 +537,45 @@ def _data_parallel(model, n_workers: int, cfg: TrainConfig):
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        with WorkerPool(model, n_workers, cfg.to_dict()) as pool:
+        with _ignoring_stop_signals():
+            # The workers start with Ctrl-C and SIGTERM ignored (an ignored signal stays ignored
+            # across exec): a Ctrl-C in a terminal reaches the whole process group, and only
+            # this process decides when to stop -- after the step, with a checkpoint.
+            pool = WorkerPool(model, n_workers, cfg.to_dict())
+        with pool:
             yield pool
     finally:
         numba.set_num_threads(threads)
 
 
+@contextmanager
+def _ignoring_stop_signals():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _append_jsonl(path, record):
+    # one write of a whole line: a kill can tear only the last line, which readers skip
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def read_metrics(path: str) -> tuple[list, list]:
+    """(step records, evaluation records) of a ``metrics.jsonl``; a torn (unreadable) line is skipped."""
     steps, evals = [], []
     with open(path) as f:
         for line in f:
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
             (evals if "eval" in r else steps).append(r)
     return steps, evals
 
@@ -291,7 +600,8 @@ def plot_training_curves(metrics_path: str, out_dir: str) -> list[str]:
         ax.set_title("training losses")
         fig.tight_layout()
         p = os.path.join(out_dir, "loss_curve.png")
-        fig.savefig(p, dpi=110)
+        with atomic_write(p) as f:
+            fig.savefig(f, dpi=110, format="png")
         plt.close(fig)
         paths.append(p)
     if evals:
@@ -306,7 +616,8 @@ def plot_training_curves(metrics_path: str, out_dir: str) -> list[str]:
         ax.legend()
         fig.tight_layout()
         p = os.path.join(out_dir, "ap_curve.png")
-        fig.savefig(p, dpi=110)
+        with atomic_write(p) as f:
+            fig.savefig(f, dpi=110, format="png")
         plt.close(fig)
         paths.append(p)
     return paths

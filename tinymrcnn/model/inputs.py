@@ -2,12 +2,20 @@
 
 Each check raises one ValueError (or TypeError) that names the image or
 target and what is wrong with it, before any stage runs.
+
+Checked, because each would otherwise train or predict silently on garbage:
+images must be float in [0, 1] (a float image in 0..255 is refused, not
+divided); boxes must overlap their image (a box partly outside is used as
+given, not clipped); labels must be whole numbers; masks must hold only 0
+and 1 (or be boolean).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..ops.resize import resized_shape
+
+IMAGE_TOLERANCE = 1e-3     # interpolation may overshoot [0, 1] by rounding
 
 
 def check_images(images, config) -> None:
@@ -23,6 +31,10 @@ def check_images(images, config) -> None:
             raise ValueError(f"image {i} must be float in [0, 1], got dtype {img.dtype}")
         if not np.isfinite(img).all():
             raise ValueError(f"image {i} contains NaN or inf")
+        lo, hi = (float(img.min()), float(img.max())) if img.size else (0.0, 0.0)
+        if lo < -IMAGE_TOLERANCE or hi > 1.0 + IMAGE_TOLERANCE:
+            hint = " (it looks like 0..255: divide by 255)" if hi > 2.0 else ""
+            raise ValueError(f"image {i} has values in [{lo:g}, {hi:g}]; images must be float in [0, 1]{hint}")
         (h, w), _ = resized_shape(*img.shape[1:], config.min_size, config.max_size)
         if min(h, w) < 32:
             raise ValueError(f"image {i} is {h}x{w} after resizing; the smallest side must be "
@@ -46,8 +58,24 @@ def check_targets(images, targets, config) -> None:
                              f"to match the image, got {masks.shape}")
         if not np.isfinite(boxes).all():
             raise ValueError(f"target {i}: boxes contain NaN or inf")
+        if n and not np.issubdtype(labels.dtype, np.integer) and not (
+                np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+            raise ValueError(f"target {i}: labels must be whole numbers (class indices), got {labels.tolist()}")
         if n and (labels.min() < 1 or labels.max() >= k):
             raise ValueError(f"target {i}: labels must be in 1..{k - 1}, got {labels.min()}..{labels.max()}")
         if n and np.any((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])):
             bad = int(np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0])
             raise ValueError(f"target {i}: box {bad} {boxes[bad].tolist()} has zero or negative size")
+        h, w = img.shape[1:]
+        outside = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= w) | (boxes[:, 1] >= h)
+        if n and outside.any():
+            bad = int(np.flatnonzero(outside)[0])
+            raise ValueError(f"target {i}: box {bad} {boxes[bad].tolist()} lies entirely outside the "
+                             f"{w}x{h} image (boxes are x1, y1, x2, y2 in pixels)")
+        if n and masks.dtype != np.bool_:
+            m = np.asarray(masks)
+            if not np.all((m == 0) | (m == 1)):
+                vals = np.unique(m)
+                shown = ", ".join(f"{v:g}" for v in vals[:6]) + (", ..." if len(vals) > 6 else "")
+                raise ValueError(f"target {i}: masks must hold only 0 and 1, got values {shown}"
+                                 " (threshold soft masks, or divide 0/255 masks by 255)")
