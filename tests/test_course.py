@@ -16,9 +16,10 @@ import pytest
 import tinymrcnn
 from tinymrcnn.cli import main as cli_main
 from tinymrcnn.course.exercises import BY_NAME, EXERCISES, select, stub_docstring
-from tinymrcnn.course.grade import diff_arrays, format_report, grade
+from tinymrcnn.course.grade import Limits, diff_arrays, format_report, grade
 from tinymrcnn.course.make import (MarkerError, check_regions, find_regions, make_student, regions_in_source,
                                    replace_stub, stub_source)
+from tinymrcnn.course.runner import DecodeError, read_value, write_value
 
 PACKAGE_PARENT = Path(tinymrcnn.__file__).resolve().parent.parent     # the solution's folder
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks" / "exercises"
@@ -196,7 +197,7 @@ def test_the_solution_scores_100_percent():
 
 def _planted(tmp_path, exercise, bodies):
     out = tmp_path / f"planted_{exercise}"
-    make_student(out, exercise, notebooks=tmp_path / "none")
+    make_student(out, exercise, notebooks=False)
     for function, body in bodies.items():
         replace_stub(out, exercise, function, body)
     report = grade(out, exercise)
@@ -338,7 +339,7 @@ def test_planted_mask_loss_on_every_channel(tmp_path):
 def test_a_crash_in_a_required_exercise_points_there(tmp_path):
     # proposals calls the box coder: with decode still blank, the proposal checks name the box coder
     out = tmp_path / "dep"
-    make_student(out, "box_coder,proposals", notebooks=tmp_path / "none", check_import=False)
+    make_student(out, "box_coder,proposals", notebooks=False, check_import=False)
     replace_stub(out, "proposals", "generate_proposals",
                  "box_coder.decode(deltas[0][0], anchors[0])\nreturn [], [], []")
     report = grade(out, "box_coder,proposals")
@@ -351,15 +352,107 @@ def test_a_crash_in_a_required_exercise_points_there(tmp_path):
     assert "note: this exercise calls the functions of box_coder" in text
 
 
-def test_an_endless_loop_costs_one_exercise(tmp_path):
-    out = tmp_path / "loop"
-    make_student(out, "box_coder,mask_loss", notebooks=tmp_path / "none", check_import=False)
-    replace_stub(out, "mask_loss", "mask_loss", "while True:\n    pass")
-    report = grade(out, "mask_loss,box_coder", timeout=3)
-    loop, coder = report.exercises[1], report.exercises[0]
+# ---------------------------------------------------------------------------
+# Grading untrusted code: limits, and no pickle between the processes
+# ---------------------------------------------------------------------------
+def _student_with(tmp_path, name, body, exercises="box_coder,mask_loss"):
+    out = tmp_path / name
+    make_student(out, exercises, notebooks=False, check_import=False)
+    replace_stub(out, "mask_loss", "mask_loss", body)
+    return out
+
+
+def test_an_endless_loop_is_stopped_by_the_cpu_limit(tmp_path):
+    out = _student_with(tmp_path, "loop", "while True:\n    pass")
+    limits = Limits(wall_seconds=60, cpu_seconds=2, restarts=1)
+    report = grade(out, "mask_loss,box_coder", limits=limits)
+    coder, loop = report.exercises
     assert loop.exercise.name == "mask_loss" and loop.score == 0
-    assert all("timed out after 3 s" in c.message for c in loop.checks)
+    first = loop.checks[0].message
+    assert first.startswith("exceeded the time limit (2 s of CPU time)"), first
+    assert all("exceeded the time limit" in c.message for c in loop.checks), [c.message for c in loop.checks]
+    # the other exercise runs in its own interpreter and is unaffected
     assert coder.score == 0 and all(c.error[0] == "NotImplementedError" for c in coder.checks)
+    assert "exceeded the time limit (2 s of CPU time)" in format_report(report)
+
+
+def test_a_call_that_sleeps_is_stopped_by_the_wall_clock(tmp_path):
+    out = _student_with(tmp_path, "sleep", "import time\ntime.sleep(600)")
+    report = grade(out, "mask_loss", limits=Limits(wall_seconds=3, restarts=0))
+    (loop,) = report.exercises
+    assert loop.checks[0].message.startswith("exceeded the time limit (3 s wall-clock)"), loop.checks[0].message
+    assert all("exceeded the time limit" in c.message for c in loop.checks)
+
+
+def test_an_unbounded_allocation_is_stopped_by_the_memory_limit(tmp_path):
+    out = _student_with(tmp_path, "alloc", "chunks = []\nwhile True:\n    chunks.append(np.ones(1 << 20))")
+    report = grade(out, "mask_loss", limits=Limits(wall_seconds=60, memory_mb=800))
+    (alloc,) = report.exercises
+    assert alloc.score == 0
+    for c in alloc.checks:
+        assert c.message.startswith("exceeded the memory limit (800 MiB)"), c.message
+        assert "losses.py" in c.message and "in mask_loss" in c.message        # where it was allocating
+
+
+PLANT = """
+import json, os, pickle, shutil, sys
+
+class Payload:
+    def __reduce__(self):                      # unpickling this runs code
+        return (exec, ("open(%(marker)r, 'w').write('ran')",))
+
+results = sys.argv[3]                          # the runner's results folder
+for i in range(40):
+    stem = os.path.join(results, str(i))
+    with open(stem + ".pkl", "wb") as f:       # the old format: read with pickle.load
+        pickle.dump({"ok": True, "value": Payload()}, f)
+    objects = np.empty(1, dtype=object)
+    objects[0] = Payload()
+    if i %% 2:                                  # an object array: pickled inside the .npz
+        np.savez(stem + ".npz", a0=objects)
+        value = {"__array__": "a0"}
+    else:                                       # a tag the grader does not know
+        np.savez(stem + ".npz", a0=np.zeros(1))
+        value = {"__reduce__": "exec"}
+    with open(stem + ".json", "w") as f:
+        json.dump({"arrays": ["a0"], "value": {"__dict__": {"ok": True, "value": value}}}, f)
+shutil.copyfile(os.path.join(results, "0.pkl"), %(planted)r)
+os._exit(0)
+"""
+
+
+def test_a_crafted_result_file_is_rejected_and_runs_nothing(tmp_path):
+    import pickle
+    marker, planted = tmp_path / "code-ran", tmp_path / "planted.pkl"
+    out = _student_with(tmp_path, "crafted", PLANT % {"marker": str(marker), "planted": str(planted)})
+    report = grade(out, "mask_loss", limits=Limits(wall_seconds=60, restarts=0))
+    (res,) = report.exercises
+    assert planted.exists()                    # the student's code did plant its files
+    assert not marker.exists()                 # ... and the grader executed none of it
+    assert res.score == 0
+    for c in res.checks:
+        assert c.message.startswith("rejected the result file of this call"), c.message
+    messages = " ".join(c.message for c in res.checks)
+    assert "Object arrays cannot be loaded" in messages and "unknown tag" in messages
+    with open(planted, "rb") as f:             # the planted file is live: pickle.load would have run it
+        pickle.load(f)
+    assert marker.read_text() == "ran"
+
+
+def test_results_round_trip_through_json_and_npz(tmp_path):
+    value = {"ok": True, "value": (np.arange(6.0).reshape(2, 3), [np.float32(1.5), 2, None, "s", True],
+                                   {"counts": {"topk": 3}}, np.zeros((0, 5)), 1 + 2j, float("nan"),
+                                   {"__unplain__": "Foo", "repr": "Foo()"})}
+    write_value(str(tmp_path / "r"), value)
+    back = read_value(str(tmp_path / "r"))
+    a, items, d, empty, z, nan, odd = back["value"]
+    assert isinstance(back["value"], tuple) and np.array_equal(a, value["value"][0]) and a.dtype == np.float64
+    assert items[0] == 1.5 and items[0].dtype == np.float32 and items[1:] == [2, None, "s", True]
+    assert d == {"counts": {"topk": 3}} and empty.shape == (0, 5) and z == 1 + 2j and np.isnan(nan)
+    assert odd == {"__unplain__": "Foo", "repr": "Foo()"}
+    (tmp_path / "link.json").symlink_to(tmp_path / "r.json")
+    with pytest.raises(DecodeError, match="not a regular file"):
+        read_value(str(tmp_path / "link"))
 
 
 def test_diff_arrays_messages():

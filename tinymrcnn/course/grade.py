@@ -29,11 +29,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
+import signal
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,7 @@ import numpy as np
 
 from .exercises import EXERCISES, Exercise, select
 from .make import find_regions
+from .runner import DecodeError, read_value, write_value
 
 RTOL, ATOL = 1e-7, 1e-9            # float64 comparisons with the solution
 GRAD_RTOL = 1e-6                   # finite-difference checks (COMMON standard)
@@ -810,40 +812,185 @@ def build_checks(exercise: Exercise, seed: int = 0) -> _Builder:
 # ---------------------------------------------------------------------------
 # Running the student's code
 # ---------------------------------------------------------------------------
-def _run_calls(student_dir: Path, calls: list[Call], timeout: float, workdir: Path):
-    """Run the calls in a fresh interpreter on the student's package; returns (results by id, fatal)."""
-    runner = workdir / "runner.py"
-    shutil.copyfile(Path(__file__).with_name("runner.py"), runner)
-    calls_path = workdir / "calls.pkl"
+@dataclass(frozen=True)
+class Limits:
+    """What one exercise's student code may use (the child interpreter's limits).
+
+    wall_seconds: wall-clock time for all the exercise's calls together;
+    cpu_seconds: CPU time of one child interpreter (RLIMIT_CPU; None: as
+    wall_seconds); memory_mb: its address space (RLIMIT_AS); file_mb: the
+    largest file it may write (RLIMIT_FSIZE). Core files are always off.
+    A child stopped by a limit costs the call it was running; the remaining
+    calls run in a fresh child while wall-clock time is left.
+    """
+
+    wall_seconds: float = 300.0
+    cpu_seconds: float | None = None
+    memory_mb: int = 2048
+    file_mb: int = 256
+    restarts: int = 3                  # fresh children after one was stopped
+
+
+def _limits(cpu_seconds: float, memory_mb: int, file_mb: int):
+    """A preexec_fn for the child: resource limits, no core files (POSIX; None elsewhere)."""
+    try:
+        import resource
+    except ImportError:                # Windows: no rlimits; the wall-clock timeout still holds
+        return None
+
+    def apply():
+        cpu = max(1, int(math.ceil(cpu_seconds)))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))           # SIGXCPU, then SIGKILL
+        mem = int(memory_mb) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        fsize = int(file_mb) << 20
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    return apply
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, AttributeError):
+        proc.kill()
+
+
+def _stopped(returncode: int, stderr: str, limits: Limits, cpu_limit: float, cpu_used: float) -> str:
+    """Why a child ended abnormally, in words."""
+    sig = -returncode if returncode < 0 else None
+    if sig == getattr(signal, "SIGXCPU", None) or (sig == signal.SIGKILL and cpu_used >= cpu_limit - 0.5):
+        return (f"exceeded the time limit ({cpu_limit:g} s of CPU time): an endless loop, or very slow code "
+                "(the inputs are tiny)")
+    if "MemoryError" in stderr or "Cannot allocate memory" in stderr or "bad_alloc" in stderr:
+        return (f"exceeded the memory limit ({limits.memory_mb} MiB): an allocation without bound? "
+                "(the inputs are tiny)")
+    if sig == getattr(signal, "SIGXFSZ", None):
+        return f"exceeded the file size limit ({limits.file_mb} MiB)"
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        extra = f" (perhaps the memory limit, {limits.memory_mb} MiB)" if name in ("SIGKILL", "SIGSEGV",
+                                                                                 "SIGABRT") else ""
+        tail = stderr[-400:].strip()
+        return f"the student's interpreter was killed by {name}{extra}" + (f": {tail}" if tail else "")
+    return f"the student's interpreter stopped (exit code {returncode}): {stderr[-600:].strip()}"
+
+
+def _children_cpu() -> float:
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _read_result(results: Path, stem: str):
+    """(value, None) or (None, why the file was rejected); (None, None) if there is no result."""
+    try:
+        return read_value(str(results / stem)), None
+    except FileNotFoundError:
+        return None, None
+    except (DecodeError, OSError) as e:
+        return None, f"rejected the result file of this call: {e} (results travel as JSON and plain arrays)"
+
+
+def _result_shape_ok(r) -> bool:
+    if not isinstance(r, dict) or not isinstance(r.get("ok"), bool):
+        return False
+    if r["ok"]:
+        return "value" in r
+    where = r.get("where")
+    return (isinstance(r.get("error"), str) and isinstance(r.get("message"), str) and isinstance(where, list)
+            and all(isinstance(w, (list, tuple)) and len(w) == 3 for w in where))
+
+
+def _run_child(student_dir: Path, calls: list[Call], ids: list[int], workdir: Path, results: Path,
+               wall: float, limits: Limits):
+    """One child interpreter on the calls ``ids``; returns why it stopped early (None if it did not)."""
+    stem = workdir / f"calls{ids[0]}"
+    payload = [{"id": i, "target": calls[i].target, "args": calls[i].args, "kwargs": calls[i].kwargs,
+                "init": calls[i].init, "numgrad": calls[i].numgrad} for i in ids]
+    write_value(str(stem), payload)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")}
+    # Only the student's copy is importable as tinymrcnn; Numba compiles nothing (tiny inputs); one
+    # BLAS thread (threads would multiply the CPU time and the address space).
+    env.update(PYTHONPATH=str(student_dir), NUMBA_DISABLE_JIT="1", PYTHONDONTWRITEBYTECODE="1",
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    cpu = min(limits.cpu_seconds if limits.cpu_seconds is not None else limits.wall_seconds, wall)
+    cpu0 = _children_cpu()
+    proc = subprocess.Popen([sys.executable, str(workdir / "runner.py"), str(student_dir), str(stem),
+                             str(results)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                            preexec_fn=_limits(cpu, limits.memory_mb, limits.file_mb),
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=wall)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        return f"exceeded the time limit ({wall:g} s wall-clock): an endless loop, or very slow code"
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    _kill_group(proc)                  # anything the student's code left running in its group
+    if proc.returncode in (0, 3):
+        return None
+    return _stopped(proc.returncode, stderr, limits, cpu, _children_cpu() - cpu0)
+
+
+def _run_calls(student_dir: Path, calls: list[Call], limits: Limits, workdir: Path):
+    """Run the calls in fresh interpreters on the student's package.
+
+    Returns (results by call id, {call id: why it has no result}, fatal). No
+    file the children write is unpickled: results are read with
+    :func:`runner.read_value`.
+    """
+    shutil.copyfile(Path(__file__).with_name("runner.py"), workdir / "runner.py")
     results = workdir / "results"
     results.mkdir(exist_ok=True)
-    payload = [{"id": i, "target": c.target, "args": c.args, "kwargs": c.kwargs, "init": c.init,
-                "numgrad": c.numgrad} for i, c in enumerate(calls)]
-    with open(calls_path, "wb") as f:
-        pickle.dump(payload, f)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")}
-    # Only the student's copy is importable as tinymrcnn; Numba compiles nothing (tiny inputs).
-    env.update(PYTHONPATH=str(student_dir), NUMBA_DISABLE_JIT="1", PYTHONDONTWRITEBYTECODE="1")
-    fatal = None
-    try:
-        proc = subprocess.run([sys.executable, str(runner), str(student_dir), str(calls_path), str(results)],
-                              cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode not in (0, 3):
-            fatal = f"the student's interpreter stopped (exit code {proc.returncode}): {proc.stderr[-600:].strip()}"
-    except subprocess.TimeoutExpired:
-        fatal = f"timed out after {timeout:g} s (an endless loop, or very slow code: the inputs are tiny)"
-    out = {}
-    for i in range(len(calls)):
-        p = results / f"{i}.pkl"
-        if p.exists():
-            with open(p, "rb") as f:
-                out[i] = pickle.load(f)
-    imp = results / "import.pkl"
-    if imp.exists():
-        with open(imp, "rb") as f:
-            r = pickle.load(f)
-        fatal = f"the student's package does not import: {r['error']}: {r['message']}{_where_text(r['where'])}"
-    return out, fatal
+    out, why, fatal = {}, {}, None
+    pending = list(range(len(calls)))
+    deadline = time.monotonic() + limits.wall_seconds
+    for attempt in range(limits.restarts + 1):
+        if not pending:
+            break
+        wall = deadline - time.monotonic()
+        if wall <= 0.5:
+            fatal = fatal or f"not run: the exercise's time limit ({limits.wall_seconds:g} s) was spent"
+            break
+        stop = _run_child(student_dir, calls, pending, workdir, results, wall, limits)
+        imp, bad = _read_result(results, "import")
+        if imp is not None or bad:
+            if bad or not _result_shape_ok(imp):
+                return out, why, f"the student's package does not import ({bad or 'an unreadable report'})"
+            return out, why, (f"the student's package does not import: {imp['error']}: {imp['message']}"
+                              f"{_where_text(imp['where'])}")
+        left = []
+        for i in pending:
+            r, bad = _read_result(results, str(i))
+            if bad is None and r is not None and not _result_shape_ok(r):
+                bad = "rejected the result file of this call: not a result"
+            if bad:
+                why[i] = bad
+            elif r is not None:
+                out[i] = r
+            elif (results / f"{i}.started").exists() and stop:
+                why[i] = stop                           # the call that was running when the child stopped
+            else:
+                left.append(i)
+        if stop is None and left:
+            fatal = "the student's interpreter ended before running every call (did the code call exit()?)"
+            break
+        if stop is not None:
+            fatal = stop
+        pending = left
+    for i in pending:
+        why.setdefault(i, f"not run: {fatal}" if fatal else "the call did not run")
+    return out, why, fatal
 
 
 def _where_text(where) -> str:
@@ -864,25 +1011,36 @@ def _part_owner(where) -> str | None:
     return None
 
 
-def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: float = 300.0) -> ExerciseResult:
+def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: float = 300.0,
+                 limits: Limits | None = None) -> ExerciseResult:
+    limits = limits if limits is not None else Limits(wall_seconds=timeout)
     b = build_checks(exercise, seed)
     result = ExerciseResult(exercise)
     with tempfile.TemporaryDirectory(prefix=f"tinymrcnn-grade-{exercise.name}-") as tmp:
-        values, fatal = _run_calls(student_dir, b.calls, timeout, Path(tmp))
+        values, why, fatal = _run_calls(student_dir, b.calls, limits, Path(tmp))
     for chk in b.checks:
         args, error = [], None
         for ref in chk.calls:
             key, i = (ref[1], "numgrad") if isinstance(ref, tuple) else (ref, "value")
             r = values.get(key)
             if r is None:
-                error = ("NotRun", fatal or "the call did not run", [])
+                error = ("NotRun", why.get(key) or fatal or "the call did not run", [])
                 break
             if not r["ok"]:
                 error = (r["error"], r["message"], r["where"])
                 break
+            if i not in r:
+                error = ("NotRun", "rejected the result file of this call: no finite-difference gradient", [])
+                break
             args.append(r[i])
         if error is not None:
-            msg = f"raised {error[0]}: {error[1]}{_where_text(error[2])}" if error[0] != "NotRun" else error[1]
+            if error[0] == "NotRun":
+                msg = error[1]
+            elif error[0] == "MemoryError":
+                msg = (f"exceeded the memory limit ({limits.memory_mb} MiB): raised MemoryError"
+                       f"{_where_text(error[2])} -- an allocation without bound? (the inputs are tiny)")
+            else:
+                msg = f"raised {error[0]}: {error[1]}{_where_text(error[2])}"
             owner = _part_owner(error[2])
             if owner and owner != exercise.name:
                 msg += f" -- this is exercise {owner}'s code: finish that one first"
@@ -900,12 +1058,15 @@ def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: 
     return result
 
 
-def grade(student_dir, exercises=None, seed: int = 0, timeout: float = 300.0) -> Report:
+def grade(student_dir, exercises=None, seed: int = 0, timeout: float = 300.0, limits: Limits | None = None) -> Report:
     """Grade the package in ``student_dir`` (the folder that holds ``tinymrcnn/``).
 
-    Raises FileNotFoundError if there is no package there, and RuntimeError
-    if the installed package (the solution) lacks the exercise markers.
+    This runs the student's code (in child interpreters, under ``limits``;
+    default: ``Limits(wall_seconds=timeout)``). Raises FileNotFoundError if
+    there is no package there, and RuntimeError if the installed package
+    (the solution) lacks the exercise markers.
     """
+    limits = limits if limits is not None else Limits(wall_seconds=timeout)
     student_dir = Path(student_dir).resolve()
     if not (student_dir / "tinymrcnn" / "__init__.py").is_file():
         raise FileNotFoundError(f"no tinymrcnn package in {student_dir} (expected {student_dir}/tinymrcnn/__init__.py)")
@@ -915,7 +1076,7 @@ def grade(student_dir, exercises=None, seed: int = 0, timeout: float = 300.0) ->
     if missing:
         raise RuntimeError(f"the installed tinymrcnn ({Path(__file__).parents[1]}) has no exercise markers for "
                            f"{', '.join(missing)}: it is not the solution (is a student's copy first on the path?)")
-    results = [run_exercise(student_dir, ex, seed, timeout) for ex in chosen]
+    results = [run_exercise(student_dir, ex, seed, limits=limits) for ex in chosen]
     by_name = {r.exercise.name: r for r in results}
     for r in results:
         weak = [q for q in r.exercise.requires if q in by_name and by_name[q].score < 100]
@@ -955,11 +1116,12 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def main_grade(student_dir, exercises=None, seed=0, timeout=300.0, json_path=None, file=None) -> int:
+def main_grade(student_dir, exercises=None, seed=0, timeout=300.0, json_path=None, file=None,
+               limits: Limits | None = None) -> int:
     """The ``tinymrcnn course grade`` command: prints the report; 0 unless the folder is missing."""
     file = file or sys.stdout
     try:
-        report = grade(student_dir, exercises, seed, timeout)
+        report = grade(student_dir, exercises, seed, timeout, limits)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"tinymrcnn course grade: {e}", file=sys.stderr)
         return 2
