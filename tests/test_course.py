@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -294,7 +295,54 @@ def test_planted_half_pixel_offset_in_roi_align_forward(tmp_path):
     pts = checks["roi_sample_points: adaptive grid, aligned=True, (3, 4) bins"]
     assert "your points are those of aligned=False" in pts.message
     assert 0 < result.score < 100
-    assert "FAIL SPEC.md's known answer (detectron2's test), aligned=True: output:" in text
+    # the pooled outputs fail because the points do: one line says so, the points' failure is listed
+    assert known.blocked_by == "roi_sample_points"
+    assert "fix roi_sample_points first" in text and "FAIL SPEC.md's known answer" not in text
+    assert "FAIL roi_sample_points: adaptive grid, aligned=True, (3, 4) bins:" in text
+
+
+SAMPLE_POINTS = SAMPLE_POINTS_NO_OFFSET.replace(
+    "offset = 0.0                                   # the slip: no half-pixel shift when aligned",
+    "offset = 0.5 if aligned else 0.0")
+SAMPLE_POINT_CHECKS = ("roi_sample_points: the blog's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
+                       "roi_sample_points: adaptive grid, aligned=True, (3, 4) bins",
+                       "roi_sample_points: a NaN box gets no sampling points (adaptive grid)")
+
+
+def test_a_wrong_bilinear_weight_names_the_function_to_fix_first(tmp_path):
+    swapped = BILINEAR.replace("(y0, x1, (1 - ly) * lx), (y1, x0, ly * (1 - lx))",
+                               "(y0, x1, ly * (1 - lx)), (y1, x0, (1 - ly) * lx)")   # the slip
+    assert swapped != BILINEAR
+    checks, result, text = _planted(tmp_path, "roi_align_forward", {
+        "roi_sample_points": SAMPLE_POINTS, "bilinear_reference": swapped, "roi_align_reference": POOL})
+    assert all(checks[n].passed for n in SAMPLE_POINT_CHECKS), [checks[n].message for n in SAMPLE_POINT_CHECKS]
+    inside = checks["bilinear_reference: points inside the map"]
+    assert not inside.passed and "expected taps" in inside.message
+    # the failures of roi_align_reference follow from it: named once, not listed
+    follow = [c for c in checks.values() if c.blocked_by]
+    assert len(follow) >= 5 and all(c.parts == ("roi_align_reference",) for c in follow)
+    assert "  fix bilinear_reference first: " in text and "of roi_align_reference call it" in text
+    assert text.index("fix bilinear_reference first") < text.index("FAIL bilinear_reference")
+    for c in follow:
+        assert f"FAIL {c.name}:" not in text
+    # no fixed hint blames something else (count, the half-pixel offset, empty bins)
+    assert "[hint:" not in text and not re.search(r"\bcount\b", text) and "half-pixel" not in text, text
+    assert not any("[hint:" in c.message for c in checks.values())
+
+
+def test_an_exception_in_provided_code_is_traced_to_the_students_function(tmp_path):
+    off_by_one = BILINEAR.replace("y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)",
+                                  "y1, x1 = y0 + 1, x0 + 1")                          # the slip
+    assert off_by_one != BILINEAR
+    checks, result, text = _planted(tmp_path, "roi_align_forward", {
+        "roi_sample_points": SAMPLE_POINTS, "bilinear_reference": off_by_one, "roi_align_reference": POOL})
+    raised = [c for c in checks.values() if c.error and c.error[0] == "IndexError"]
+    assert raised, [c.message for c in checks.values()]
+    for c in raised:
+        assert "in _bin_samples] -- in provided code, called from your roi_align_reference (" in c.message
+        assert c.blocked_by == "bilinear_reference"
+    assert "outside the 4x5 map" in checks["bilinear_reference: edges, out of range and NaN"].message
+    assert "fix bilinear_reference first" in text
 
 
 MASK_LOSS_OVER_ALL_CHANNELS = """

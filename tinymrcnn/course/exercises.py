@@ -43,6 +43,7 @@ class Part:
     shapes: str
     formula: str
     hint: str
+    calls: tuple[str, ...] = ()        # the students' functions (any exercise) this one calls
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ EXERCISES: tuple[Exercise, ...] = (
                   "anchor order. Put the candidates of all levels in one array with a parallel "
                   "array of level ids. batched_nms returns indices sorted by decreasing score "
                   "over all levels, so step (6) is a slice."),
+            calls=("BoxCoder.decode",),
         ),),
     ),
     Exercise(
@@ -282,6 +284,7 @@ EXERCISES: tuple[Exercise, ...] = (
                 hint=("count comes from roi_sample_points, not from the number of samples that "
                       "fell inside the map: a sample outside the map contributes 0 but still "
                       "counts (SPEC.md 'RoIAlign')."),
+                calls=("roi_sample_points", "bilinear_reference"),
             ),
         ),
     ),
@@ -308,6 +311,7 @@ EXERCISES: tuple[Exercise, ...] = (
             hint=("Loop exactly like the forward, but scatter with += where the forward "
                   "gathered: several samples and several RoIs can touch the same pixel. Every "
                   "factor the forward applied to a sample appears again here."),
+            calls=("roi_sample_points", "bilinear_reference"),
         ),),
     ),
     Exercise(

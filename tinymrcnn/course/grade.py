@@ -72,7 +72,9 @@ class Check:
     name: str
     calls: list[int]                   # indices into the exercise's calls
     judge: Callable[[list], str | None]   # the calls' return values -> None or a failure message
-    hint: str = ""                     # added to the failure message
+    # Added to the failure message: (text, when) says it only when when(values) is true (a hint
+    # is about one mistake; said for any failure it misleads).
+    hint: str | tuple = ""
 
 
 @dataclass
@@ -81,6 +83,8 @@ class CheckResult:
     passed: bool
     message: str = ""
     error: tuple | None = None         # (type, message, where) when the student's code raised
+    parts: tuple = ()                  # the functions the check calls ("BoxCoder.decode")
+    blocked_by: str | None = None      # a failing function these call: fix that first
 
 
 @dataclass
@@ -112,7 +116,8 @@ class Report:
         return {"student_dir": self.student_dir, "total": self.total,
                 "exercises": [{"name": e.exercise.name, "passed": e.passed, "checks": len(e.checks),
                                "score": e.score, "note": e.note,
-                               "results": [{"check": c.name, "passed": c.passed, "message": c.message}
+                               "results": [{"check": c.name, "passed": c.passed, "message": c.message,
+                                            "blocked_by": c.blocked_by}
                                            for c in e.checks]}
                               for e in self.exercises]}
 
@@ -318,11 +323,15 @@ def _checks_conv2d_backward(b: _Builder, rng: np.random.Generator):
     args2, exp2 = case((1, 2, 7, 6), (3, 2, 2, 3), (2, 1), (1, 2))
     c2 = b.call(T, *args2)
     padded = (1, 2, 7 + 2, 6 + 4)
-    b.check("dx, stride (2, 1), padding (1, 2), 2x3 kernel", c2,
+    def stride1_right(v):              # the hint is about stride and padding: only when stride 1 works
+        d2, d1 = _as_array(_item(v[0], 0, 3, names), "dx"), _item(v[1], 0, 3, names)
+        return d2.shape == exp2[0].shape and diff_arrays(exp[0], d1, "dx") is None
+    b.check("dx, stride (2, 1), padding (1, 2), 2x3 kernel", [c2, c],
             lambda v: diff_arrays(exp2[0], _item(v[0], 0, 3, names), "dx",
                                   shape_hints=[(padded, "that is the padded input's shape: crop the "
                                                         "padding off dx")]),
-            hint="With stride s, output pixel a reads input rows a*s + i - p for the taps i.")
+            hint=("your stride-1 dx is right, so look at stride and padding: output pixel a reads "
+                  "input rows a*s + i - p for the taps i", stride1_right))
     b.check("dweight, stride (2, 1), padding (1, 2), 2x3 kernel", c2,
             lambda v: diff_arrays(exp2[1], _item(v[0], 1, 3, names), "dweight"))
 
@@ -425,6 +434,11 @@ STAGE_HINTS = {
 }
 
 
+def _one_box_kept(v) -> bool:
+    """The per-level NMS case kept one box of the two (NMS over all levels at once)."""
+    return len(v[0][0][0]) == 1
+
+
 def _checks_proposals(b: _Builder, rng: np.random.Generator):
     from ..model.anchors import AnchorGenerator
     from ..model.proposals import PROPOSAL_STAGES
@@ -486,7 +500,7 @@ def _checks_proposals(b: _Builder, rng: np.random.Generator):
     a0, a1 = np.array([[10.0, 10.0, 30.0, 30.0]]), np.array([[11.0, 11.0, 31.0, 31.0]])
     case("NMS runs per level (two overlapping boxes on different levels)",
          [np.array([[2.0]]), np.array([[1.0]])], [np.zeros((1, 1, 4)), np.zeros((1, 1, 4))],
-         [a0, a1], [(48, 48)], hint=STAGE_HINTS["nms"],
+         [a0, a1], [(48, 48)], hint=(STAGE_HINTS["nms"], _one_box_kept),
          pre_nms_top_n=5, post_nms_top_n=5, nms_thresh=0.7, score_thresh=0.0, min_size=1e-3)
 
 
@@ -521,6 +535,46 @@ HALF_PIXEL = ("check the half-pixel offset: SPEC.md 'RoIAlign', offset = 0.5 if 
               "subtracted from the scaled box")
 
 
+def _blog_points_misplaced(v) -> bool:
+    """The blog case's points have the right shapes and count but not the right places."""
+    ys, xs, count = v[0]
+    ys, xs = np.asarray(ys, dtype=np.float64), np.asarray(xs, dtype=np.float64)
+    return ys.shape == (3, 2) and xs.shape == (3, 2) and int(count) == 4 and bool(np.all(np.isfinite(ys)))
+
+
+def _nan_box_sampled(v) -> bool:
+    """A NaN box got sampling points or a count other than 1."""
+    ys, xs, count = v[0]
+    return np.asarray(ys).ndim != 2 or np.asarray(ys).shape[1] != 0 or np.asarray(xs).shape[1] != 0 or count != 1
+
+
+def _avg_over_samples_inside(x, rois, output_size, scale, sr, aligned):
+    """RoIAlign with the classic slip: each bin divided by its samples *inside* the map, not by count."""
+    from ..checks import pair
+    from ..ops.roi_align import bilinear_reference, roi_sample_points
+    ph_, pw_ = pair(output_size, "output_size")
+    out = np.zeros((len(rois), x.shape[1], ph_, pw_), x.dtype)
+    H, W = x.shape[2:]
+    for k, roi in enumerate(rois):
+        feat = x[int(roi[0])]
+        ys, xs, _ = roi_sample_points(roi[1:], (ph_, pw_), scale, sr, aligned)
+        for p in range(ph_):
+            for q in range(pw_):
+                taps = [bilinear_reference(y, xx, H, W) for y in ys[p] for xx in xs[q]]
+                inside = [t for t in taps if t]
+                if inside:
+                    out[k, :, p, q] = sum(sum(w * feat[:, r, c] for r, c, w in t) for t in inside) / len(inside)
+    return out
+
+
+def _nonzero_where_zero(expected):
+    """A condition: the student's array is non-finite, or non-zero where ``expected`` is exactly zero."""
+    def when(v):
+        g = np.asarray(v[0], dtype=np.float64)
+        return g.shape == expected.shape and bool(np.any(~np.isfinite(g)) or np.any((expected == 0) & (g != 0)))
+    return when
+
+
 def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
     from ..ops.roi_align import bilinear_reference, roi_align_reference, roi_sample_points
     from ..viz.roi import BLOG_BOX, BLOG_FEATURE_SIZE, BLOG_OUTPUT, BLOG_STRIDE
@@ -547,8 +601,9 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
     blog_args = (BLOG_BOX, BLOG_OUTPUT, 1.0 / BLOG_STRIDE, 2, False)
     b.check("roi_sample_points: the blog's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
             b.call(SP, *blog_args), points_judge(roi_sample_points(*blog_args)),
-            hint="The RoI covers 6.25 x 4.53 cells (width x height); a bin is 2.08 x 1.51 cells; "
-                 "its 2 x 2 points sit at (i + 0.5) / 2 of the bin, not at thirds.")
+            hint=("the RoI covers 6.25 x 4.53 cells (width x height) and a bin 2.08 x 1.51 cells; "
+                  "its 2 x 2 points sit at (i + 0.5) / 2 of the bin, not at thirds",
+                  _blog_points_misplaced))
     box = (3.3, 1.2, 20.7, 15.1)
     exp = roi_sample_points(box, (3, 4), 0.5, -1, True)
     c = b.call(SP, box, (3, 4), 0.5, -1, True)
@@ -562,8 +617,8 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
     nan_box = (float("nan"), 2.0, 9.0, 8.0)
     b.check("roi_sample_points: a NaN box gets no sampling points (adaptive grid)",
             b.call(SP, nan_box, (2, 3), 1.0, -1, False), points_judge(roi_sample_points(nan_box, (2, 3), 1.0, -1, False)),
-            hint="With an adaptive grid, grid = ceil(roi / pooled) only for 0 < roi / pooled; "
-                 "NaN and empty boxes get grid 0 (and count 1).")
+            hint=("with an adaptive grid, grid = ceil(roi / pooled) only for 0 < roi / pooled; "
+                  "NaN and empty boxes get grid 0 (and count 1)", _nan_box_sampled))
 
     H, W = 4, 5
     groups = {"bilinear_reference: points inside the map": [(1.3, 2.6), (0.0, 0.0), (2.5, 0.25)],
@@ -610,9 +665,11 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
 
     out_rois = np.array([[0, -6.0, -5.0, 4.0, 3.0], [1, 8.0, 6.0, 16.0, 12.0], [0, 30.0, 30.0, 40.0, 40.0]])
     e = roi_align_reference(x, out_rois, 3, 1.0, 2, False)
+    inside = _avg_over_samples_inside(x, out_rois, 3, 1.0, 2, False)
     b.check("RoIs partly and wholly outside the map", b.call(RA, x, out_rois, 3, 1.0, 2, False),
-            lambda v: diff_arrays(e, v[0], "output"),
-            hint="A sample outside the map contributes 0 but still counts in count (SPEC.md).")
+            lambda v: diff_arrays(e, v[0], "output", variants=[
+                ("each bin averaged over its samples inside the map", inside,
+                 "a sample outside the map contributes 0 but still counts in count (SPEC.md)")]))
 
     odd = np.array([[0, 5.0, 5.0, 5.0, 5.0], [1, float("nan"), 2.0, 3.0, 4.0]])
     eo = roi_align_reference(x, odd, 2, 1.0, -1, True)
@@ -622,7 +679,8 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
             [b.call(RA, x, odd, 2, 1.0, -1, True), b.call(RA, x, none, 2, 1.0, -1, True)],
             _judge_all((0, lambda v: diff_arrays(eo, v, "output")),
                        (1, lambda v: diff_arrays(en, v, "output for K = 0"))),
-            hint="Bins without sampling points stay 0; with K = 0 the output is (0, C, ph, pw).")
+            hint=("bins without sampling points stay 0; with K = 0 the output is (0, C, ph, pw)",
+                  lambda v: _nonzero_where_zero(eo)(v) or np.asarray(v[1]).shape != en.shape))
 
     em = roi_align_reference(x, rois, 3, 0.5, 2, False, "max")
     ea = roi_align_reference(x, rois, 3, 0.5, 2, False, "avg")
@@ -689,7 +747,8 @@ def _checks_roi_align_backward(b: _Builder, rng: np.random.Generator):
     b.check("RoIs outside the map, an empty box and a NaN box", b.call(T, dyo, odd, x2.shape, 1.0, -1, True),
             lambda v: diff_arrays(eo, v[0], "dx", variants=[
                 (no_count[0], summed(dyo, odd, x2.shape, -1, True), no_count[1])]),
-            hint="Samples outside the map and bins without samples pass no gradient on.")
+            hint=("samples outside the map and bins without samples pass no gradient on",
+                  _nonzero_where_zero(eo)))
 
     xm = rng.standard_normal((1, 2, 7, 7))
     rm = np.array([[0, 0.5, 0.5, 5.5, 6.0], [0, 1.0, 2.0, 6.5, 6.5]])
@@ -1000,15 +1059,81 @@ def _where_text(where) -> str:
     return f"  [{f}:{line}, in {fn}]"
 
 
-def _part_owner(where) -> str | None:
-    """The exercise whose function raised, from the innermost student frame."""
-    if not where:
-        return None
-    f, _, fn = where[-1]
+def _part_of(frame) -> tuple[str, str] | None:
+    """(exercise, function) if the traceback frame is in a function students write, else None."""
+    f, _, fn = frame
     for ex in EXERCISES:
-        if f.replace(os.sep, "/").endswith(ex.path) and any(p.function.split(".")[-1] == fn for p in ex.parts):
-            return ex.name
+        if str(f).replace(os.sep, "/").endswith(ex.path):
+            for p in ex.parts:
+                if p.function.split(".")[-1] == fn:
+                    return ex.name, p.function
     return None
+
+
+def _part_owner(where) -> str | None:
+    """The exercise of the innermost frame that is a student's function (None if there is none)."""
+    for frame in reversed(where or []):
+        part = _part_of(frame)
+        if part:
+            return part[0]
+    return None
+
+
+def _traced(where) -> str:
+    """Where the student's code raised; an error inside provided code is traced to the student's caller."""
+    if not where:
+        return ""
+    text = _where_text(where)
+    if _part_of(where[-1]) is None:
+        for frame in reversed(where[:-1]):
+            if _part_of(frame):
+                f, line, fn = frame
+                text += f" -- in provided code, called from your {fn} ({f}:{line})"
+                break
+    return text
+
+
+def _calls_of(function: str) -> set[str]:
+    """The students' functions ``function`` calls, directly or not (Part.calls, transitively)."""
+    uses = {p.function: p.calls for ex in EXERCISES for p in ex.parts}
+    seen, todo = set(), list(uses.get(function, ()))
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.add(f)
+            todo.extend(uses.get(f, ()))
+    return seen
+
+
+def _block_follow_ons(results: list[ExerciseResult]) -> None:
+    """Mark the failed checks that call a student's function which fails its own checks."""
+    failing = {}
+    for r in results:
+        for c in r.checks:
+            if not c.passed and len(c.parts) == 1:
+                failing.setdefault(c.parts[0], r.exercise.name)
+    for r in results:
+        for c in r.checks:
+            if c.passed:
+                continue
+            deps = set().union(*(_calls_of(f) for f in c.parts)) - set(c.parts) if c.parts else set()
+            bad = [f for f in sorted(deps) if f in failing]
+            if bad:
+                f = bad[0]
+                c.blocked_by = f if failing[f] == r.exercise.name else f"{f} (exercise {failing[f]})"
+
+
+def _hint(chk: Check, args) -> str:
+    text, when = (chk.hint, None) if isinstance(chk.hint, str) else chk.hint
+    if not text:
+        return ""
+    if when is not None:
+        try:
+            if not when(args):
+                return ""
+        except Exception:  # noqa: BLE001 -- an odd result: the condition does not hold
+            return ""
+    return text
 
 
 def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: float = 300.0,
@@ -1020,6 +1145,8 @@ def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: 
         values, why, fatal = _run_calls(student_dir, b.calls, limits, Path(tmp))
     for chk in b.checks:
         args, error = [], None
+        parts = tuple(dict.fromkeys(b.calls[ref[1] if isinstance(ref, tuple) else ref].target.split(":")[1]
+                                    for ref in chk.calls))
         for ref in chk.calls:
             key, i = (ref[1], "numgrad") if isinstance(ref, tuple) else (ref, "value")
             r = values.get(key)
@@ -1038,13 +1165,13 @@ def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: 
                 msg = error[1]
             elif error[0] == "MemoryError":
                 msg = (f"exceeded the memory limit ({limits.memory_mb} MiB): raised MemoryError"
-                       f"{_where_text(error[2])} -- an allocation without bound? (the inputs are tiny)")
+                       f"{_traced(error[2])} -- an allocation without bound? (the inputs are tiny)")
             else:
-                msg = f"raised {error[0]}: {error[1]}{_where_text(error[2])}"
+                msg = f"raised {error[0]}: {error[1]}{_traced(error[2])}"
             owner = _part_owner(error[2])
             if owner and owner != exercise.name:
                 msg += f" -- this is exercise {owner}'s code: finish that one first"
-            result.checks.append(CheckResult(chk.name, False, msg, error))
+            result.checks.append(CheckResult(chk.name, False, msg, error, parts))
             continue
         try:
             msg = chk.judge(args)
@@ -1052,9 +1179,10 @@ def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: 
             msg = str(e)
         except Exception as e:  # noqa: BLE001 -- an odd result the judge could not read
             msg = f"could not read your result ({type(e).__name__}: {e})"
-        if msg and chk.hint and "your result equals" not in msg:     # a matched variant says more
-            msg += f" [hint: {chk.hint}]"
-        result.checks.append(CheckResult(chk.name, not msg, msg or ""))
+        hint = _hint(chk, args) if msg and "your result equals" not in msg else ""   # a variant says more
+        if hint:
+            msg += f" [hint: {hint}]"
+        result.checks.append(CheckResult(chk.name, not msg, msg or "", None, parts))
     return result
 
 
@@ -1077,6 +1205,7 @@ def grade(student_dir, exercises=None, seed: int = 0, timeout: float = 300.0, li
         raise RuntimeError(f"the installed tinymrcnn ({Path(__file__).parents[1]}) has no exercise markers for "
                            f"{', '.join(missing)}: it is not the solution (is a student's copy first on the path?)")
     results = [run_exercise(student_dir, ex, seed, limits=limits) for ex in chosen]
+    _block_follow_ons(results)
     by_name = {r.exercise.name: r for r in results}
     for r in results:
         weak = [q for q in r.exercise.requires if q in by_name and by_name[q].score < 100]
@@ -1111,8 +1240,17 @@ def format_report(report: Report) -> str:
         if len({c.message for c in failed}) == 1 and len(failed) == len(r.checks):
             lines.append(f"  every check: {failed[0].message}")
             continue
+        blocked: dict[str, list[CheckResult]] = {}
         for c in failed:
-            lines.append(f"  FAIL {c.name}: {c.message}")
+            if c.blocked_by:
+                blocked.setdefault(c.blocked_by, []).append(c)
+        for f, cs in blocked.items():
+            calls = sorted({p for c in cs for p in c.parts if p != f.split(" ")[0]})
+            lines.append(f"  fix {f} first: {len(cs)} more failing check(s) of {', '.join(calls)} call it "
+                         "and are not listed; grade again once it passes")
+        for c in failed:
+            if not c.blocked_by:
+                lines.append(f"  FAIL {c.name}: {c.message}")
     return "\n".join(lines)
 
 
