@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import tinymrcnn
 from tinymrcnn.cli import main as cli_main
 from tinymrcnn.course.exercises import BY_NAME, EXERCISES, select, stub_docstring
 from tinymrcnn.course.grade import Limits, diff_arrays, format_report, grade
-from tinymrcnn.course.make import (MarkerError, check_regions, find_regions, make_student, regions_in_source,
-                                   replace_stub, stub_source)
+from tinymrcnn.course.make import (MarkerError, MissingNotebookError, check_regions, find_regions, make_student,
+                                   notebooks_dir, regions_in_source, replace_stub, stub_source)
 from tinymrcnn.course.runner import DecodeError, read_value, write_value
 
 PACKAGE_PARENT = Path(tinymrcnn.__file__).resolve().parent.parent     # the solution's folder
@@ -30,7 +31,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks" / "exercises"
 def blank(tmp_path_factory):
     """A student copy with every exercise blanked (made once for the module)."""
     out = tmp_path_factory.mktemp("student")
-    info = make_student(out, notebooks=NOTEBOOKS if NOTEBOOKS.is_dir() else None)
+    info = make_student(out)                     # the notebooks from the package's own copy
     return out, info
 
 
@@ -163,6 +164,77 @@ def test_student_copy_notebooks_are_copied_without_outputs(blank):
         nb = json.loads((out / "notebooks" / "exercises" / ex.notebook).read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+
+
+def test_the_notebooks_ship_with_the_package():
+    # tinymrcnn/course/notebooks (package data, a link to notebooks/exercises here) holds them all
+    assert notebooks_dir() == Path(tinymrcnn.__file__).resolve().parent / "course" / "notebooks"
+    assert sorted(p.name for p in notebooks_dir().glob("*.ipynb")) == sorted(ex.notebook for ex in EXERCISES)
+    text = (PACKAGE_PARENT / "pyproject.toml").read_text()
+    assert '"tinymrcnn.course" = ["notebooks/*.ipynb"]' in text
+
+
+def test_a_missing_notebook_is_an_error(tmp_path, capsys):
+    (tmp_path / "nbs").mkdir()
+    out = tmp_path / "handout"
+    with pytest.raises(MissingNotebookError, match="no exercise notebook 02_box_coder.ipynb in "):
+        make_student(out, "box_coder", notebooks=tmp_path / "nbs", check_import=False)
+    assert not out.exists()                                   # checked before anything is written
+    with pytest.raises(SystemExit) as e:
+        cli_main(["course", "make-student", str(out), "--exercises", "box_coder",
+                  "--notebooks", str(tmp_path / "nbs")])
+    assert e.value.code != 0 and "\n" not in str(e.value.code)
+    assert str(e.value.code).startswith("tinymrcnn course make-student: no exercise notebook 02_box_coder.ipynb")
+    info = make_student(out, "box_coder", notebooks=False, check_import=False)   # on purpose: none
+    assert info["notebooks"] == [] and not (out / "notebooks").exists()
+
+
+def test_the_reference_stands_in_for_the_other_exercises_stubs(blank, tmp_path):
+    out, _ = blank
+    assert (out / "tinymrcnn" / "course" / "reference" / "ops" / "boxes.py").is_file()
+    code = """
+import importlib
+import numpy as np
+from tinymrcnn.course.notebook import fallback_note, use_reference_for_stubs
+from tinymrcnn.model import proposals, rpn
+from tinymrcnn.ops import boxes
+roi_align = importlib.import_module("tinymrcnn.ops.roi_align")
+done = use_reference_for_stubs(own="roi_align_backward")
+print(sorted(done))
+a = np.array([[10.0, 20.0, 50.0, 40.0]])
+print(boxes.BoxCoder().encode(a + 10, a).round(3).tolist())
+print(rpn.generate_proposals is proposals.generate_proposals, "_reference_" in rpn.generate_proposals.__module__)
+print(len(roi_align.roi_sample_points((0, 0, 8, 8), 2, 1.0, 2, True)[0]))   # used by the student's backward
+try:
+    roi_align.roi_align_backward_reference(np.ones((1, 1, 1, 1)), np.array([[0, 1.0, 1, 3, 3]]), (1, 1, 5, 5))
+except NotImplementedError as e:
+    print("own:", e)
+print(fallback_note())
+"""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=str(out), NUMBA_DISABLE_JIT="1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "['box_coder', 'conv2d_backward', 'mask_loss', 'proposals', 'roi_align_forward']"
+    assert lines[1] == "[[0.25, 0.5, 0.0, 0.0]]"
+    assert lines[2] == "True True" and lines[3] == "2"
+    assert lines[4] == "own: Exercise roi_align_backward: write roi_align_backward_reference"
+    assert lines[5].startswith("note: not written yet, so the reference solution runs for: exercise 1 "
+                               "conv2d_backward (conv2d_backward_reference); exercise 2 box_coder")
+    # no reference in the copy: the note says what is needed first
+    bare = tmp_path / "bare"
+    make_student(bare, "box_coder,mask_loss", reference=False, notebooks=False, check_import=False)
+    assert not (bare / "tinymrcnn" / "course" / "reference").exists()
+    res = subprocess.run([sys.executable, "-c", "from tinymrcnn.course.notebook import *\n"
+                          "use_reference_for_stubs('mask_loss'); print(fallback_note())"],
+                         cwd=tmp_path, env=dict(env, PYTHONPATH=str(bare)), capture_output=True, text=True,
+                         timeout=300)
+    assert res.stdout.strip() == ("note: not written yet and no reference in this copy: exercise 2 box_coder "
+                                  "(BoxCoder.encode, BoxCoder.decode): the cells that train the model need "
+                                  "those first."), res.stdout + res.stderr
 
 
 def test_make_student_refuses_to_overwrite(blank):
@@ -553,5 +625,62 @@ def test_exercise_notebook_runs_against_the_solution(exercise, monkeypatch):
     monkeypatch.setenv("TINYMRCNN_NOTEBOOK_SMALL", "1")
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}).execute()
-    out = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    out = "".join(o.get("text", "") for o in outputs)
     assert "tinymrcnn from" in out and "short run: True" in out
+    assert "note: not written yet" not in out                 # the solution: nothing falls back
+    _assert_figures_shown(outputs)
+
+
+def _assert_figures_shown(outputs):
+    """Every figure is displayed as an image, none only as its repr ('<Figure size ...>')."""
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    bare = [o for o in outputs if "<Figure" in str(o.get("data", {}).get("text/plain", ""))
+            and "image/png" not in o.get("data", {})]
+    assert images and not bare, (len(images), bare[:1])
+
+
+def _solution_body(exercise, function):
+    """The solution's code of one exercise region, dedented (what a student writes)."""
+    import textwrap
+    (r,) = [r for r in find_regions() if (r.exercise, r.function) == (exercise, function)]
+    return textwrap.dedent("\n".join(r.path.read_text().splitlines()[r.start:r.end - 1]))
+
+
+@pytest.mark.slow
+def test_exercise_1_alone_runs_its_notebook_to_the_end(tmp_path, monkeypatch):
+    """Only exercise 1 written: the other exercises' stubs fall back to the reference, with a note."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    out = tmp_path / "handout"
+    make_student(out)
+    replace_stub(out, "conv2d_backward", "conv2d_backward_reference",
+                 _solution_body("conv2d_backward", "conv2d_backward_reference"))
+    path = out / "notebooks" / "exercises" / BY_NAME["conv2d_backward"].notebook
+    nb = nbformat.read(path, as_version=4)
+    monkeypatch.setenv("TINYMRCNN_NOTEBOOK_SMALL", "1")
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"tinymrcnn from {out / 'tinymrcnn'}" in text
+    assert "your conv2d backward equals the fast kernel" in text
+    note = "note: not written yet, so the reference solution runs for: exercise 2 box_coder"
+    assert text.count(note) == 2, text                      # once at the start, once in the training cell
+    assert "conv2d_backward (" not in text.split(note)[1].split("\n")[0]   # its own exercise is not replaced
+    _assert_figures_shown(outputs)
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_exercise_notebooks(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
+                          str(PACKAGE_PARENT)], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        pytest.skip(f"could not build a wheel here: {res.stderr[-300:]}")
+    (wheel,) = tmp_path.glob("tinymrcnn-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for ex in EXERCISES:
+        assert f"tinymrcnn/course/notebooks/{ex.notebook}" in names

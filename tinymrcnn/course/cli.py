@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 
-
 def cmd_list(args):
     from .exercises import EXERCISES
     print(f"{'#':>2}  {'name':<20} {'min':>4}  where")

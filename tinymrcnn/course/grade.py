@@ -978,7 +978,8 @@ def _run_child(student_dir: Path, calls: list[Call], ids: list[int], workdir: Pa
     # Only the student's copy is importable as tinymrcnn; Numba compiles nothing (tiny inputs); one
     # BLAS thread (threads would multiply the CPU time and the address space).
     env.update(PYTHONPATH=str(student_dir), NUMBA_DISABLE_JIT="1", PYTHONDONTWRITEBYTECODE="1",
-               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+               TINYMRCNN_GRADING="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               NUMBA_NUM_THREADS="1")
     cpu = min(limits.cpu_seconds if limits.cpu_seconds is not None else limits.wall_seconds, wall)
     cpu0 = _children_cpu()
     proc = subprocess.Popen([sys.executable, str(workdir / "runner.py"), str(student_dir), str(stem),

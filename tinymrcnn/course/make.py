@@ -271,6 +271,12 @@ task, the shapes, the formula and a hint, and its body is a
 training run. The notebooks import the package from this folder, not from
 anywhere else.
 
+You can take the exercises in any order: while a function of another
+exercise is still a stub, the notebooks run the reference solution in its
+place (from `tinymrcnn/course/reference/`, if your copy has it) and print a
+note saying so. Those files are the answers; they are there so that every
+notebook runs, not to be read first.
+
 Your instructor grades the copy with `tinymrcnn course grade <this folder>`.
 """
 
