@@ -164,6 +164,24 @@ def setup_exercise(name: str) -> None:
         print(note)
 
 
+def show(fig):
+    """Display a matplotlib figure as a PNG in the notebook, whatever the backend.
+
+    For figures made without pyplot (``tinymrcnn.viz`` returns
+    ``matplotlib.figure.Figure`` objects), which ``plt.show()`` does not know.
+    Outside IPython the figure is returned unchanged.
+    """
+    import io
+    try:
+        from IPython.display import Image, display
+    except ImportError:
+        return fig
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=72, bbox_inches="tight")
+    display(Image(data=buf.getvalue(), format="png"))
+    return None
+
+
 def is_reference(fn) -> bool:
     """True if ``fn`` is a reference solution standing in for a stub."""
     return bool(getattr(fn, REFERENCE_MARK, False))
