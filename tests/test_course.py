@@ -575,6 +575,16 @@ def test_results_round_trip_through_json_and_npz(tmp_path):
         read_value(str(tmp_path / "link"))
 
 
+def test_result_arrays_that_unpack_too_large_are_refused(tmp_path, monkeypatch):
+    from tinymrcnn.course import runner
+    np.savez_compressed(tmp_path / "z.npz", a0=np.zeros(100_000))      # 800 kB unpacked, a few kB packed
+    (tmp_path / "z.json").write_text(json.dumps({"arrays": ["a0"], "value": {"__array__": "a0"}}))
+    assert read_value(str(tmp_path / "z")).shape == (100_000,)
+    monkeypatch.setattr(runner, "MAX_NPZ_BYTES", 100_000)
+    with pytest.raises(DecodeError, match="unpack to more than"):
+        read_value(str(tmp_path / "z"))
+
+
 def test_diff_arrays_messages():
     e = np.arange(1.0, 7.0).reshape(2, 3)
     assert diff_arrays(e, e.copy(), "a") is None

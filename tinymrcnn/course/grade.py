@@ -982,23 +982,29 @@ def _run_child(student_dir: Path, calls: list[Call], ids: list[int], workdir: Pa
                NUMBA_NUM_THREADS="1")
     cpu = min(limits.cpu_seconds if limits.cpu_seconds is not None else limits.wall_seconds, wall)
     cpu0 = _children_cpu()
-    proc = subprocess.Popen([sys.executable, str(workdir / "runner.py"), str(student_dir), str(stem),
-                             str(results)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                            preexec_fn=_limits(cpu, limits.memory_mb, limits.file_mb),
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=wall)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        proc.communicate()
-        return f"exceeded the time limit ({wall:g} s wall-clock): an endless loop, or very slow code"
-    finally:
-        if proc.poll() is None:
+    err_path = workdir / f"stderr{ids[0]}.txt"      # a file (capped by RLIMIT_FSIZE), not a pipe to fill
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(workdir / "runner.py"), str(student_dir), str(stem),
+                                 str(results)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=_limits(cpu, limits.memory_mb, limits.file_mb),
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=wall)
+        except subprocess.TimeoutExpired:
             _kill_group(proc)
+            proc.wait()
+            return f"exceeded the time limit ({wall:g} s wall-clock): an endless loop, or very slow code"
+        finally:
+            if proc.poll() is None:
+                _kill_group(proc)
+                proc.wait()
     _kill_group(proc)                  # anything the student's code left running in its group
     if proc.returncode in (0, 3):
         return None
+    with open(err_path, "rb") as f:
+        f.seek(max(0, err_path.stat().st_size - 4000))
+        stderr = f.read().decode("utf-8", "replace")
     return _stopped(proc.returncode, stderr, limits, cpu, _children_cpu() - cpu0)
 
 
