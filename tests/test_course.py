@@ -24,7 +24,8 @@ from tinymrcnn.course.make import (MarkerError, MissingNotebookError, check_regi
 from tinymrcnn.course.runner import DecodeError, read_value, write_value
 
 PACKAGE_PARENT = Path(tinymrcnn.__file__).resolve().parent.parent     # the solution's folder
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks" / "exercises"
+REPO = Path(__file__).resolve().parent.parent                          # the checkout (may differ: pip install .)
+NOTEBOOKS = REPO / "notebooks" / "exercises"
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_the_notebooks_ship_with_the_package():
     # tinymrcnn/course/notebooks (package data, a link to notebooks/exercises here) holds them all
     assert notebooks_dir() == Path(tinymrcnn.__file__).resolve().parent / "course" / "notebooks"
     assert sorted(p.name for p in notebooks_dir().glob("*.ipynb")) == sorted(ex.notebook for ex in EXERCISES)
-    text = (PACKAGE_PARENT / "pyproject.toml").read_text()
+    text = (REPO / "pyproject.toml").read_text()
     assert '"tinymrcnn.course" = ["notebooks/*.ipynb"]' in text
 
 
@@ -691,7 +692,7 @@ def test_the_wheel_holds_the_exercise_notebooks(tmp_path):
     import sys
     import zipfile
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
-                          str(PACKAGE_PARENT)], capture_output=True, text=True, timeout=600)
+                          str(REPO)], capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         pytest.skip(f"could not build a wheel here: {res.stderr[-300:]}")
     (wheel,) = tmp_path.glob("tinymrcnn-*.whl")
