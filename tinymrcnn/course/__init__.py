@@ -4,7 +4,7 @@ exercises.py  the exercise list and every text a student sees (one place)
 make.py       ``tinymrcnn course make-student``: the copy with stubs
 grade.py      ``tinymrcnn course grade``: the checks and the score table (instructor only)
 runner.py     runs a student's functions in a separate interpreter (instructor only)
-notebook.py   helpers of the exercise notebooks: setup (inline figures, the reference for other
+notebook.py   what the exercise notebooks call: setup (inline figures, the reference for other
               exercises' stubs), a short training run, routing the model through a student's function
 notebooks/    the exercise notebooks (package data; in the repository a link to notebooks/exercises)
 cli.py        the ``tinymrcnn course`` commands
