@@ -515,6 +515,19 @@ def test_an_unbounded_allocation_is_stopped_by_the_memory_limit(tmp_path):
         assert "losses.py" in c.message and "in mask_loss" in c.message        # where it was allocating
 
 
+def test_the_reference_is_off_while_grading(tmp_path):
+    # a handout's course/reference/ holds the answers; the student's package cannot use them when graded
+    body = ("from tinymrcnn.course.exercises import BY_NAME\n"
+            "from tinymrcnn.course.notebook import _reference_module\n"
+            "return _reference_module(BY_NAME['mask_loss']).mask_loss(mask_logits, labels, mask_targets)")
+    out = _student_with(tmp_path, "ref", body)
+    assert (out / "tinymrcnn" / "course" / "reference" / "losses.py").is_file()
+    (res,) = grade(out, "mask_loss").exercises
+    assert res.score == 0
+    assert all("raised AttributeError: 'NoneType' object has no attribute 'mask_loss'" in c.message
+               for c in res.checks), [c.message for c in res.checks]
+
+
 PLANT = """
 import json, os, pickle, shutil, sys
 

@@ -897,14 +897,27 @@ def _limits(cpu_seconds: float, memory_mb: int, file_mb: int):
     except ImportError:                # Windows: no rlimits; the wall-clock timeout still holds
         return None
 
+    def limit(name, soft, hard):
+        """Lower one limit, never above the current hard limit; skipped where the system refuses
+        (macOS does not enforce RLIMIT_AS, and may reject it)."""
+        res = getattr(resource, name, None)
+        if res is None:
+            return
+        try:
+            _, cur_hard = resource.getrlimit(res)
+            if cur_hard != resource.RLIM_INFINITY:
+                hard = min(hard, cur_hard)
+                soft = min(soft, hard)
+            resource.setrlimit(res, (soft, hard))
+        except (ValueError, OSError):
+            pass
+
     def apply():
-        cpu = max(1, int(math.ceil(cpu_seconds)))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))           # SIGXCPU, then SIGKILL
-        mem = int(memory_mb) << 20
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        fsize = int(file_mb) << 20
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        cpu = max(1, math.ceil(cpu_seconds))
+        limit("RLIMIT_CPU", cpu, cpu + 2)                                  # SIGXCPU, then SIGKILL
+        limit("RLIMIT_AS", int(memory_mb) << 20, int(memory_mb) << 20)
+        limit("RLIMIT_CORE", 0, 0)
+        limit("RLIMIT_FSIZE", int(file_mb) << 20, int(file_mb) << 20)
     return apply
 
 
