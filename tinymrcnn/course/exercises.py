@@ -103,7 +103,8 @@ def stub_docstring(ex: Exercise, part: Part, width: int = 88) -> list[str]:
         width)
     if ex.requires:
         lines += [""] + _para("This part calls the functions of exercise(s) "
-                              f"{', '.join(ex.requires)}: do those first.", width)
+                              f"{', '.join(ex.requires)}. While those are stubs the notebook runs the "
+                              "reference solution in their place; the grader always calls yours.", width)
     return lines
 
 

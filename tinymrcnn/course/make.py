@@ -249,7 +249,14 @@ def strip_notebook(path_in: Path, path_out: Path) -> None:
     path_out.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _readme(exercises: list[Exercise]) -> str:
+def _readme(exercises: list[Exercise], reference: bool = True) -> str:
+    order = ("""You can take the exercises in any order: while a function of another
+exercise is still a stub, the notebooks run the reference solution in its
+place (from `tinymrcnn/course/reference/`) and print a note saying so. Those
+files are the answers; they are there so that every notebook runs, not to
+be read first.""" if reference else """The notebooks' training cells run the whole model, so they need the
+exercises it calls (the box coder, the proposal layer, the mask loss)
+written first; each notebook prints a note naming the ones still missing.""")
     rows = "\n".join(f"| {ex.number} | `{ex.name}` | {ex.title} | `{ex.path}`: "
                      f"{', '.join('`' + p.function + '`' for p in ex.parts)} | {ex.minutes} min |"
                      for ex in exercises)
@@ -271,11 +278,7 @@ task, the shapes, the formula and a hint, and its body is a
 training run. The notebooks import the package from this folder, not from
 anywhere else.
 
-You can take the exercises in any order: while a function of another
-exercise is still a stub, the notebooks run the reference solution in its
-place (from `tinymrcnn/course/reference/`, if your copy has it) and print a
-note saying so. Those files are the answers; they are there so that every
-notebook runs, not to be read first.
+{order}
 
 Your instructor grades the copy with `tinymrcnn course grade <this folder>`.
 """
@@ -378,7 +381,7 @@ def make_student(out_dir, exercises=None, notebooks: Path | str | None | bool = 
             q = out / "notebooks" / "exercises" / ex.notebook
             strip_notebook(found[ex.name], q)
             written.append(str(q))
-    (out / "README.md").write_text(_readme(chosen), encoding="utf-8")
+    (out / "README.md").write_text(_readme(chosen, reference and bool(stubbed)), encoding="utf-8")
 
     if check_import:
         import_check(out, sorted({ex.module for ex in chosen}))
