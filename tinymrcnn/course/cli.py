@@ -25,7 +25,7 @@ def cmd_make_student(args):
         info = make_student(args.out_dir, args.exercises, notebooks=notebooks, force=args.force,
                             reference=not args.no_reference)
     except (FileNotFoundError, FileExistsError, MarkerError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"tinymrcnn course make-student: {e}")
+        raise SystemExit(f"tinymrcnn course make-student: {e}") from None
     print(f"wrote {info['package']} with {len(info['stubbed'])} stubbed function(s) "
           f"for {len(info['exercises'])} exercise(s):")
     for path, fn in info["stubbed"]:

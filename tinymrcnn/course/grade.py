@@ -1034,12 +1034,12 @@ def _run_calls(student_dir: Path, calls: list[Call], limits: Limits, workdir: Pa
     out, why, fatal = {}, {}, None
     pending = list(range(len(calls)))
     deadline = time.monotonic() + limits.wall_seconds
-    for attempt in range(limits.restarts + 1):
+    for _ in range(limits.restarts + 1):
         if not pending:
             break
         wall = deadline - time.monotonic()
         if wall <= 0.5:
-            fatal = fatal or f"not run: the exercise's time limit ({limits.wall_seconds:g} s) was spent"
+            fatal = fatal or f"the exercise's time limit ({limits.wall_seconds:g} s wall-clock) was spent"
             break
         stop = _run_child(student_dir, calls, pending, workdir, results, wall, limits)
         imp, bad = _read_result(results, "import")
