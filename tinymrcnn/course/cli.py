@@ -2,11 +2,10 @@
 
     tinymrcnn course list                                   the exercises, times, files
     tinymrcnn course make-student OUT_DIR [--exercises A,B] a copy with the exercises blanked
-    tinymrcnn course grade STUDENT_DIR [--exercises A,B]    the score table (exit 0 whatever the score)
+    tinymrcnn course grade STUDENT_DIR [--exercises A,B]    the score table (exit 0 whatever the score);
+                                                            runs the student's code: see docs/course.md
 """
 from __future__ import annotations
-
-import sys
 
 
 def cmd_list(args):
@@ -21,19 +20,18 @@ def cmd_list(args):
 
 def cmd_make_student(args):
     from .make import MarkerError, make_student
+    notebooks = False if args.no_notebooks else args.notebooks
     try:
-        info = make_student(args.out_dir, args.exercises, notebooks=args.notebooks, force=args.force)
-    except (FileExistsError, MarkerError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"tinymrcnn course make-student: {e}")
+        info = make_student(args.out_dir, args.exercises, notebooks=notebooks, force=args.force,
+                            reference=not args.no_reference)
+    except (FileNotFoundError, FileExistsError, MarkerError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"tinymrcnn course make-student: {e}") from None
     print(f"wrote {info['package']} with {len(info['stubbed'])} stubbed function(s) "
           f"for {len(info['exercises'])} exercise(s):")
     for path, fn in info["stubbed"]:
         print(f"  tinymrcnn/{path}: {fn}")
     for nb in info["notebooks"]:
         print(f"  {nb}")
-    if info["missing_notebooks"]:
-        print(f"no notebook found for: {', '.join(info['missing_notebooks'])} "
-              "(pass --notebooks DIR, the folder with notebooks/exercises/*.ipynb)", file=sys.stderr)
     return 0
 
 
@@ -43,8 +41,10 @@ def cmd_grade(args):
     except ImportError:
         raise SystemExit("tinymrcnn course grade: the grader is not part of a student's copy; "
                          "grade with the instructor's installation") from None
+    from .grade import Limits
+    limits = Limits(wall_seconds=args.timeout, cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb)
     rc = main_grade(args.student_dir, args.exercises, seed=args.seed, timeout=args.timeout,
-                    json_path=args.json)
+                    json_path=args.json, limits=limits)
     if rc:
         raise SystemExit(rc)
     return 0
@@ -62,7 +62,10 @@ def add_course_parser(subparsers):
     m.add_argument("out_dir")
     m.add_argument("--exercises", default=None, help="comma-separated names (default: all)")
     m.add_argument("--notebooks", default=None, help="folder of the exercise notebooks "
-                                                      "(default: notebooks/exercises of this checkout)")
+                                                      "(default: the ones installed with the package)")
+    m.add_argument("--no-notebooks", action="store_true", help="write the copy without notebooks")
+    m.add_argument("--no-reference", action="store_true",
+                   help="leave out tinymrcnn/course/reference/ (the solutions the notebooks fall back on)")
     m.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/tinymrcnn")
     m.set_defaults(func=cmd_make_student)
 
@@ -70,7 +73,12 @@ def add_course_parser(subparsers):
     g.add_argument("student_dir", help="the folder that holds the student's tinymrcnn/")
     g.add_argument("--exercises", default=None, help="comma-separated names (default: all)")
     g.add_argument("--json", default=None, help="also write the report as JSON to this file")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds per exercise (default 300)")
+    g.add_argument("--timeout", type=float, default=300.0,
+                   help="wall-clock seconds per exercise (default 300)")
+    g.add_argument("--cpu-seconds", type=float, default=None,
+                   help="CPU seconds of one child interpreter (default: as --timeout)")
+    g.add_argument("--memory-mb", type=int, default=2048,
+                   help="address space of the child interpreter in MiB (default 2048)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random check inputs")
     g.set_defaults(func=cmd_grade)
     return c

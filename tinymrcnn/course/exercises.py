@@ -43,6 +43,7 @@ class Part:
     shapes: str
     formula: str
     hint: str
+    calls: tuple[str, ...] = ()        # the students' functions (any exercise) this one calls
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def stub_docstring(ex: Exercise, part: Part, width: int = 88) -> list[str]:
         width)
     if ex.requires:
         lines += [""] + _para("This part calls the functions of exercise(s) "
-                              f"{', '.join(ex.requires)}: do those first.", width)
+                              f"{', '.join(ex.requires)}. While those are stubs the notebook runs the "
+                              "reference solution in their place; the grader always calls yours.", width)
     return lines
 
 
@@ -198,7 +200,9 @@ EXERCISES: tuple[Exercise, ...] = (
                   "whose probability sigmoid(logit) is >= score_thresh; (5) NMS at nms_thresh, "
                   "separately on each level (batched_nms with the level as the group id); (6) keep "
                   "the post_nms_top_n best boxes over all levels.\n\n"
-                  "Return (boxes, scores, records): three lists with one entry per image. "
+                  "Return (boxes, scores, records): boxes and scores are lists with one entry per "
+                  "image; records is None unless trace is True (the training step does not need "
+                  "it), then a list with one dict per image (the grader always asks for it): "
                   "records[i] is a dict; records[i]['counts'] must map every stage name in "
                   "PROPOSAL_STAGES ('topk', 'decoded', 'clipped', 'remove_small', 'score_thresh', "
                   "'nms', 'final') to the number of boxes left after that stage. model.inspect() "
@@ -217,6 +221,7 @@ EXERCISES: tuple[Exercise, ...] = (
                   "anchor order. Put the candidates of all levels in one array with a parallel "
                   "array of level ids. batched_nms returns indices sorted by decreasing score "
                   "over all levels, so step (6) is a slice."),
+            calls=("BoxCoder.decode",),
         ),),
     ),
     Exercise(
@@ -282,6 +287,7 @@ EXERCISES: tuple[Exercise, ...] = (
                 hint=("count comes from roi_sample_points, not from the number of samples that "
                       "fell inside the map: a sample outside the map contributes 0 but still "
                       "counts (docs/semantics.md#roialign)."),
+                calls=("roi_sample_points", "bilinear_reference"),
             ),
         ),
     ),
@@ -299,8 +305,9 @@ EXERCISES: tuple[Exercise, ...] = (
                   "sample of bin (k, p, q) passes dy[k, :, p, q] on to its taps. mode 'max': "
                   "only the taps of the bin's winning sample get it, per channel (the first "
                   "maximum; find it from x with _bin_samples)."),
-            shapes=("dy (K, C, ph, pw); r (K, 5) float64, already checked; input_shape -> N, "
-                    "C, H, W. Returns dx (N, C, H, W) in dy's dtype."),
+            shapes=("dy (K, C, ph, pw); x (N, C, H, W), the forward's input, with N, C, H, W "
+                    "= x.shape already set; r (K, 5) float64, already checked. Returns dx "
+                    "(N, C, H, W) in dy's dtype."),
             formula="""\
                 forward: out[k, c, p, q] = 1 / count * sum_{samples s of bin (p, q)}
                                                sum_{taps t of s} w_st * x[b_k, c, row_t, col_t]
@@ -308,6 +315,7 @@ EXERCISES: tuple[Exercise, ...] = (
             hint=("Loop exactly like the forward, but scatter with += where the forward "
                   "gathered: several samples and several RoIs can touch the same pixel. Every "
                   "factor the forward applied to a sample appears again here."),
+            calls=("roi_sample_points", "bilinear_reference"),
         ),),
     ),
     Exercise(

@@ -29,11 +29,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
+import signal
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,7 @@ import numpy as np
 
 from .exercises import EXERCISES, Exercise, select
 from .make import find_regions
+from .runner import DecodeError, read_value, write_value
 
 RTOL, ATOL = 1e-7, 1e-9            # float64 comparisons with the solution
 GRAD_RTOL = 1e-6                   # finite-difference checks (COMMON standard)
@@ -70,7 +72,9 @@ class Check:
     name: str
     calls: list[int]                   # indices into the exercise's calls
     judge: Callable[[list], str | None]   # the calls' return values -> None or a failure message
-    hint: str = ""                     # added to the failure message
+    # Added to the failure message: (text, when) says it only when when(values) is true (a hint
+    # is about one mistake; said for any failure it misleads).
+    hint: str | tuple = ""
 
 
 @dataclass
@@ -79,6 +83,8 @@ class CheckResult:
     passed: bool
     message: str = ""
     error: tuple | None = None         # (type, message, where) when the student's code raised
+    parts: tuple = ()                  # the functions the check calls ("BoxCoder.decode")
+    blocked_by: str | None = None      # a failing function these call: fix that first
 
 
 @dataclass
@@ -110,7 +116,8 @@ class Report:
         return {"student_dir": self.student_dir, "total": self.total,
                 "exercises": [{"name": e.exercise.name, "passed": e.passed, "checks": len(e.checks),
                                "score": e.score, "note": e.note,
-                               "results": [{"check": c.name, "passed": c.passed, "message": c.message}
+                               "results": [{"check": c.name, "passed": c.passed, "message": c.message,
+                                            "blocked_by": c.blocked_by}
                                            for c in e.checks]}
                               for e in self.exercises]}
 
@@ -316,11 +323,15 @@ def _checks_conv2d_backward(b: _Builder, rng: np.random.Generator):
     args2, exp2 = case((1, 2, 7, 6), (3, 2, 2, 3), (2, 1), (1, 2))
     c2 = b.call(T, *args2)
     padded = (1, 2, 7 + 2, 6 + 4)
-    b.check("dx, stride (2, 1), padding (1, 2), 2x3 kernel", c2,
+    def stride1_right(v):              # the hint is about stride and padding: only when stride 1 works
+        d2, d1 = _as_array(_item(v[0], 0, 3, names), "dx"), _item(v[1], 0, 3, names)
+        return d2.shape == exp2[0].shape and diff_arrays(exp[0], d1, "dx") is None
+    b.check("dx, stride (2, 1), padding (1, 2), 2x3 kernel", [c2, c],
             lambda v: diff_arrays(exp2[0], _item(v[0], 0, 3, names), "dx",
                                   shape_hints=[(padded, "that is the padded input's shape: crop the "
                                                         "padding off dx")]),
-            hint="With stride s, output pixel a reads input rows a*s + i - p for the taps i.")
+            hint=("your stride-1 dx is right, so look at stride and padding: output pixel a reads "
+                  "input rows a*s + i - p for the taps i", stride1_right))
     b.check("dweight, stride (2, 1), padding (1, 2), 2x3 kernel", c2,
             lambda v: diff_arrays(exp2[1], _item(v[0], 1, 3, names), "dweight"))
 
@@ -423,6 +434,11 @@ STAGE_HINTS = {
 }
 
 
+def _one_box_kept(v) -> bool:
+    """The per-level NMS case kept one box of the two (NMS over all levels at once)."""
+    return len(v[0][0][0]) == 1
+
+
 def _checks_proposals(b: _Builder, rng: np.random.Generator):
     from ..model.anchors import AnchorGenerator
     from ..model.proposals import PROPOSAL_STAGES
@@ -435,6 +451,7 @@ def _checks_proposals(b: _Builder, rng: np.random.Generator):
     sizes = [(48, 48), (40, 44)]
 
     def case(label, objectness, deltas, anchors, image_sizes, hint="", **kw):
+        kw["trace"] = True                       # the records are graded too
         boxes, scores, records = solution(objectness, deltas, anchors, image_sizes, **kw)
         c = b.call(T, objectness, deltas, anchors, image_sizes, **kw)
         n = len(image_sizes)
@@ -484,7 +501,7 @@ def _checks_proposals(b: _Builder, rng: np.random.Generator):
     a0, a1 = np.array([[10.0, 10.0, 30.0, 30.0]]), np.array([[11.0, 11.0, 31.0, 31.0]])
     case("NMS runs per level (two overlapping boxes on different levels)",
          [np.array([[2.0]]), np.array([[1.0]])], [np.zeros((1, 1, 4)), np.zeros((1, 1, 4))],
-         [a0, a1], [(48, 48)], hint=STAGE_HINTS["nms"],
+         [a0, a1], [(48, 48)], hint=(STAGE_HINTS["nms"], _one_box_kept),
          pre_nms_top_n=5, post_nms_top_n=5, nms_thresh=0.7, score_thresh=0.0, min_size=1e-3)
 
 
@@ -519,6 +536,46 @@ HALF_PIXEL = ("check the half-pixel offset (docs/semantics.md#roialign): offset 
               "subtracted from the scaled box")
 
 
+def _blog_points_misplaced(v) -> bool:
+    """The blog case's points have the right shapes and count but not the right places."""
+    ys, xs, count = v[0]
+    ys, xs = np.asarray(ys, dtype=np.float64), np.asarray(xs, dtype=np.float64)
+    return ys.shape == (3, 2) and xs.shape == (3, 2) and int(count) == 4 and bool(np.all(np.isfinite(ys)))
+
+
+def _nan_box_sampled(v) -> bool:
+    """A NaN box got sampling points or a count other than 1."""
+    ys, xs, count = v[0]
+    return np.asarray(ys).ndim != 2 or np.asarray(ys).shape[1] != 0 or np.asarray(xs).shape[1] != 0 or count != 1
+
+
+def _avg_over_samples_inside(x, rois, output_size, scale, sr, aligned):
+    """RoIAlign with the classic slip: each bin divided by its samples *inside* the map, not by count."""
+    from ..checks import pair
+    from ..ops.roi_align import bilinear_reference, roi_sample_points
+    ph_, pw_ = pair(output_size, "output_size")
+    out = np.zeros((len(rois), x.shape[1], ph_, pw_), x.dtype)
+    H, W = x.shape[2:]
+    for k, roi in enumerate(rois):
+        feat = x[int(roi[0])]
+        ys, xs, _ = roi_sample_points(roi[1:], (ph_, pw_), scale, sr, aligned)
+        for p in range(ph_):
+            for q in range(pw_):
+                taps = [bilinear_reference(y, xx, H, W) for y in ys[p] for xx in xs[q]]
+                inside = [t for t in taps if t]
+                if inside:
+                    out[k, :, p, q] = sum(sum(w * feat[:, r, c] for r, c, w in t) for t in inside) / len(inside)
+    return out
+
+
+def _nonzero_where_zero(expected):
+    """A condition: the student's array is non-finite, or non-zero where ``expected`` is exactly zero."""
+    def when(v):
+        g = np.asarray(v[0], dtype=np.float64)
+        return g.shape == expected.shape and bool(np.any(~np.isfinite(g)) or np.any((expected == 0) & (g != 0)))
+    return when
+
+
 def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
     from ..ops.roi_align import bilinear_reference, roi_align_reference, roi_sample_points
     from ..viz.roi import BLOG_BOX, BLOG_FEATURE_SIZE, BLOG_OUTPUT, BLOG_STRIDE
@@ -545,8 +602,9 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
     blog_args = (BLOG_BOX, BLOG_OUTPUT, 1.0 / BLOG_STRIDE, 2, False)
     b.check("roi_sample_points: the walkthrough's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
             b.call(SP, *blog_args), points_judge(roi_sample_points(*blog_args)),
-            hint="The RoI covers 6.25 x 4.53 cells (width x height); a bin is 2.08 x 1.51 cells; "
-                 "its 2 x 2 points sit at (i + 0.5) / 2 of the bin, not at thirds.")
+            hint=("the RoI covers 6.25 x 4.53 cells (width x height) and a bin 2.08 x 1.51 cells; "
+                  "its 2 x 2 points sit at (i + 0.5) / 2 of the bin, not at thirds",
+                  _blog_points_misplaced))
     box = (3.3, 1.2, 20.7, 15.1)
     exp = roi_sample_points(box, (3, 4), 0.5, -1, True)
     c = b.call(SP, box, (3, 4), 0.5, -1, True)
@@ -560,8 +618,8 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
     nan_box = (float("nan"), 2.0, 9.0, 8.0)
     b.check("roi_sample_points: a NaN box gets no sampling points (adaptive grid)",
             b.call(SP, nan_box, (2, 3), 1.0, -1, False), points_judge(roi_sample_points(nan_box, (2, 3), 1.0, -1, False)),
-            hint="With an adaptive grid, grid = ceil(roi / pooled) only for 0 < roi / pooled; "
-                 "NaN and empty boxes get grid 0 (and count 1).")
+            hint=("with an adaptive grid, grid = ceil(roi / pooled) only for 0 < roi / pooled; "
+                  "NaN and empty boxes get grid 0 (and count 1)", _nan_box_sampled))
 
     H, W = 4, 5
     groups = {"bilinear_reference: points inside the map": [(1.3, 2.6), (0.0, 0.0), (2.5, 0.25)],
@@ -608,19 +666,23 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
 
     out_rois = np.array([[0, -6.0, -5.0, 4.0, 3.0], [1, 8.0, 6.0, 16.0, 12.0], [0, 30.0, 30.0, 40.0, 40.0]])
     e = roi_align_reference(x, out_rois, 3, 1.0, 2, False)
+    inside = _avg_over_samples_inside(x, out_rois, 3, 1.0, 2, False)
     b.check("RoIs partly and wholly outside the map", b.call(RA, x, out_rois, 3, 1.0, 2, False),
-            lambda v: diff_arrays(e, v[0], "output"),
-            hint="A sample outside the map contributes 0 but still counts in count (docs/semantics.md).")
+            lambda v: diff_arrays(e, v[0], "output", variants=[
+                ("each bin averaged over its samples inside the map", inside,
+                 "a sample outside the map contributes 0 but still counts in count "
+                 "(docs/semantics.md#roialign)")]))
 
-    odd = np.array([[0, 5.0, 5.0, 5.0, 5.0], [1, float("nan"), 2.0, 3.0, 4.0]])
+    odd = np.array([[0, 5.0, 5.0, 5.0, 5.0], [1, 7.0, 2.0, 3.0, 4.0]])
     eo = roi_align_reference(x, odd, 2, 1.0, -1, True)
     none = np.zeros((0, 5))
     en = roi_align_reference(x, none, 2, 1.0, -1, True)
-    b.check("an empty box, a NaN box and no RoIs at all (K = 0)",
+    b.check("an empty box, an inverted box and no RoIs at all (K = 0)",
             [b.call(RA, x, odd, 2, 1.0, -1, True), b.call(RA, x, none, 2, 1.0, -1, True)],
             _judge_all((0, lambda v: diff_arrays(eo, v, "output")),
                        (1, lambda v: diff_arrays(en, v, "output for K = 0"))),
-            hint="Bins without sampling points stay 0; with K = 0 the output is (0, C, ph, pw).")
+            hint=("bins without sampling points stay 0; with K = 0 the output is (0, C, ph, pw)",
+                  lambda v: _nonzero_where_zero(eo)(v) or np.asarray(v[1]).shape != en.shape))
 
     em = roi_align_reference(x, rois, 3, 0.5, 2, False, "max")
     ea = roi_align_reference(x, rois, 3, 0.5, 2, False, "avg")
@@ -653,60 +715,63 @@ def _checks_roi_align_backward(b: _Builder, rng: np.random.Generator):
     x = rng.standard_normal((1, 2, 8, 9))
     rois = np.array([[0, 0.5, 1.0, 6.0, 7.5], [0, 2.0, 0.0, 8.5, 4.0], [0, 3.3, 2.2, 5.9, 6.1]])
     dy = rng.standard_normal((3, 2, 3, 3))
-    e = sol(dy, rois, x.shape, 1.0, 2, True)
-    b.check("avg, 2x2 samples per bin (count = 4), aligned=True", b.call(T, dy, rois, x.shape, 1.0, 2, True),
+    e = sol(dy, x, rois, 3, 1.0, 2, True)
+    b.check("avg, 2x2 samples per bin (count = 4), aligned=True", b.call(T, dy, x, rois, 3, 1.0, 2, True),
             lambda v: diff_arrays(e, v[0], "dx", factor_hints=COUNT_HINTS))
 
     x2 = rng.standard_normal((2, 3, 7, 8))
     rois2 = np.concatenate([_rand_rois(rng, 4, 2, 10.0), [[1, 2.0, 2.0, 9.0, 8.0], [1, 3.0, 2.5, 9.5, 8.0]]])
     dy2 = rng.standard_normal((6, 3, 2, 3))
-    e2 = sol(dy2, rois2, x2.shape, 1.0, -1, False)
-    def summed(dy, rois, shape, sr, aligned):
+    e2 = sol(dy2, x2, rois2, (2, 3), 1.0, -1, False)
+
+    def summed(dy, x, rois, sr, aligned):
         """The classic slip, from the solution RoI by RoI: the gradient of each bin's sum, not its mean."""
         return sum(roi_sample_points(r[1:], dy.shape[2:], 1.0, sr, aligned)[2]
-                   * sol(dy[k:k + 1], rois[k:k + 1], shape, 1.0, sr, aligned) for k, r in enumerate(rois))
+                   * sol(dy[k:k + 1], x, rois[k:k + 1], dy.shape[2:], 1.0, sr, aligned) for k, r in enumerate(rois))
     no_count = ("the gradient of each bin's sum instead of its average",
                 "divide by count (grid_h * grid_w, per RoI with an adaptive grid)")
     b.check("adaptive sampling, 2 images, overlapping RoIs, aligned=False",
-            b.call(T, dy2, rois2, x2.shape, 1.0, -1, False),
+            b.call(T, dy2, x2, rois2, (2, 3), 1.0, -1, False),
             lambda v: diff_arrays(e2, v[0], "dx", factor_hints=COUNT_HINTS, variants=[
-                (no_count[0], summed(dy2, rois2, x2.shape, -1, False), no_count[1])]))
+                (no_count[0], summed(dy2, x2, rois2, -1, False), no_count[1])]))
 
     x3 = rng.standard_normal((1, 2, 6, 7))
     rois3 = np.array([[0, 0.4, 0.7, 5.1, 4.9], [0, 2.2, 1.1, 6.8, 5.3]])
     dy3 = rng.standard_normal((2, 2, 3, 3))
     num = _numgrad_parent(lambda: float(np.sum(dy3 * roi_align_reference(x3, rois3, 3, 1.0, 2, False))), x3)
     b.check("finite differences of roi_align (float64, relative error <= 1e-6)",
-            b.call(T, dy3, rois3, x3.shape, 1.0, 2, False),
+            b.call(T, dy3, x3, rois3, 3, 1.0, 2, False),
             lambda v: diff_gradcheck(num, v[0], "dx", "roi_align"))
 
     odd = np.array([[0, -6.0, -5.0, 4.0, 3.0], [1, 8.0, 6.0, 16.0, 12.0], [0, 30.0, 30.0, 40.0, 40.0],
-                    [1, 5.0, 5.0, 5.0, 5.0], [0, float("nan"), 2.0, 3.0, 4.0]])
+                    [1, 5.0, 5.0, 5.0, 5.0], [0, 7.0, 2.0, 3.0, 4.0]])
     dyo = rng.standard_normal((5, 3, 2, 2))
-    eo = sol(dyo, odd, x2.shape, 1.0, -1, True)
-    b.check("RoIs outside the map, an empty box and a NaN box", b.call(T, dyo, odd, x2.shape, 1.0, -1, True),
+    eo = sol(dyo, x2, odd, 2, 1.0, -1, True)
+    b.check("RoIs outside the map, an empty box and an inverted box", b.call(T, dyo, x2, odd, 2, 1.0, -1, True),
             lambda v: diff_arrays(eo, v[0], "dx", variants=[
-                (no_count[0], summed(dyo, odd, x2.shape, -1, True), no_count[1])]),
-            hint="Samples outside the map and bins without samples pass no gradient on.")
+                (no_count[0], summed(dyo, x2, odd, -1, True), no_count[1])]),
+            hint=("samples outside the map and bins without samples pass no gradient on",
+                  _nonzero_where_zero(eo)))
 
     xm = rng.standard_normal((1, 2, 7, 7))
     rm = np.array([[0, 0.5, 0.5, 5.5, 6.0], [0, 1.0, 2.0, 6.5, 6.5]])
     dym = rng.standard_normal((2, 2, 2, 2))
-    em = sol(dym, rm, xm.shape, 1.0, 2, False, "max", xm)
-    ea = sol(dym, rm, xm.shape, 1.0, 2, False, "avg")
+    em = sol(dym, xm, rm, 2, 1.0, 2, False, "max")
+    ea = sol(dym, xm, rm, 2, 1.0, 2, False, "avg")
     b.check('mode="max": the gradient goes to the winning sample\'s taps',
-            b.call(T, dym, rm, xm.shape, 1.0, 2, False, "max", xm),
+            b.call(T, dym, xm, rm, 2, 1.0, 2, False, "max"),
             lambda v: diff_arrays(em, v[0], "dx", variants=[('the mode="avg" gradient', ea,
                                                              "in max mode only the winning sample's taps get dy")]))
 
-    ez = sol(np.zeros((0, 3, 2, 2)), np.zeros((0, 5)), x2.shape, 1.0, -1, True)
-    b.check("no RoIs (K = 0): a zero gradient", b.call(T, np.zeros((0, 3, 2, 2)), np.zeros((0, 5)), x2.shape,
+    ez = sol(np.zeros((0, 3, 2, 2)), x2, np.zeros((0, 5)), 2, 1.0, -1, True)
+    b.check("no RoIs (K = 0): a zero gradient", b.call(T, np.zeros((0, 3, 2, 2)), x2, np.zeros((0, 5)), 2,
                                                         1.0, -1, True),
             lambda v: diff_arrays(ez, v[0], "dx"))
 
     dy32 = dy.astype(np.float32)
-    e32 = sol(dy32, rois, x.shape, 1.0, 2, True)
-    b.check("float32 dy gives a float32 dx", b.call(T, dy32, rois, x.shape, 1.0, 2, True),
+    x32 = x.astype(np.float32)
+    e32 = sol(dy32, x32, rois, 3, 1.0, 2, True)
+    b.check("float32 dy gives a float32 dx", b.call(T, dy32, x32, rois, 3, 1.0, 2, True),
             lambda v: diff_arrays(e32, v[0], "dx", rtol=1e-5, atol=1e-6, factor_hints=COUNT_HINTS))
 
 
@@ -810,40 +875,205 @@ def build_checks(exercise: Exercise, seed: int = 0) -> _Builder:
 # ---------------------------------------------------------------------------
 # Running the student's code
 # ---------------------------------------------------------------------------
-def _run_calls(student_dir: Path, calls: list[Call], timeout: float, workdir: Path):
-    """Run the calls in a fresh interpreter on the student's package; returns (results by id, fatal)."""
-    runner = workdir / "runner.py"
-    shutil.copyfile(Path(__file__).with_name("runner.py"), runner)
-    calls_path = workdir / "calls.pkl"
+@dataclass(frozen=True)
+class Limits:
+    """What one exercise's student code may use (the child interpreter's limits).
+
+    wall_seconds: wall-clock time for all the exercise's calls together;
+    cpu_seconds: CPU time of one child interpreter (RLIMIT_CPU; None: as
+    wall_seconds); memory_mb: its address space (RLIMIT_AS); file_mb: the
+    largest file it may write (RLIMIT_FSIZE). Core files are always off.
+    A child stopped by a limit costs the call it was running; the remaining
+    calls run in a fresh child while wall-clock time is left.
+    """
+
+    wall_seconds: float = 300.0
+    cpu_seconds: float | None = None
+    memory_mb: int = 2048
+    file_mb: int = 256
+    restarts: int = 3                  # fresh children after one was stopped
+
+
+def _limits(cpu_seconds: float, memory_mb: int, file_mb: int):
+    """A preexec_fn for the child: resource limits, no core files (POSIX; None elsewhere)."""
+    try:
+        import resource
+    except ImportError:                # Windows: no rlimits; the wall-clock timeout still holds
+        return None
+
+    def limit(name, soft, hard):
+        """Lower one limit, never above the current hard limit; skipped where the system refuses
+        (macOS does not enforce RLIMIT_AS, and may reject it)."""
+        res = getattr(resource, name, None)
+        if res is None:
+            return
+        try:
+            _, cur_hard = resource.getrlimit(res)
+            if cur_hard != resource.RLIM_INFINITY:
+                hard = min(hard, cur_hard)
+                soft = min(soft, hard)
+            resource.setrlimit(res, (soft, hard))
+        except (ValueError, OSError):
+            pass
+
+    def apply():
+        cpu = max(1, math.ceil(cpu_seconds))
+        limit("RLIMIT_CPU", cpu, cpu + 2)                                  # SIGXCPU, then SIGKILL
+        limit("RLIMIT_AS", int(memory_mb) << 20, int(memory_mb) << 20)
+        limit("RLIMIT_CORE", 0, 0)
+        limit("RLIMIT_FSIZE", int(file_mb) << 20, int(file_mb) << 20)
+    return apply
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, AttributeError):
+        proc.kill()
+
+
+def _stopped(returncode: int, stderr: str, limits: Limits, cpu_limit: float, cpu_used: float) -> str:
+    """Why a child ended abnormally, in words."""
+    sig = -returncode if returncode < 0 else None
+    if sig == getattr(signal, "SIGXCPU", None) or (sig == signal.SIGKILL and cpu_used >= cpu_limit - 0.5):
+        return (f"exceeded the time limit ({cpu_limit:g} s of CPU time): an endless loop, or very slow code "
+                "(the inputs are tiny)")
+    if "MemoryError" in stderr or "Cannot allocate memory" in stderr or "bad_alloc" in stderr:
+        return (f"exceeded the memory limit ({limits.memory_mb} MiB): an allocation without bound? "
+                "(the inputs are tiny)")
+    if sig == getattr(signal, "SIGXFSZ", None):
+        return f"exceeded the file size limit ({limits.file_mb} MiB)"
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        extra = f" (perhaps the memory limit, {limits.memory_mb} MiB)" if name in ("SIGKILL", "SIGSEGV",
+                                                                                 "SIGABRT") else ""
+        tail = stderr[-400:].strip()
+        return f"the student's interpreter was killed by {name}{extra}" + (f": {tail}" if tail else "")
+    return f"the student's interpreter stopped (exit code {returncode}): {stderr[-600:].strip()}"
+
+
+def _children_cpu() -> float:
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _read_result(results: Path, stem: str):
+    """(value, None) or (None, why the file was rejected); (None, None) if there is no result."""
+    try:
+        return read_value(str(results / stem)), None
+    except FileNotFoundError:
+        return None, None
+    except (DecodeError, OSError) as e:
+        return None, f"rejected the result file of this call: {e} (results travel as JSON and plain arrays)"
+
+
+def _result_shape_ok(r) -> bool:
+    if not isinstance(r, dict) or not isinstance(r.get("ok"), bool):
+        return False
+    if r["ok"]:
+        return "value" in r
+    where = r.get("where")
+    return (isinstance(r.get("error"), str) and isinstance(r.get("message"), str) and isinstance(where, list)
+            and all(isinstance(w, (list, tuple)) and len(w) == 3 for w in where))
+
+
+def _run_child(student_dir: Path, calls: list[Call], ids: list[int], workdir: Path, results: Path,
+               wall: float, limits: Limits):
+    """One child interpreter on the calls ``ids``; returns why it stopped early (None if it did not)."""
+    stem = workdir / f"calls{ids[0]}"
+    payload = [{"id": i, "target": calls[i].target, "args": calls[i].args, "kwargs": calls[i].kwargs,
+                "init": calls[i].init, "numgrad": calls[i].numgrad} for i in ids]
+    write_value(str(stem), payload)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")}
+    # Only the student's copy is importable as tinymrcnn; Numba compiles nothing (tiny inputs); one
+    # BLAS thread (threads would multiply the CPU time and the address space).
+    env.update(PYTHONPATH=str(student_dir), NUMBA_DISABLE_JIT="1", PYTHONDONTWRITEBYTECODE="1",
+               TINYMRCNN_GRADING="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               NUMBA_NUM_THREADS="1")
+    cpu = min(limits.cpu_seconds if limits.cpu_seconds is not None else limits.wall_seconds, wall)
+    cpu0 = _children_cpu()
+    err_path = workdir / f"stderr{ids[0]}.txt"      # a file (capped by RLIMIT_FSIZE), not a pipe to fill
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(workdir / "runner.py"), str(student_dir), str(stem),
+                                 str(results)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=_limits(cpu, limits.memory_mb, limits.file_mb),
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=wall)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.wait()
+            return f"exceeded the time limit ({wall:g} s wall-clock): an endless loop, or very slow code"
+        finally:
+            if proc.poll() is None:
+                _kill_group(proc)
+                proc.wait()
+    _kill_group(proc)                  # anything the student's code left running in its group
+    if proc.returncode in (0, 3):
+        return None
+    with open(err_path, "rb") as f:
+        f.seek(max(0, err_path.stat().st_size - 4000))
+        stderr = f.read().decode("utf-8", "replace")
+    return _stopped(proc.returncode, stderr, limits, cpu, _children_cpu() - cpu0)
+
+
+def _run_calls(student_dir: Path, calls: list[Call], limits: Limits, workdir: Path):
+    """Run the calls in fresh interpreters on the student's package.
+
+    Returns (results by call id, {call id: why it has no result}, fatal). No
+    file the children write is unpickled: results are read with
+    :func:`runner.read_value`.
+    """
+    shutil.copyfile(Path(__file__).with_name("runner.py"), workdir / "runner.py")
     results = workdir / "results"
     results.mkdir(exist_ok=True)
-    payload = [{"id": i, "target": c.target, "args": c.args, "kwargs": c.kwargs, "init": c.init,
-                "numgrad": c.numgrad} for i, c in enumerate(calls)]
-    with open(calls_path, "wb") as f:
-        pickle.dump(payload, f)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")}
-    # Only the student's copy is importable as tinymrcnn; Numba compiles nothing (tiny inputs).
-    env.update(PYTHONPATH=str(student_dir), NUMBA_DISABLE_JIT="1", PYTHONDONTWRITEBYTECODE="1")
-    fatal = None
-    try:
-        proc = subprocess.run([sys.executable, str(runner), str(student_dir), str(calls_path), str(results)],
-                              cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode not in (0, 3):
-            fatal = f"the student's interpreter stopped (exit code {proc.returncode}): {proc.stderr[-600:].strip()}"
-    except subprocess.TimeoutExpired:
-        fatal = f"timed out after {timeout:g} s (an endless loop, or very slow code: the inputs are tiny)"
-    out = {}
-    for i in range(len(calls)):
-        p = results / f"{i}.pkl"
-        if p.exists():
-            with open(p, "rb") as f:
-                out[i] = pickle.load(f)
-    imp = results / "import.pkl"
-    if imp.exists():
-        with open(imp, "rb") as f:
-            r = pickle.load(f)
-        fatal = f"the student's package does not import: {r['error']}: {r['message']}{_where_text(r['where'])}"
-    return out, fatal
+    out, why, fatal = {}, {}, None
+    pending = list(range(len(calls)))
+    deadline = time.monotonic() + limits.wall_seconds
+    for _ in range(limits.restarts + 1):
+        if not pending:
+            break
+        wall = deadline - time.monotonic()
+        if wall <= 0.5:
+            fatal = fatal or f"the exercise's time limit ({limits.wall_seconds:g} s wall-clock) was spent"
+            break
+        stop = _run_child(student_dir, calls, pending, workdir, results, wall, limits)
+        imp, bad = _read_result(results, "import")
+        if imp is not None or bad:
+            if bad or not _result_shape_ok(imp):
+                return out, why, f"the student's package does not import ({bad or 'an unreadable report'})"
+            return out, why, (f"the student's package does not import: {imp['error']}: {imp['message']}"
+                              f"{_where_text(imp['where'])}")
+        left = []
+        for i in pending:
+            r, bad = _read_result(results, str(i))
+            if bad is None and r is not None and not _result_shape_ok(r):
+                bad = "rejected the result file of this call: not a result"
+            if bad:
+                why[i] = bad
+            elif r is not None:
+                out[i] = r
+            elif (results / f"{i}.started").exists() and stop:
+                why[i] = stop                           # the call that was running when the child stopped
+            else:
+                left.append(i)
+        if stop is None and left:
+            fatal = "the student's interpreter ended before running every call (did the code call exit()?)"
+            break
+        if stop is not None:
+            fatal = stop
+        pending = left
+    for i in pending:
+        why.setdefault(i, f"not run: {fatal}" if fatal else "the call did not run")
+    return out, why, fatal
 
 
 def _where_text(where) -> str:
@@ -853,40 +1083,119 @@ def _where_text(where) -> str:
     return f"  [{f}:{line}, in {fn}]"
 
 
-def _part_owner(where) -> str | None:
-    """The exercise whose function raised, from the innermost student frame."""
-    if not where:
-        return None
-    f, _, fn = where[-1]
+def _part_of(frame) -> tuple[str, str] | None:
+    """(exercise, function) if the traceback frame is in a function students write, else None."""
+    f, _, fn = frame
     for ex in EXERCISES:
-        if f.replace(os.sep, "/").endswith(ex.path) and any(p.function.split(".")[-1] == fn for p in ex.parts):
-            return ex.name
+        if str(f).replace(os.sep, "/").endswith(ex.path):
+            for p in ex.parts:
+                if p.function.split(".")[-1] == fn:
+                    return ex.name, p.function
     return None
 
 
-def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: float = 300.0) -> ExerciseResult:
+def _part_owner(where) -> str | None:
+    """The exercise of the innermost frame that is a student's function (None if there is none)."""
+    for frame in reversed(where or []):
+        part = _part_of(frame)
+        if part:
+            return part[0]
+    return None
+
+
+def _traced(where) -> str:
+    """Where the student's code raised; an error inside provided code is traced to the student's caller."""
+    if not where:
+        return ""
+    text = _where_text(where)
+    if _part_of(where[-1]) is None:
+        for frame in reversed(where[:-1]):
+            if _part_of(frame):
+                f, line, fn = frame
+                text += f" -- in provided code, called from your {fn} ({f}:{line})"
+                break
+    return text
+
+
+def _calls_of(function: str) -> set[str]:
+    """The students' functions ``function`` calls, directly or not (Part.calls, transitively)."""
+    uses = {p.function: p.calls for ex in EXERCISES for p in ex.parts}
+    seen, todo = set(), list(uses.get(function, ()))
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.add(f)
+            todo.extend(uses.get(f, ()))
+    return seen
+
+
+def _block_follow_ons(results: list[ExerciseResult]) -> None:
+    """Mark the failed checks that call a student's function which fails its own checks."""
+    failing = {}
+    for r in results:
+        for c in r.checks:
+            if not c.passed and len(c.parts) == 1:
+                failing.setdefault(c.parts[0], r.exercise.name)
+    for r in results:
+        for c in r.checks:
+            if c.passed:
+                continue
+            deps = set().union(*(_calls_of(f) for f in c.parts)) - set(c.parts) if c.parts else set()
+            bad = [f for f in sorted(deps) if f in failing]
+            if bad:
+                f = bad[0]
+                c.blocked_by = f if failing[f] == r.exercise.name else f"{f} (exercise {failing[f]})"
+
+
+def _hint(chk: Check, args) -> str:
+    text, when = (chk.hint, None) if isinstance(chk.hint, str) else chk.hint
+    if not text:
+        return ""
+    if when is not None:
+        try:
+            if not when(args):
+                return ""
+        except Exception:  # noqa: BLE001 -- an odd result: the condition does not hold
+            return ""
+    return text
+
+
+def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: float = 300.0,
+                 limits: Limits | None = None) -> ExerciseResult:
+    limits = limits if limits is not None else Limits(wall_seconds=timeout)
     b = build_checks(exercise, seed)
     result = ExerciseResult(exercise)
     with tempfile.TemporaryDirectory(prefix=f"tinymrcnn-grade-{exercise.name}-") as tmp:
-        values, fatal = _run_calls(student_dir, b.calls, timeout, Path(tmp))
+        values, why, fatal = _run_calls(student_dir, b.calls, limits, Path(tmp))
     for chk in b.checks:
         args, error = [], None
+        parts = tuple(dict.fromkeys(b.calls[ref[1] if isinstance(ref, tuple) else ref].target.split(":")[1]
+                                    for ref in chk.calls))
         for ref in chk.calls:
             key, i = (ref[1], "numgrad") if isinstance(ref, tuple) else (ref, "value")
             r = values.get(key)
             if r is None:
-                error = ("NotRun", fatal or "the call did not run", [])
+                error = ("NotRun", why.get(key) or fatal or "the call did not run", [])
                 break
             if not r["ok"]:
                 error = (r["error"], r["message"], r["where"])
                 break
+            if i not in r:
+                error = ("NotRun", "rejected the result file of this call: no finite-difference gradient", [])
+                break
             args.append(r[i])
         if error is not None:
-            msg = f"raised {error[0]}: {error[1]}{_where_text(error[2])}" if error[0] != "NotRun" else error[1]
+            if error[0] == "NotRun":
+                msg = error[1]
+            elif error[0] == "MemoryError":
+                msg = (f"exceeded the memory limit ({limits.memory_mb} MiB): raised MemoryError"
+                       f"{_traced(error[2])} -- an allocation without bound? (the inputs are tiny)")
+            else:
+                msg = f"raised {error[0]}: {error[1]}{_traced(error[2])}"
             owner = _part_owner(error[2])
             if owner and owner != exercise.name:
                 msg += f" -- this is exercise {owner}'s code: finish that one first"
-            result.checks.append(CheckResult(chk.name, False, msg, error))
+            result.checks.append(CheckResult(chk.name, False, msg, error, parts))
             continue
         try:
             msg = chk.judge(args)
@@ -894,18 +1203,22 @@ def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: 
             msg = str(e)
         except Exception as e:  # noqa: BLE001 -- an odd result the judge could not read
             msg = f"could not read your result ({type(e).__name__}: {e})"
-        if msg and chk.hint and "your result equals" not in msg:     # a matched variant says more
-            msg += f" [hint: {chk.hint}]"
-        result.checks.append(CheckResult(chk.name, not msg, msg or ""))
+        hint = _hint(chk, args) if msg and "your result equals" not in msg else ""   # a variant says more
+        if hint:
+            msg += f" [hint: {hint}]"
+        result.checks.append(CheckResult(chk.name, not msg, msg or "", None, parts))
     return result
 
 
-def grade(student_dir, exercises=None, seed: int = 0, timeout: float = 300.0) -> Report:
+def grade(student_dir, exercises=None, seed: int = 0, timeout: float = 300.0, limits: Limits | None = None) -> Report:
     """Grade the package in ``student_dir`` (the folder that holds ``tinymrcnn/``).
 
-    Raises FileNotFoundError if there is no package there, and RuntimeError
-    if the installed package (the solution) lacks the exercise markers.
+    This runs the student's code (in child interpreters, under ``limits``;
+    default: ``Limits(wall_seconds=timeout)``). Raises FileNotFoundError if
+    there is no package there, and RuntimeError if the installed package
+    (the solution) lacks the exercise markers.
     """
+    limits = limits if limits is not None else Limits(wall_seconds=timeout)
     student_dir = Path(student_dir).resolve()
     if not (student_dir / "tinymrcnn" / "__init__.py").is_file():
         raise FileNotFoundError(f"no tinymrcnn package in {student_dir} (expected {student_dir}/tinymrcnn/__init__.py)")
@@ -915,7 +1228,8 @@ def grade(student_dir, exercises=None, seed: int = 0, timeout: float = 300.0) ->
     if missing:
         raise RuntimeError(f"the installed tinymrcnn ({Path(__file__).parents[1]}) has no exercise markers for "
                            f"{', '.join(missing)}: it is not the solution (is a student's copy first on the path?)")
-    results = [run_exercise(student_dir, ex, seed, timeout) for ex in chosen]
+    results = [run_exercise(student_dir, ex, seed, limits=limits) for ex in chosen]
+    _block_follow_ons(results)
     by_name = {r.exercise.name: r for r in results}
     for r in results:
         weak = [q for q in r.exercise.requires if q in by_name and by_name[q].score < 100]
@@ -950,16 +1264,26 @@ def format_report(report: Report) -> str:
         if len({c.message for c in failed}) == 1 and len(failed) == len(r.checks):
             lines.append(f"  every check: {failed[0].message}")
             continue
+        blocked: dict[str, list[CheckResult]] = {}
         for c in failed:
-            lines.append(f"  FAIL {c.name}: {c.message}")
+            if c.blocked_by:
+                blocked.setdefault(c.blocked_by, []).append(c)
+        for f, cs in blocked.items():
+            calls = sorted({p for c in cs for p in c.parts if p != f.split(" ")[0]})
+            lines.append(f"  fix {f} first: {len(cs)} more failing check(s) of {', '.join(calls)} call it "
+                         "and are not listed; grade again once it passes")
+        for c in failed:
+            if not c.blocked_by:
+                lines.append(f"  FAIL {c.name}: {c.message}")
     return "\n".join(lines)
 
 
-def main_grade(student_dir, exercises=None, seed=0, timeout=300.0, json_path=None, file=None) -> int:
+def main_grade(student_dir, exercises=None, seed=0, timeout=300.0, json_path=None, file=None,
+               limits: Limits | None = None) -> int:
     """The ``tinymrcnn course grade`` command: prints the report; 0 unless the folder is missing."""
     file = file or sys.stdout
     try:
-        report = grade(student_dir, exercises, seed, timeout)
+        report = grade(student_dir, exercises, seed, timeout, limits)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"tinymrcnn course grade: {e}", file=sys.stderr)
         return 2

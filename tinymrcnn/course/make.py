@@ -37,6 +37,8 @@ from .exercises import BY_NAME, END_MARKER, START_MARKER, Exercise, select, stub
 
 # The instructor's side of the kit: not copied into a student's package.
 INSTRUCTOR_ONLY = ("course/grade.py", "course/runner.py")
+# Written elsewhere in the copy (the notebooks, stripped, go to notebooks/exercises/), or made anew.
+NOT_COPIED = ("course/notebooks", "course/reference")
 
 
 class MarkerError(ValueError):
@@ -218,12 +220,21 @@ def _copy_package(src: Path, dst: Path) -> None:
         p = dst / rel
         if p.exists():
             p.unlink()
+    for rel in NOT_COPIED:
+        p = dst / rel
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
 
 
 def notebooks_dir() -> Path | None:
-    """notebooks/exercises of the source checkout next to the package (None if not there)."""
-    for cand in (package_dir().parent / "notebooks" / "exercises", Path.cwd() / "notebooks" / "exercises"):
-        if cand.is_dir():
+    """The folder of the exercise notebooks: the package's own copy (``tinymrcnn/course/notebooks``,
+    package data in a wheel; a link to notebooks/exercises in the source checkout), else
+    notebooks/exercises of the checkout next to the package or of the current folder (None if none)."""
+    for cand in (Path(__file__).resolve().parent / "notebooks", package_dir().parent / "notebooks" / "exercises",
+                 Path.cwd() / "notebooks" / "exercises"):
+        if cand.is_dir() and any(cand.glob("*.ipynb")):
             return cand
     return None
 
@@ -238,7 +249,14 @@ def strip_notebook(path_in: Path, path_out: Path) -> None:
     path_out.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _readme(exercises: list[Exercise]) -> str:
+def _readme(exercises: list[Exercise], reference: bool = True) -> str:
+    order = ("""You can take the exercises in any order: while a function of another
+exercise is still a stub, the notebooks run the reference solution in its
+place (from `tinymrcnn/course/reference/`) and print a note saying so. Those
+files are the answers; they are there so that every notebook runs, not to
+be read first.""" if reference else """The notebooks' training cells run the whole model, so they need the
+exercises it calls (the box coder, the proposal layer, the mask loss)
+written first; each notebook prints a note naming the ones still missing.""")
     rows = "\n".join(f"| {ex.number} | `{ex.name}` | {ex.title} | `{ex.path}`: "
                      f"{', '.join('`' + p.function + '`' for p in ex.parts)} | {ex.minutes} min |"
                      for ex in exercises)
@@ -260,28 +278,64 @@ task, the shapes, the formula and a hint, and its body is a
 training run. The notebooks import the package from this folder, not from
 anywhere else.
 
+{order}
+
 Your instructor grades the copy with `tinymrcnn course grade <this folder>`.
 """
 
 
-def make_student(out_dir, exercises=None, notebooks: Path | str | None = None, force: bool = False,
-                 check_import: bool = True, source: Path | str | None = None) -> dict:
+class MissingNotebookError(FileNotFoundError):
+    """An exercise notebook that make-student cannot find."""
+
+
+REFERENCE_README = """The reference solutions, used only where your own function is still a stub.
+
+The exercise notebooks call tinymrcnn.course.notebook.setup_exercise(), which
+makes every *other* exercise's function that still raises NotImplementedError
+run the code in this folder instead (and prints which), so that each exercise
+can be done on its own, in any order. Your exercise's own functions are never
+replaced. The grader does not let your package import this folder.
+
+These files are the answers: reading them first spoils the exercises.
+"""
+
+
+def _find_notebooks(nb_src: Path | None, chosen: list[Exercise]) -> dict:
+    """{exercise name: notebook path}; raises MissingNotebookError naming the first one missing."""
+    found = {}
+    for ex in chosen:
+        p = nb_src / ex.notebook if nb_src is not None else None
+        if p is None or not p.is_file():
+            where = (f"in {nb_src}" if nb_src is not None else
+                     "(none in the installed package, tinymrcnn/course/notebooks, nor in notebooks/exercises/)")
+            raise MissingNotebookError(f"no exercise notebook {ex.notebook} {where}; pass --notebooks DIR, "
+                                       "or --no-notebooks to write the copy without them")
+        found[ex.name] = p
+    return found
+
+
+def make_student(out_dir, exercises=None, notebooks: Path | str | None | bool = None, force: bool = False,
+                 check_import: bool = True, source: Path | str | None = None, reference: bool = True) -> dict:
     """Write a student's copy of the package to ``out_dir``.
 
     Args:
         out_dir: the folder to create; it receives ``tinymrcnn/``,
             ``notebooks/exercises/`` and ``README.md``.
         exercises: names (list or comma-separated), None for all.
-        notebooks: folder of the exercise notebooks (default: notebooks/exercises
-            of the checkout the package lives in); missing notebooks are
-            reported, not fatal.
+        notebooks: folder of the exercise notebooks (default: the package's
+            own, see :func:`notebooks_dir`); False: write none. A chosen
+            exercise's notebook that is not there is an error
+            (MissingNotebookError), raised before anything is written.
         force: replace an existing ``out_dir/tinymrcnn``.
         check_import: import the copy in a fresh interpreter afterwards.
         source: the package folder to copy (default: the installed one).
+        reference: also write the solution of the stubbed files to
+            ``tinymrcnn/course/reference/``, the fallback that lets each
+            exercise notebook run before the other exercises are done.
 
     Returns:
         {"package": path, "exercises": [names], "stubbed": [(file, function)],
-         "notebooks": [paths], "missing_notebooks": [names]}.
+         "notebooks": [paths], "missing_notebooks": []}.
     """
     chosen = select(exercises)
     names = {ex.name for ex in chosen}
@@ -292,6 +346,10 @@ def make_student(out_dir, exercises=None, notebooks: Path | str | None = None, f
         raise ValueError(f"the student copy {dst} would overwrite the package itself")
     regions = find_regions(src)
     check_regions(regions, chosen)
+    if notebooks is False:
+        found = {}
+    else:
+        found = _find_notebooks(Path(notebooks) if notebooks not in (None, True) else notebooks_dir(), chosen)
     if dst.exists():
         if not force:
             raise FileExistsError(f"{dst} exists; pass force=True (--force) to replace it")
@@ -303,26 +361,32 @@ def make_student(out_dir, exercises=None, notebooks: Path | str | None = None, f
     for path in sorted({r.path for r in regions}):
         rel = path.relative_to(src)
         target = dst / rel
-        target.write_text(stub_source(path.read_text(encoding="utf-8"), target, names), encoding="utf-8")
-        stubbed += [(str(rel), r.function) for r in regions if r.path == path and r.exercise in names]
+        solution = path.read_text(encoding="utf-8")
+        target.write_text(stub_source(solution, target, names), encoding="utf-8")
+        mine = [(str(rel), r.function) for r in regions if r.path == path and r.exercise in names]
+        stubbed += mine
+        if reference and mine:
+            ref = dst / "course" / "reference" / rel
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            # Markers dropped (nothing chosen): the solution as it runs.
+            ref.write_text(stub_source(solution, ref, set()), encoding="utf-8")
+    if reference and stubbed:
+        (dst / "course" / "reference" / "README.txt").write_text(REFERENCE_README, encoding="utf-8")
 
-    nb_src = Path(notebooks) if notebooks is not None else notebooks_dir()
-    written, missing = [], []
-    (out / "notebooks" / "exercises").mkdir(parents=True, exist_ok=True)
+    written = []
+    if found:
+        (out / "notebooks" / "exercises").mkdir(parents=True, exist_ok=True)
     for ex in chosen:
-        p = nb_src / ex.notebook if nb_src is not None else None
-        if p is None or not p.is_file():
-            missing.append(ex.name)
-            continue
-        q = out / "notebooks" / "exercises" / ex.notebook
-        strip_notebook(p, q)
-        written.append(str(q))
-    (out / "README.md").write_text(_readme(chosen), encoding="utf-8")
+        if ex.name in found:
+            q = out / "notebooks" / "exercises" / ex.notebook
+            strip_notebook(found[ex.name], q)
+            written.append(str(q))
+    (out / "README.md").write_text(_readme(chosen, reference and bool(stubbed)), encoding="utf-8")
 
     if check_import:
         import_check(out, sorted({ex.module for ex in chosen}))
     return {"package": str(dst), "exercises": [ex.name for ex in chosen], "stubbed": stubbed,
-            "notebooks": written, "missing_notebooks": missing}
+            "notebooks": written, "missing_notebooks": []}
 
 
 def import_check(student_dir, modules=()) -> str:
