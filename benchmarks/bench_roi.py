@@ -37,8 +37,7 @@ import numpy as np
 
 from tinymrcnn.kernels.cpu.roi_align import roi_align_backward_stripes, roi_align_forward_nhwc
 from tinymrcnn.model.poolers import MultiScaleRoIAlign
-from tinymrcnn.ops.roi_align import (channels_last, roi_align_backward_reference,
-                                     roi_align_reference)
+from tinymrcnn.ops.roi_align import channels_last, roi_align_backward_reference, roi_align_reference
 
 C, OUT, SAMPLING, IMAGE = 256, 7, 2, 800
 SIZES = (200, 100, 50, 25)

@@ -53,7 +53,7 @@ def import_torch():
 
 def import_torchvision():
     import_torch()
-    import torchvision                                  # noqa: F401
+    import torchvision  # noqa: F401
     import torchvision.ops
     return torchvision
 

@@ -6,11 +6,18 @@ import sys
 
 import numpy as np
 import pytest
-
 from coco_samples import coco_dict, write_coco
+
 from tinymrcnn.data import CocoDataset, ShapesDataset, export_to_coco, save_coco_results
-from tinymrcnn.data.segmentation import (mask_to_box, polygon_to_mask, rle_compress, rle_counts_to_string,
-                                         rle_decode, rle_encode, rle_string_to_counts)
+from tinymrcnn.data.segmentation import (
+    mask_to_box,
+    polygon_to_mask,
+    rle_compress,
+    rle_counts_to_string,
+    rle_decode,
+    rle_encode,
+    rle_string_to_counts,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 

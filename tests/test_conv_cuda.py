@@ -25,9 +25,14 @@ import sys
 import numpy as np
 import pytest
 
-from tinymrcnn.kernels.cuda.conv import (DEFAULT_TILE, Tile, conv2d_backward_cuda,
-                                         conv2d_forward_cuda, conv_transpose2d_backward_cuda,
-                                         conv_transpose2d_forward_cuda)
+from tinymrcnn.kernels.cuda.conv import (
+    DEFAULT_TILE,
+    Tile,
+    conv2d_backward_cuda,
+    conv2d_forward_cuda,
+    conv_transpose2d_backward_cuda,
+    conv_transpose2d_forward_cuda,
+)
 from tinymrcnn.kernels.cuda.device import cuda_available, is_simulator, require_cuda, to_host
 
 SIM_TILE = Tile(bm=4, bn=8, bk=4, tm=2, tn=2, reduce=16)  # 8 threads a block: fast to simulate

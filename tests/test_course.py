@@ -19,8 +19,17 @@ import tinymrcnn
 from tinymrcnn.cli import main as cli_main
 from tinymrcnn.course.exercises import BY_NAME, EXERCISES, select, stub_docstring
 from tinymrcnn.course.grade import Limits, diff_arrays, format_report, grade
-from tinymrcnn.course.make import (MarkerError, MissingNotebookError, check_regions, find_regions, make_student,
-                                   notebooks_dir, regions_in_source, replace_stub, stub_source)
+from tinymrcnn.course.make import (
+    MarkerError,
+    MissingNotebookError,
+    check_regions,
+    find_regions,
+    make_student,
+    notebooks_dir,
+    regions_in_source,
+    replace_stub,
+    stub_source,
+)
 from tinymrcnn.course.runner import DecodeError, read_value, write_value
 
 PACKAGE_PARENT = Path(tinymrcnn.__file__).resolve().parent.parent     # the solution's folder

@@ -4,8 +4,8 @@ import io
 
 import numpy as np
 import pytest
-
 from coco_samples import write_coco
+
 from tinymrcnn.data import CocoDataset, ShapesDataset, export_to_coco
 from tinymrcnn.evaluate import coco_evaluate
 

@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 
 from tinymrcnn.gradcheck import check_module, gradcheck
-from tinymrcnn.nn import (BatchNorm2d, Flatten, FrozenBatchNorm2d, GroupNorm, Linear, MaxPool2d,
-                          ReLU, Sigmoid, UpsampleNearest, upsample_nearest,
-                          upsample_nearest_backward)
-from tinymrcnn.nn.pooling import (max_pool2d, max_pool2d_backward, max_pool2d_backward_reference,
-                                  max_pool2d_reference)
+from tinymrcnn.nn import (
+    BatchNorm2d,
+    Flatten,
+    FrozenBatchNorm2d,
+    GroupNorm,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sigmoid,
+    UpsampleNearest,
+    upsample_nearest,
+    upsample_nearest_backward,
+)
+from tinymrcnn.nn.pooling import max_pool2d, max_pool2d_backward, max_pool2d_backward_reference, max_pool2d_reference
 from tinymrcnn.nn.upsample import nearest_source_index
 
 TOL = 1e-6

@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from tinymrcnn.gradcheck import gradcheck
-from tinymrcnn.losses import (mask_loss, mask_loss_softmax, sigmoid_bce_with_logits,
-                              smooth_l1, softmax_cross_entropy)
+from tinymrcnn.losses import mask_loss, mask_loss_softmax, sigmoid_bce_with_logits, smooth_l1, softmax_cross_entropy
 
 TOL = 1e-6
 

@@ -280,7 +280,7 @@ def test_overfits_two_images_and_recovers_the_masks():
     model = MaskRCNN(MaskRCNNConfig.shapes(), seed=0)
     opt = AdamW([p for p in model.parameters()], lr=2e-3, weight_decay=0.0)
     first = None
-    for step in range(300):
+    for _ in range(300):
         model.zero_grad()
         losses = model.forward_train(list(images), list(targets))
         total = sum(losses.values())

@@ -10,8 +10,8 @@ start) so it cannot leak into other test modules; the child writes both
 devices' results to an .npz file and the assertions run here.
 
 The other tests need no simulator: asking for "cuda" without a GPU or without
-numba.cuda gives one clear RuntimeError when the model is built, and the
-config field is validated and saved.
+numba.cuda gives one clear RuntimeError when the runtime session starts, and
+the config field is validated and saved.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def _unzero(model):
 
 
 def _child_main(out_path):
-    from tinymrcnn import MaskRCNN
+    from tinymrcnn import MaskRCNN, runtime
     from tinymrcnn.kernels.cuda.device import is_simulator
     assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and is_simulator()
     # The simulator's threads hand the GIL to each other at every syncthreads;
@@ -106,16 +106,16 @@ def _child_main(out_path):
             counts.clear()
             model = MaskRCNN(tiny_config(device=device, **overrides), seed=0)
             _unzero(model)
-            losses = model.forward_train(images, targets)
-            model.backward()
+            with runtime.session(model.config):           # the ops run on config.device inside
+                losses = runtime.compute_gradients(model, images, targets)
+                preds = model.predict(images) if predict else []
             for name in LOSS_NAMES:
                 out[f"{key}/loss/{name}"] = np.float64(losses[name])
             for name, p in model.named_parameters():
                 out[f"{key}/grad/{name}"] = p.grad
-            if predict:
-                for i, r in enumerate(model.predict(images)):
-                    for f in ("boxes", "labels", "scores", "masks"):
-                        out[f"{key}/pred{i}/{f}"] = r[f]
+            for i, r in enumerate(preds):
+                for f in ("boxes", "labels", "scores", "masks"):
+                    out[f"{key}/pred{i}/{f}"] = r[f]
             for name in GPU_FUNCS:
                 out[f"{key}/calls/{name}"] = np.int64(counts.get(name, 0))
     np.savez(out_path, **out)
@@ -208,12 +208,13 @@ NO_GPU_SCRIPT = f"""
 import sys
 sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
 from test_model_cuda import tiny_config
-from tinymrcnn import MaskRCNN
-MaskRCNN(tiny_config(device="cuda"))
+from tinymrcnn import runtime
+with runtime.session(tiny_config(device="cuda")):
+    pass
 """
 
 
-def test_cuda_without_a_gpu_fails_at_construction_with_one_message():
+def test_cuda_without_a_gpu_fails_when_the_session_starts_with_one_message():
     if _gpu_present():
         pytest.skip("this machine has a GPU")
     run = subprocess.run([sys.executable, "-c", NO_GPU_SCRIPT], env=_no_sim_env(), cwd=REPO,
@@ -221,7 +222,7 @@ def test_cuda_without_a_gpu_fails_at_construction_with_one_message():
     assert run.returncode != 0
     err = run.stderr
     last = err.strip().splitlines()[-1]
-    assert last.startswith("RuntimeError: MaskRCNN with device='cuda': "), err
+    assert last.startswith("RuntimeError: device 'cuda': "), err
     assert "no usable NVIDIA GPU" in last and "device='cpu'" in last, last
     # one exception, raised from tinymrcnn: no chained numba traceback
     assert "During handling" not in err and "direct cause" not in err, err
@@ -230,11 +231,13 @@ def test_cuda_without_a_gpu_fails_at_construction_with_one_message():
 
 
 def test_cuda_without_numba_cuda_names_the_install_command(monkeypatch):
-    from tinymrcnn import MaskRCNN
+    from tinymrcnn import kernels, runtime
     monkeypatch.setitem(sys.modules, "numba.cuda", None)   # `import numba.cuda` now fails
     with pytest.raises(RuntimeError, match=r'pip install "tinymrcnn\[cuda\]"') as e:
-        MaskRCNN(tiny_config(device="cuda"))
-    assert str(e.value).startswith("MaskRCNN with device='cuda': ")
+        with runtime.session(tiny_config(device="cuda")):
+            pass
+    assert str(e.value).startswith("device 'cuda': ")
+    assert kernels.get_device() == "cpu"
     assert e.value.__cause__ is None and e.value.__suppress_context__
 
 
@@ -243,8 +246,11 @@ def test_cpu_model_never_imports_numba_cuda():
             f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
             "from test_model_cuda import tiny_config\n"
             "from tinymrcnn import MaskRCNN\n"
+            "from test_model_cuda import tiny_batch\n"
+            "from tinymrcnn import runtime\n"
             "m = MaskRCNN(tiny_config())\n"
-            "assert all(getattr(x, 'device', 'cpu') == 'cpu' for x in m.modules())\n"
+            "with runtime.session(m.config):\n"
+            "    runtime.compute_gradients(m, *tiny_batch(1))\n"
             "assert 'numba.cuda' not in sys.modules, 'numba.cuda was imported'\n")
     run = subprocess.run([sys.executable, "-c", code], env=_no_sim_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=300)

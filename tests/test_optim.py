@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tinymrcnn.nn import Parameter
-from tinymrcnn.optim import (SGD, Adam, AdamW, WarmupCosine, WarmupMultiStep, clip_grad_norm)
+from tinymrcnn.optim import SGD, Adam, AdamW, WarmupCosine, WarmupMultiStep, clip_grad_norm
 
 
 def rng(seed=0):

@@ -1,12 +1,11 @@
 """Data-parallel training (tinymrcnn/parallel.py): the averaged gradient, exact resume, failures."""
 import numpy as np
 import pytest
+from test_train import cfg, small_model_config
 
 from tinymrcnn.model.mask_rcnn import MaskRCNN
 from tinymrcnn.parallel import FlatView, WorkerPool, resolve_workers, shard
-from tinymrcnn.train import TrainConfig, load_batch, make_datasets, step_seeds, train
-
-from test_train import cfg, small_model_config
+from tinymrcnn.train import load_batch, make_datasets, step_seeds, train
 
 
 def test_resolve_workers_and_shards():

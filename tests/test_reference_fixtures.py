@@ -14,26 +14,41 @@ from __future__ import annotations
 import functools
 import json
 
+import make_reference_fixtures as ref
 import numpy as np
 import pytest
-
-import make_reference_fixtures as ref
 from optional_torch import import_torch, import_torchvision_ops
+
 from tinymrcnn.data.segmentation import masks_to_boxes
 from tinymrcnn.data.transforms import resize
 from tinymrcnn.losses import mask_loss, mask_loss_softmax, sigmoid_bce_with_logits, smooth_l1, softmax_cross_entropy
 from tinymrcnn.model.anchors import AnchorGenerator
-from tinymrcnn.nn import (BatchNorm2d, FrozenBatchNorm2d, GroupNorm, Linear, MaxPool2d, Parameter, upsample_nearest,
-                          upsample_nearest_backward)
+from tinymrcnn.nn import (
+    BatchNorm2d,
+    FrozenBatchNorm2d,
+    GroupNorm,
+    Linear,
+    MaxPool2d,
+    Parameter,
+    upsample_nearest,
+    upsample_nearest_backward,
+)
 from tinymrcnn.nn.pooling import max_pool2d
 from tinymrcnn.nn.upsample import nearest_source_index
-from tinymrcnn.ops import (BoxCoder, batched_nms, box_iou, conv2d, conv2d_backward, conv_transpose2d,
-                           conv_transpose2d_backward, nms)
+from tinymrcnn.ops import (
+    BoxCoder,
+    batched_nms,
+    box_iou,
+    conv2d,
+    conv2d_backward,
+    conv_transpose2d,
+    conv_transpose2d_backward,
+    nms,
+)
 from tinymrcnn.ops.nms import nms_reference
 from tinymrcnn.ops.roi_align import roi_align, roi_align_backward
 from tinymrcnn.ops.roi_pool import roi_pool, roi_pool_backward
 from tinymrcnn.optim import SGD, Adam, AdamW, WarmupMultiStep, clip_grad_norm
-
 
 # ----------------------------------------------------------------------------- RoI calls
 # Every call of roi_pool, roi_pool_backward and roi_align_backward goes through these three,

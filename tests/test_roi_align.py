@@ -1,12 +1,19 @@
 """RoIAlign: known answers, Numba kernel vs readable reference, gradients, bad input."""
 import numpy as np
 import pytest
-
 from optional_torch import import_torch, import_torchvision_ops
+
 from tinymrcnn.gradcheck import gradcheck
-from tinymrcnn.ops.roi_align import (roi_align, roi_align_backward, roi_align_backward_reference,
-                                     roi_align_levels, roi_align_levels_backward, roi_align_reference,
-                                     roi_feature_maps, roi_sample_points)
+from tinymrcnn.ops.roi_align import (
+    roi_align,
+    roi_align_backward,
+    roi_align_backward_reference,
+    roi_align_levels,
+    roi_align_levels_backward,
+    roi_align_reference,
+    roi_feature_maps,
+    roi_sample_points,
+)
 
 ARANGE = np.arange(25, dtype=np.float64).reshape(1, 1, 5, 5)
 BOX = np.array([[0, 1, 1, 3, 3]], dtype=np.float64)

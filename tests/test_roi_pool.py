@@ -1,11 +1,16 @@
 """RoI pooling: hand-computed answers, Numba kernel vs reference, gradients, bad input."""
 import numpy as np
 import pytest
-
 from optional_torch import import_torch, import_torchvision_ops
+
 from tinymrcnn.gradcheck import gradcheck
-from tinymrcnn.ops.roi_pool import (roi_pool, roi_pool_backward, roi_pool_backward_reference,
-                                    roi_pool_cells, roi_pool_reference)
+from tinymrcnn.ops.roi_pool import (
+    roi_pool,
+    roi_pool_backward,
+    roi_pool_backward_reference,
+    roi_pool_cells,
+    roi_pool_reference,
+)
 
 ARANGE = np.arange(25, dtype=np.float64).reshape(1, 1, 5, 5)
 

@@ -411,7 +411,7 @@ def tv_pair():
     tvm = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=TV_MIN, max_size=TV_MAX)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, m in tvm.named_modules():
+        for m in tvm.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0.0, 0.1, generator=gen)
                 m.running_var.uniform_(0.2, 2.0, generator=gen)
@@ -497,6 +497,7 @@ def test_tv_pretrained_bn_eps(tv_pair, tv_features):
     difference, so the check would catch a converter that ignored the eps.
     """
     import copy
+
     import torch
     tvm, _, _, _ = tv_pair
     il, _ = tv_features
@@ -522,6 +523,7 @@ def test_tv_pretrained_bn_eps(tv_pair, tv_features):
 
 def test_tv_rpn_head_anchors_and_proposals(tv_pair, tv_features):
     import torch
+
     from tinymrcnn.model.proposals import generate_proposals
     from tinymrcnn.model.rpn import flatten_head_outputs
     tvm, model, _, _ = tv_pair

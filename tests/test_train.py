@@ -77,6 +77,7 @@ def test_cli_demo_train_evaluate_predict(tmp_path, capsys):
     main(["evaluate", "--checkpoint", str(out / "checkpoint.npz"), "--num-images", "2"])
     assert "AP50" in capsys.readouterr().out
     import matplotlib.image as mpimg
+
     from tinymrcnn.data.shapes import ShapesDataset
     img, _ = ShapesDataset(1, seed=5)[0]
     mpimg.imsave(tmp_path / "photo.png", img.transpose(1, 2, 0))

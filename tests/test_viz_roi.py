@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from tinymrcnn.ops.roi_align import roi_sample_points
-from tinymrcnn.viz.roi import (BLOG_BOX, blog_roi_numbers, blog_sample_points,
-                               roi_pool_vs_align_figure)
+from tinymrcnn.viz.roi import BLOG_BOX, blog_roi_numbers, blog_sample_points, roi_pool_vs_align_figure
 
 
 def test_the_worked_examples_numbers():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -101,14 +101,14 @@ class MaskRCNNConfig:
 
     # ---- numerics ----------------------------------------------------------
     dtype: str = "float32"
-    # BLAS threads inside forward_train / backward / predict (None: leave the
-    # process's setting alone). 1 is fastest on a small CPU: the Numba kernels
+    # BLAS threads inside tinymrcnn.runtime.session (training, evaluation, the CLI,
+    # the benchmarks; None: leave the process's setting alone). 1 is fastest on a small CPU: the Numba kernels
     # already run in parallel, and OpenBLAS's spin-waiting threads steal their
     # cores (measured on 2 cores: 0.53 s per training step instead of 4.6 s).
     blas_threads: int | None = 1
     # Where the convolutions and RoIAlign run: "cpu" (NumPy + Numba, the default)
     # or "cuda" (the numba.cuda kernels; float32 only). docs/gpu.md says what
-    # runs where; MaskRCNN checks for a usable GPU when it is built.
+    # runs where; tinymrcnn.runtime.session checks for a usable GPU when it starts.
     device: str = "cpu"
 
     # ------------------------------------------------------------------------

@@ -364,7 +364,7 @@ def _cmd_convert(args) -> None:
     try:
         model = convert_checkpoint(args.input, args.output, bn_eps=args.bn_eps, **overrides)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"convert-torchvision: {e}")
+        raise SystemExit(f"convert-torchvision: {e}") from None
     n = sum(v.size for v in model.state_dict().values())
     c = model.config
     print(f"{args.input} -> {args.output}: {n / 1e6:.1f}M values, {c.num_classes} classes, "

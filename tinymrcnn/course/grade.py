@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -707,8 +707,7 @@ COUNT_HINTS = [(4.0, "did you divide by count? The forward averages count = grid
 
 
 def _checks_roi_align_backward(b: _Builder, rng: np.random.Generator):
-    from ..ops.roi_align import (roi_align_backward_reference, roi_align_reference,
-                                 roi_sample_points)
+    from ..ops.roi_align import roi_align_backward_reference, roi_align_reference, roi_sample_points
     T = "tinymrcnn.ops.roi_align:roi_align_backward_reference"
     sol = roi_align_backward_reference
 

@@ -128,7 +128,7 @@ def regions_in_source(source: str, path: Path) -> list[Region]:
             text = lines[ln - 1].strip()
             if text and not text.startswith("#"):
                 raise MarkerError(f"{path}:{end}: the end marker of {name!r} is not inside {qualname}")
-        for q, f in functions:
+        for _, f in functions:
             nested = func.lineno < f.lineno and f.end_lineno <= func.end_lineno
             if f is not func and not nested and start < f.lineno <= end:
                 raise MarkerError(f"{path}:{start}: exercise {name!r} spans more than one function")

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..nn import (BatchNorm2d, Conv2d, FrozenBatchNorm2d, GroupNorm, MaxPool2d, Module, ReLU,
-                  Sequential)
+from ..nn import BatchNorm2d, Conv2d, FrozenBatchNorm2d, GroupNorm, MaxPool2d, Module, ReLU, Sequential
 
 
 def make_norm(kind: str, channels: int, groups: int = 32) -> Module:

@@ -14,6 +14,17 @@ torchvision's numbers: pre/post 2000/2000 in training, 1000/1000 in testing.
 Nothing here needs a backward: proposals are constants for the RoI heads,
 exactly as torchvision detaches them.
 
+With ``trace=True`` every step is recorded, one dict per image:
+
+- ``records[i][stage]`` for stage in PROPOSAL_STAGES: a dict of arrays, one row
+  per surviving candidate: ``rows`` (indices into the "topk" candidates),
+  ``boxes``, ``scores``, ``levels``, ``anchor_index`` (into the concatenation
+  of all levels' anchors). "topk" also has ``logits`` and ``deltas``, and its
+  ``boxes`` are the anchors; "decoded" holds the boxes before clipping. Rows
+  keep the top-k order (level by level, best first) up to "score_thresh";
+  from "nms" on they are in decreasing score order.
+- ``records[i]["counts"]``: {stage: number of rows}; ``records[i]["num_anchors_per_level"]``.
+
 ``assign_rpn_targets`` is the anchor target layer: label each anchor
 positive / negative / ignored with the Matcher, sample a balanced minibatch and
 encode the positives' regression targets.
@@ -33,39 +44,19 @@ PROPOSAL_STAGES = ("topk", "decoded", "clipped", "remove_small", "score_thresh",
 def generate_proposals(objectness, deltas, anchors, image_sizes, pre_nms_top_n: int, post_nms_top_n: int,
                        nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3,
                        box_coder: BoxCoder | None = None, trace: bool = False):
-    """Proposals for a batch of images.
-
-    objectness: list over levels of (N, H_l*W_l*A) logits, flattened in (H, W, A) order
-    deltas:     list over levels of (N, H_l*W_l*A, 4)
-    anchors:    list over levels of (H_l*W_l*A, 4), from AnchorGenerator.anchors_per_level
+    """Proposals for a batch of images. Per level: objectness (N, H_l*W_l*A) logits flattened in
+    (H, W, A) order, deltas (N, H_l*W_l*A, 4), anchors (H_l*W_l*A, 4) (AnchorGenerator.anchors_per_level).
     image_sizes: N pairs (h, w), each image's size before padding (boxes are clipped to it)
     box_coder:  BoxCoder, default weights (1, 1, 1, 1) (the RPN's)
-
-    trace:      also record every step (for inspect(), the notebooks and the grader)
-
-    Returns (boxes, scores, records): boxes[i] (R_i, 4) in the dtype of
-    ``deltas`` and scores[i] (R_i,) sigmoid probabilities in decreasing order,
-    one per image; records is None unless ``trace``, then a list with one
-    dict per image holding every step:
-
-    - records[i][stage] for stage in PROPOSAL_STAGES: a dict of arrays, one row per
-      surviving candidate: ``rows`` (indices into the "topk" candidates), ``boxes``,
-      ``scores``, ``levels``, ``anchor_index`` (into the concatenation of all
-      levels' anchors). "topk" also has ``logits`` and ``deltas``, and its
-      ``boxes`` are the anchors; "decoded" holds the boxes before clipping.
-      Rows keep the top-k order (level by level, best first) up to "score_thresh";
-      from "nms" on they are in decreasing score order.
-    - records[i]["counts"]: {stage: number of rows}.
-    - records[i]["num_anchors_per_level"]: [H_l*W_l*A, ...].
+    trace:      also record every step (inspect(), the notebooks, the grader; module docstring)
+    Returns (boxes, scores, records): per image, boxes[i] (R_i, 4) in the dtype of ``deltas``
+    and scores[i] (R_i,) sigmoid probabilities in decreasing order; records None unless trace.
     """
     box_coder = box_coder if box_coder is not None else BoxCoder((1.0, 1.0, 1.0, 1.0))
-    num_images, num_per_level = _check_proposal_inputs(objectness, deltas, anchors, image_sizes)
-    pre_nms_top_n, post_nms_top_n = _count(pre_nms_top_n, "pre_nms_top_n"), _count(post_nms_top_n, "post_nms_top_n")
-    if not 0.0 <= min_size < np.inf:
-        raise ValueError(f"min_size must be a finite number >= 0, got {min_size}")
-    level_offsets = np.concatenate([[0], np.cumsum(num_per_level)[:-1]]).astype(np.int64)
+    num_images, num_per_level, pre_nms_top_n, post_nms_top_n = _check_proposal_inputs(
+        objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n, min_size)
+    level_offsets = np.cumsum([0, *num_per_level[:-1]])                   # each level's first anchor index
     # --- exercise: proposals ---
-
     all_boxes, all_scores, records = [], [], []
     for i in range(num_images):
         # 1. top-k logits per level (stable: equal logits keep anchor order)
@@ -78,42 +69,35 @@ def generate_proposals(objectness, deltas, anchors, image_sizes, pre_nms_top_n: 
         anchor_index, levels, logits, cand_deltas, cand_anchors = (np.concatenate(p) for p in zip(*parts))
         scores = expit(logits)                                          # (K,)
         topk = np.arange(anchor_index.size)
-
         # 2. decode and clip
         decoded = box_coder.decode(cand_deltas, cand_anchors.astype(cand_deltas.dtype, copy=False))  # (K, 4)
         clipped = clip_boxes_to_image(decoded, pair(image_sizes[i], "image_sizes[i]"))
 
-        def stage(rows, boxes=clipped):
-            return {"rows": rows, "boxes": boxes[rows], "scores": scores[rows],
-                    "levels": levels[rows], "anchor_index": anchor_index[rows]}
+        record = {"num_anchors_per_level": list(num_per_level), "counts": {}}
 
-        record = {"num_anchors_per_level": list(num_per_level)}
-
-        def note(name, rows, boxes=clipped, **extra):              # the trace of one step
+        def note(name, rows, boxes=clipped, **extra):                  # the trace of one step
             if trace:
-                record[name] = dict(stage(rows, boxes), **extra)
+                record["counts"][name] = int(rows.size)
+                record[name] = {"rows": rows, "boxes": boxes[rows], "scores": scores[rows], "levels": levels[rows],
+                                "anchor_index": anchor_index[rows], **extra}
 
         note("topk", topk, cand_anchors, logits=logits, deltas=cand_deltas)
         note("decoded", topk, decoded)
         note("clipped", topk)
-
         # 3. remove small boxes, 4. score threshold (on probabilities)
         rows = remove_small_boxes(clipped, min_size)
         note("remove_small", rows)
         rows = rows[scores[rows] >= score_thresh]
         note("score_thresh", rows)
-
         # 5. NMS independently per level; the result is sorted by decreasing score over all levels
         rows = rows[batched_nms(clipped[rows], scores[rows], levels[rows], nms_thresh)]
         note("nms", rows)
-
         # 6. the best post_nms_top_n over all levels
         rows = rows[:post_nms_top_n]
         note("final", rows)
         all_boxes.append(clipped[rows])
         all_scores.append(scores[rows])
         if trace:
-            record["counts"] = {name: int(record[name]["rows"].size) for name in PROPOSAL_STAGES}
             records.append(record)
     return all_boxes, all_scores, (records if trace else None)
     # --- end exercise ---
@@ -156,14 +140,21 @@ def assign_rpn_targets(anchors: np.ndarray, gt_boxes: np.ndarray, matcher, sampl
     return labels, targets
 
 
+def _check_min_size(min_size):
+    if not 0.0 <= min_size < np.inf:
+        raise ValueError(f"min_size must be a finite number >= 0, got {min_size}")
+
+
 def _count(v, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
         raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     return int(v)
 
 
-def _check_proposal_inputs(objectness, deltas, anchors, image_sizes):
-    """Shapes must agree level by level; returns (N, [n_l per level])."""
+def _check_proposal_inputs(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n, min_size):
+    """Shapes must agree level by level; returns (N, [n_l per level], pre_nms_top_n, post_nms_top_n)."""
+    _check_min_size(min_size)
+    counts = _count(pre_nms_top_n, "pre_nms_top_n"), _count(post_nms_top_n, "post_nms_top_n")
     num_levels = len(anchors)
     if num_levels == 0 or len(objectness) != num_levels or len(deltas) != num_levels:
         raise ValueError(f"objectness, deltas and anchors need one entry per level, got "
@@ -180,4 +171,4 @@ def _check_proposal_inputs(objectness, deltas, anchors, image_sizes):
                              f"({num_images}, {n}, 4) for {num_images} image(s) and {n} anchors, "
                              f"got {obj.shape} and {dlt.shape}")
         num_per_level.append(n)
-    return num_images, num_per_level
+    return (num_images, num_per_level, *counts)

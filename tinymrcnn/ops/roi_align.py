@@ -47,8 +47,8 @@ import math
 
 import numpy as np
 
-from ..kernels import active_backend
 from ..checks import check_feature_map, check_float_array, check_roi_args, check_rois, pair
+from ..kernels import active_backend
 
 
 # ----------------------------------------------------------------------------
