@@ -598,12 +598,7 @@ def plot_training_curves(metrics_path: str, out_dir: str) -> list[str]:
         ax.set_ylabel("loss")
         ax.legend(fontsize=8)
         ax.set_title("training losses")
-        fig.tight_layout()
-        p = os.path.join(out_dir, "loss_curve.png")
-        with atomic_write(p) as f:
-            fig.savefig(f, dpi=110, format="png")
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save_figure(fig, os.path.join(out_dir, "loss_curve.png")))
     if evals:
         fig, ax = plt.subplots(figsize=(6, 4))
         t = [r["elapsed_s"] / 60 for r in evals]
@@ -614,10 +609,15 @@ def plot_training_curves(metrics_path: str, out_dir: str) -> list[str]:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        p = os.path.join(out_dir, "ap_curve.png")
-        with atomic_write(p) as f:
-            fig.savefig(f, dpi=110, format="png")
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save_figure(fig, os.path.join(out_dir, "ap_curve.png")))
     return paths
+
+
+def _save_figure(fig, path: str) -> str:
+    """Write a figure as PNG atomically (a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    return path

@@ -230,22 +230,13 @@ def _resolve(target, init):
 
 def _numgrad(fn, args, kwargs, wrt, h, output):
     """Centred differences of the scalar fn(...)[output] with respect to args[wrt] (float64)."""
-    x = args[wrt]
-    grad = np.zeros(x.shape, dtype=np.float64)
+    from ..gradcheck import numerical_gradient
 
     def loss():
         out = fn(*args, **kwargs)
         return float(out if output is None else out[output])
 
-    for idx in np.ndindex(*x.shape):
-        old = x[idx]
-        x[idx] = old + h
-        fp = loss()
-        x[idx] = old - h
-        fm = loss()
-        x[idx] = old
-        grad[idx] = (fp - fm) / (2 * h)
-    return grad
+    return numerical_gradient(loss, args[wrt], h)
 
 
 def _where(tb, student_dir):

@@ -29,7 +29,12 @@ def _torch_default_init(rng, weight_shape, fan_in, bias_size):
 
 
 class _ConvBase(Module):
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding):
+    """What Conv2d and ConvTranspose2d share: arguments, PyTorch's default init, the gradients' sink."""
+
+    transposed = False        # weight (C_in, C_out, kh, kw) instead of (O, C, kh, kw)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True, rng: np.random.Generator | None = None):
         super().__init__()
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"{type(self).__name__} needs positive channel counts, "
@@ -41,6 +46,15 @@ class _ConvBase(Module):
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
             raise ValueError(f"{type(self).__name__}: kernel_size and stride must be positive and "
                              f"padding non-negative, got {self.kernel_size}, {self.stride}, {self.padding}")
+        rng = np.random.default_rng(0) if rng is None else rng
+        kh, kw = self.kernel_size
+        if self.transposed:   # PyTorch's fan_in reads dimension 1 of the weight: C_out * kh * kw
+            shape, fan_in = (in_channels, out_channels, kh, kw), out_channels * kh * kw
+        else:
+            shape, fan_in = (out_channels, in_channels, kh, kw), in_channels * kh * kw
+        w, b = _torch_default_init(rng, shape, fan_in, out_channels if bias else None)
+        self.weight = Parameter(w)
+        self.bias = Parameter(b) if bias else None
 
     def _params_as(self, dtype):
         w = self.weight.data.astype(dtype, copy=False)
@@ -75,16 +89,6 @@ class Conv2d(_ConvBase):
     forward: x (N, C, H, W) -> y (N, O, Ho, Wo); backward: dy -> dx (N, C, H, W).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 bias: bool = True, rng: np.random.Generator | None = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding)
-        rng = np.random.default_rng(0) if rng is None else rng
-        kh, kw = self.kernel_size
-        w, b = _torch_default_init(rng, (out_channels, in_channels, kh, kw),
-                                   in_channels * kh * kw, out_channels if bias else None)
-        self.weight = Parameter(w)
-        self.bias = Parameter(b) if bias else None
-
     def forward(self, x: np.ndarray) -> np.ndarray:
         w, b = self._params_as(getattr(x, "dtype", None) or np.float32)
         y = conv2d(x, w, b, self.stride, self.padding)
@@ -115,15 +119,7 @@ class ConvTranspose2d(_ConvBase):
     backward: dy -> dx (N, C_in, H, W).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 bias: bool = True, rng: np.random.Generator | None = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding)
-        rng = np.random.default_rng(0) if rng is None else rng
-        kh, kw = self.kernel_size
-        w, b = _torch_default_init(rng, (in_channels, out_channels, kh, kw),
-                                   out_channels * kh * kw, out_channels if bias else None)
-        self.weight = Parameter(w)
-        self.bias = Parameter(b) if bias else None
+    transposed = True
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         w, b = self._params_as(getattr(x, "dtype", None) or np.float32)

@@ -215,7 +215,12 @@ def _stride_padding(stride, padding) -> tuple[tuple[int, int], tuple[int, int]]:
     return s, p
 
 
-def _check_common(op, x, weight, bias):
+def _check_conv(op, x, weight, bias, stride, padding, transposed):
+    """Checks shared by conv2d and conv_transpose2d; returns ((sh, sw), (ph, pw), (kh, kw), (H, W)).
+
+    The weight is (O, C, kh, kw) for conv2d and (C_in, C_out, kh, kw) for the
+    transposed convolution: x's channels match its dimension 1 or 0, the bias its 0 or 1.
+    """
     check_float_array(x, f"{op}: x", ndim=4)
     check_float_array(weight, f"{op}: weight", ndim=4)
     if bias is not None:
@@ -223,21 +228,22 @@ def _check_common(op, x, weight, bias):
     check_same_dtype(("x", x), ("weight", weight), ("bias", bias))
     if min(weight.shape) < 1:
         raise ValueError(f"{op}: weight must have no empty dimension, got shape {weight.shape}")
+    s, p = _stride_padding(stride, padding)
+    c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    layout = "(C_in, C_out, kh, kw)" if transposed else "(O, C, kh, kw)"
+    if x.shape[1] != c_in:
+        raise ValueError(f"{op}: channel mismatch: x has {x.shape[1]} channels (shape {x.shape}), "
+                         f"weight expects {c_in} (weight shape {layout} = {weight.shape})")
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"{op}: bias must have shape ({c_out},), got {bias.shape}")
+    if min(x.shape[2:]) < 1:
+        raise ValueError(f"{op}: x has an empty spatial dimension, shape {x.shape}")
+    return s, p, weight.shape[2:], x.shape[2:]
 
 
 def _check_conv2d(x, weight, bias, stride, padding, op="conv2d"):
     """Validate conv2d arguments; returns ((sh, sw), (ph, pw), (Ho, Wo))."""
-    _check_common(op, x, weight, bias)
-    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
-    O, C, kh, kw = weight.shape
-    if x.shape[1] != C:
-        raise ValueError(f"{op}: channel mismatch: x has {x.shape[1]} channels (shape {x.shape}), "
-                         f"weight expects {C} (weight shape (O, C, kh, kw) = {weight.shape})")
-    if bias is not None and bias.shape != (O,):
-        raise ValueError(f"{op}: bias must have shape ({O},), got {bias.shape}")
-    H, W = x.shape[2:]
-    if min(H, W) < 1:
-        raise ValueError(f"{op}: x has an empty spatial dimension, shape {x.shape}")
+    (sh, sw), (ph, pw), (kh, kw), (H, W) = _check_conv(op, x, weight, bias, stride, padding, False)
     if kh > H + 2 * ph or kw > W + 2 * pw:
         raise ValueError(f"{op}: kernel larger than padded input: kernel {kh}x{kw}, input {H}x{W} "
                          f"with padding ({ph}, {pw}) is {H + 2 * ph}x{W + 2 * pw}")
@@ -246,17 +252,7 @@ def _check_conv2d(x, weight, bias, stride, padding, op="conv2d"):
 
 def _check_conv_transpose2d(x, weight, bias, stride, padding, op="conv_transpose2d"):
     """Validate conv_transpose2d arguments; returns ((sh, sw), (ph, pw), (Hout, Wout))."""
-    _check_common(op, x, weight, bias)
-    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
-    Cin, Cout, kh, kw = weight.shape
-    if x.shape[1] != Cin:
-        raise ValueError(f"{op}: channel mismatch: x has {x.shape[1]} channels (shape {x.shape}), "
-                         f"weight expects {Cin} (weight shape (C_in, C_out, kh, kw) = {weight.shape})")
-    if bias is not None and bias.shape != (Cout,):
-        raise ValueError(f"{op}: bias must have shape ({Cout},), got {bias.shape}")
-    H, W = x.shape[2:]
-    if min(H, W) < 1:
-        raise ValueError(f"{op}: x has an empty spatial dimension, shape {x.shape}")
+    (sh, sw), (ph, pw), (kh, kw), (H, W) = _check_conv(op, x, weight, bias, stride, padding, True)
     Hout, Wout = (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw
     if Hout < 1 or Wout < 1:
         raise ValueError(f"{op}: padding ({ph}, {pw}) too large: the output would be {Hout}x{Wout} "
