@@ -7,6 +7,7 @@ and a ResNet-18 layout (BatchNorm in training mode, 64..512, FPN 256), at
 128x128 and 512x512, batch 2. The torch baseline runs the same computation
 with torch.nn.functional and autograd, from tinymrcnn's own weights.
 """
+
 import argparse
 import time
 
@@ -18,8 +19,13 @@ from tinymrcnn.model.mask_rcnn import Backbone
 
 def layouts():
     toy = MaskRCNNConfig.shapes()
-    r18 = MaskRCNNConfig.shapes(blocks_per_stage=(2, 2, 2, 2), stem_channels=64,
-                                stage_channels=(64, 128, 256, 512), norm="batch", fpn_channels=256)
+    r18 = MaskRCNNConfig.shapes(
+        blocks_per_stage=(2, 2, 2, 2),
+        stem_channels=64,
+        stage_channels=(64, 128, 256, 512),
+        norm="batch",
+        fpn_channels=256,
+    )
     return {"toy (GN, 32-256, FPN 64)": toy, "R18 (BN, 64-512, FPN 256)": r18}
 
 
@@ -31,6 +37,7 @@ def torch_forward(torch, sd, cfg, x):
         if cfg.norm == "group":
             g = sd[prefix + ".weight"].shape[0]
             from tinymrcnn.model.backbone import make_norm
+
             groups = make_norm("group", g, cfg.group_norm_groups).num_groups
             return F.group_norm(t, groups, sd[prefix + ".weight"], sd[prefix + ".bias"], 1e-5)
         return F.batch_norm(t, None, None, sd[prefix + ".weight"], sd[prefix + ".bias"], training=True)
@@ -56,13 +63,12 @@ def torch_forward(torch, sd, cfg, x):
     for k in (2, 1, 0):
         lat = F.conv2d(cs[k], sd[f"{f}inner_blocks.{k}.weight"], sd[f"{f}inner_blocks.{k}.bias"])
         last = lat + F.interpolate(last, size=lat.shape[-2:], mode="nearest")
-        outs.insert(0, F.conv2d(last, sd[f"{f}layer_blocks.{k}.weight"], sd[f"{f}layer_blocks.{k}.bias"],
-                                padding=1))
+        outs.insert(0, F.conv2d(last, sd[f"{f}layer_blocks.{k}.weight"], sd[f"{f}layer_blocks.{k}.bias"], padding=1))
     return outs + [outs[-1][:, :, ::2, ::2]]
 
 
 def best(fn, repeats):
-    fn()                                                # warm-up (compiles Numba kernels)
+    fn()  # warm-up (compiles Numba kernels)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -77,6 +83,7 @@ def main():
     args = ap.parse_args()
     try:
         import torch
+
         torch.set_num_threads(2)
     except ImportError:
         torch = None
@@ -95,8 +102,9 @@ def main():
             t_ours = best(ours, args.repeats)
             t_torch = float("nan")
             if torch is not None:
-                sd = {k: torch.tensor(v, requires_grad=k.endswith(("weight", "bias")))
-                      for k, v in bb.state_dict().items()}
+                sd = {
+                    k: torch.tensor(v, requires_grad=k.endswith(("weight", "bias"))) for k, v in bb.state_dict().items()
+                }
                 xt = torch.tensor(x)
 
                 def theirs():
@@ -104,8 +112,7 @@ def main():
                     sum(p.sum() for p in ps).backward()
 
                 t_torch = best(theirs, args.repeats)
-            print(f"{name:28s} {size:>5d}px {1000 * t_ours:13.1f} {1000 * t_torch:9.1f} "
-                  f"{t_torch / t_ours:10.2f}")
+            print(f"{name:28s} {size:>5d}px {1000 * t_ours:13.1f} {1000 * t_torch:9.1f} {t_torch / t_ours:10.2f}")
     if torch is None:
         print("torch is not installed: no baseline column (pip install torch==2.13.0)")
 

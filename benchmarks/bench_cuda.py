@@ -44,6 +44,7 @@ Without a GPU it prints why and exits 0. --smoke runs tiny shapes (and a tiny
 model on 32x32 images) and is allowed on the CUDA simulator
 (NUMBA_ENABLE_CUDASIM=1): it checks that this script runs, not speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,7 @@ try:
 except ImportError:  # run from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONV_SHAPES = [((1, 256, 64, 64), 256), ((8, 64, 128, 128), 64)]   # (N, C, H, W) -> O, 3x3 pad 1
+CONV_SHAPES = [((1, 256, 64, 64), 256), ((8, 64, 128, 128), 64)]  # (N, C, H, W) -> O, 3x3 pad 1
 SMOKE_CONV_SHAPES = [((1, 3, 6, 5), 4)]
 # (feature map, number of RoIs, output size, spatial scale): torchvision's box and mask heads on P2
 ROI_SHAPES = [((2, 256, 200, 256), 1024, 7, 0.25), ((2, 256, 200, 256), 256, 14, 0.25)]
@@ -72,6 +73,7 @@ def _tune_tiles():
     """Other block tiles timed beside the default (rows 'tile BMxBNxBK/TMxTN'), to pick
     the default from measurements. All compile without local memory for sm_90."""
     from tinymrcnn.kernels.cuda.conv import Tile
+
     return [Tile(64, 64, 8, 4, 4), Tile(128, 64, 8, 8, 4), Tile(64, 64, 16, 8, 4)]
 
 
@@ -143,12 +145,13 @@ def bench_conv(cuda, torch, dev, shape, O, repeats, cpu_check, rng):
     """Rows for one conv shape: the default tile first, then the other TUNE_TILES."""
     from tinymrcnn.kernels.cuda.conv import DEFAULT_TILE, conv2d_backward_cuda, conv2d_forward_cuda
     from tinymrcnn.kernels.cuda.device import to_device, to_host
+
     N, C, H, W = shape
     x = rng.standard_normal(shape).astype(np.float32)
     w = (rng.standard_normal((O, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
     b = rng.standard_normal(O).astype(np.float32)
     dy = rng.standard_normal((N, O, H, W)).astype(np.float32)
-    flops = 3 * 2 * N * O * H * W * C * 9   # forward, dx and dweight: one GEMM each
+    flops = 3 * 2 * N * O * H * W * C * 9  # forward, dx and dweight: one GEMM each
     name = f"conv3x3 {N}x{C}x{H}x{W}->{O}"
 
     refs, note, torch_row = {}, None, {}
@@ -172,14 +175,14 @@ def bench_conv(cuda, torch, dev, shape, O, repeats, cpu_check, rng):
             return y
 
         y = theirs()
-        refs["torch"] = [y.detach().cpu().numpy(), tx.grad.cpu().numpy(), tw.grad.cpu().numpy(),
-                         tb.grad.cpu().numpy()]
+        refs["torch"] = [y.detach().cpu().numpy(), tx.grad.cpu().numpy(), tw.grad.cpu().numpy(), tb.grad.cpu().numpy()]
         t = median_time(theirs, torch_sync(torch, dev), repeats)
         torch_row = {"torch": t, "torch_tflops": flops / t / 1e12}
 
     dx_, dw_, db_, ddy = to_device(x), to_device(w), to_device(b), to_device(dy)
     rows = []
     for tile in [DEFAULT_TILE] + [t for t in _tune_tiles() if t != DEFAULT_TILE]:
+
         def ours():
             y = conv2d_forward_cuda(dx_, dw_, db_, 1, 1, tile=tile)
             return (y,) + conv2d_backward_cuda(ddy, dx_, dw_, 1, 1, tile=tile)
@@ -187,9 +190,16 @@ def bench_conv(cuda, torch, dev, shape, O, repeats, cpu_check, rng):
         got = [to_host(a) for a in ours()]
         t = median_time(ours, cuda.synchronize, repeats)
         label = name if tile == DEFAULT_TILE else "  tile " + tile_label(tile)
-        rows.append(dict(torch_row, op=label, ours=t, ours_tflops=flops / t / 1e12,
-                         note=note if tile == DEFAULT_TILE else None,
-                         errs={k: max(rel_err(g, r) for g, r in zip(got, ref)) for k, ref in refs.items()}))
+        rows.append(
+            dict(
+                torch_row,
+                op=label,
+                ours=t,
+                ours_tflops=flops / t / 1e12,
+                note=note if tile == DEFAULT_TILE else None,
+                errs={k: max(rel_err(g, r) for g, r in zip(got, ref)) for k, ref in refs.items()},
+            )
+        )
     return rows
 
 
@@ -199,6 +209,7 @@ def tile_label(t) -> str:
 
 def bench_roi_align(cuda, torch, dev, tv_roi_align, roi_cuda, shape, k, out, scale, repeats, cpu_check, rng):
     from tinymrcnn.kernels.cuda.device import to_device, to_host
+
     fwd_cuda, bwd_cuda = roi_cuda
     N, C, H, W = shape
     x = rng.standard_normal(shape).astype(np.float32)
@@ -212,11 +223,11 @@ def bench_roi_align(cuda, torch, dev, tv_roi_align, roi_cuda, shape, k, out, sca
         return y, bwd_cuda(ddy, drois, shape, **kw)
 
     got = [to_host(a) for a in ours()]
-    row = {"op": f"roi_align {k}x{out}x{out} on {N}x{C}x{H}x{W}",
-           "ours": median_time(ours, cuda.synchronize, repeats)}
+    row = {"op": f"roi_align {k}x{out}x{out} on {N}x{C}x{H}x{W}", "ours": median_time(ours, cuda.synchronize, repeats)}
     errs = {}
     if cpu_check:
         from tinymrcnn.ops.roi_align import roi_align, roi_align_backward
+
         refs = [roi_align(x, rois, out, **kw), roi_align_backward(dy, rois, shape, **kw)]
         errs["cpu"] = max(rel_err(g, r) for g, r in zip(got, refs))
     if torch is not None and tv_roi_align is not None:
@@ -231,8 +242,7 @@ def bench_roi_align(cuda, torch, dev, tv_roi_align, roi_cuda, shape, k, out, sca
             return y
 
         y = theirs()
-        errs["torch"] = max(rel_err(g, r) for g, r in
-                            zip(got, [y.detach().cpu().numpy(), tx.grad.cpu().numpy()]))
+        errs["torch"] = max(rel_err(g, r) for g, r in zip(got, [y.detach().cpu().numpy(), tx.grad.cpu().numpy()]))
         row["torch"] = median_time(theirs, torch_sync(torch, dev), repeats)
     row["errs"] = errs
     return row
@@ -240,8 +250,11 @@ def bench_roi_align(cuda, torch, dev, tv_roi_align, roi_cuda, shape, k, out, sca
 
 def print_table(rows, tol):
     from tinymrcnn.kernels.cuda.conv import DEFAULT_TILE
-    header = (f"{'forward + backward':<36} {'ours ms':>9} {'torch ms':>9} {'torch/ours':>10} "
-              f"{'ours TF/s':>9} {'torch TF/s':>10} {'err vs CPU':>10} {'err vs torch':>12}")
+
+    header = (
+        f"{'forward + backward':<36} {'ours ms':>9} {'torch ms':>9} {'torch/ours':>10} "
+        f"{'ours TF/s':>9} {'torch TF/s':>10} {'err vs CPU':>10} {'err vs torch':>12}"
+    )
     print(header)
     print("-" * len(header))
     bad = False
@@ -250,33 +263,55 @@ def print_table(rows, tol):
         e = r["errs"]
         bad |= any(v > tol for v in e.values())
         fmt = lambda v, spec: format(v, spec) if v is not None else "n/a"  # noqa: E731
-        print(f"{r['op']:<36} {r['ours'] * 1e3:9.3f} {fmt(t and t * 1e3, '9.3f'):>9} "
-              f"{fmt(t and t / r['ours'], '10.2f'):>10} {fmt(r.get('ours_tflops'), '9.2f'):>9} "
-              f"{fmt(r.get('torch_tflops'), '10.2f'):>10} {fmt(e.get('cpu'), '10.1e'):>10} "
-              f"{fmt(e.get('torch'), '12.1e'):>12}" + (f"  ({r['note']})" if r.get("note") else ""))
+        print(
+            f"{r['op']:<36} {r['ours'] * 1e3:9.3f} {fmt(t and t * 1e3, '9.3f'):>9} "
+            f"{fmt(t and t / r['ours'], '10.2f'):>10} {fmt(r.get('ours_tflops'), '9.2f'):>9} "
+            f"{fmt(r.get('torch_tflops'), '10.2f'):>10} {fmt(e.get('cpu'), '10.1e'):>10} "
+            f"{fmt(e.get('torch'), '12.1e'):>12}" + (f"  ({r['note']})" if r.get("note") else "")
+        )
     print(f"errors: max |ours - reference| / max |reference| over all outputs; tolerance {tol:g}")
     print(f"conv rows 'tile ...': the same conv with another block tile (default {tile_label(DEFAULT_TILE)})")
-    print("torch/ours > 1: ours is faster; the conv target is torch/ours >= 0.25 (25% of cuDNN's "
-          "throughput), the roi_align target torch/ours >= 1/1.5")
+    print(
+        "torch/ours > 1: ours is faster; the conv target is torch/ours >= 0.25 (25% of cuDNN's "
+        "throughput), the roi_align target torch/ours >= 1/1.5"
+    )
     return bad
 
 
 def smoke_model_config(device):
     """A model small enough for the simulator (tests/test_model_cuda.py uses the same sizes)."""
     from tinymrcnn import MaskRCNNConfig
+
     return MaskRCNNConfig(
-        image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25), blocks_per_stage=(1, 1, 1, 1),
-        stem_channels=2, stage_channels=(4, 4, 8, 8), group_norm_groups=1, fpn_channels=4,
-        anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=30, rpn_pre_nms_top_n_test=30,
-        rpn_post_nms_top_n_train=12, rpn_post_nms_top_n_test=12, rpn_batch_size_per_image=32,
-        box_roi_size=2, mask_roi_size=3, box_batch_size_per_image=8, box_representation_size=8,
-        mask_num_convs=1, mask_channels=4, box_detections_per_img=4, device=device)
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.25, 0.25, 0.25),
+        blocks_per_stage=(1, 1, 1, 1),
+        stem_channels=2,
+        stage_channels=(4, 4, 8, 8),
+        group_norm_groups=1,
+        fpn_channels=4,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        rpn_pre_nms_top_n_train=30,
+        rpn_pre_nms_top_n_test=30,
+        rpn_post_nms_top_n_train=12,
+        rpn_post_nms_top_n_test=12,
+        rpn_batch_size_per_image=32,
+        box_roi_size=2,
+        mask_roi_size=3,
+        box_batch_size_per_image=8,
+        box_representation_size=8,
+        mask_num_convs=1,
+        mask_channels=4,
+        box_detections_per_img=4,
+        device=device,
+    )
 
 
 def bench_model(cuda, repeats, smoke):
     """Rows for one training step and one predict(), device="cuda" against device="cpu"."""
     from tinymrcnn import MaskRCNN, MaskRCNNConfig
     from tinymrcnn.data.shapes import ShapesDataset
+
     batch, size = (1, 32) if smoke else (4, 128)
     ds = ShapesDataset(batch, image_size=size, seed=0)
     images = [ds[i][0] for i in range(batch)]
@@ -295,20 +330,32 @@ def bench_model(cuda, repeats, smoke):
     losses = {d: step(m) for d, m in models.items()}
     err = max(abs(losses["cuda"][k] - v) / max(abs(v), 1e-12) for k, v in losses["cpu"].items())
     t = {d: median_time(lambda m=m: step(m), sync[d], repeats) for d, m in models.items()}
-    rows.append({"op": f"training step, batch {batch} (fwd+bwd)", "gpu": t["cuda"], "cpu": t["cpu"],
-                 "check": f"losses: max rel. diff {err:.1e}", "bad": not err <= 1e-3})
+    rows.append(
+        {
+            "op": f"training step, batch {batch} (fwd+bwd)",
+            "gpu": t["cuda"],
+            "cpu": t["cpu"],
+            "check": f"losses: max rel. diff {err:.1e}",
+            "bad": not err <= 1e-3,
+        }
+    )
 
     preds = {d: m.predict(images) for d, m in models.items()}
     counts = {d: [len(p["scores"]) for p in preds[d]] for d in preds}
     if counts["cpu"] == counts["cuda"]:
-        diff = max((float(np.abs(a["scores"] - b["scores"]).max()) for a, b in
-                    zip(preds["cpu"], preds["cuda"]) if len(a["scores"])), default=0.0)
+        diff = max(
+            (
+                float(np.abs(a["scores"] - b["scores"]).max())
+                for a, b in zip(preds["cpu"], preds["cuda"])
+                if len(a["scores"])
+            ),
+            default=0.0,
+        )
         check, bad = f"detections {sum(counts['cpu'])}; max score diff {diff:.1e}", not diff <= 1e-3
     else:
         check, bad = f"detection counts differ: cpu {counts['cpu']}, cuda {counts['cuda']}", False
     t = {d: median_time(lambda m=m: m.predict(images), sync[d], repeats) for d, m in models.items()}
-    rows.append({"op": f"predict(), batch {batch}", "gpu": t["cuda"], "cpu": t["cpu"],
-                 "check": check, "bad": bad})
+    rows.append({"op": f"predict(), batch {batch}", "gpu": t["cuda"], "cpu": t["cpu"], "check": check, "bad": bad})
     return rows
 
 
@@ -318,27 +365,33 @@ def print_model_table(rows, smoke):
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['op']:<42} {r['gpu'] * 1e3:9.1f} {r['cpu'] * 1e3:9.1f} {r['cpu'] / r['gpu']:8.2f}  "
-              f"{r['check']}")
-    print('GPU: config.device="cuda" (convolutions and RoIAlign on the GPU, the rest on the host, '
-          "copies included); CPU: the same weights on the default path")
+        print(f"{r['op']:<42} {r['gpu'] * 1e3:9.1f} {r['cpu'] * 1e3:9.1f} {r['cpu'] / r['gpu']:8.2f}  {r['check']}")
+    print(
+        'GPU: config.device="cuda" (convolutions and RoIAlign on the GPU, the rest on the host, '
+        "copies included); CPU: the same weights on the default path"
+    )
     return any(r["bad"] for r in rows)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--no-cpu-check", action="store_true",
-                        help="skip the comparison with the CPU ops (slow on full-size inputs)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes, torch on the CPU; runs on the CUDA simulator too")
-    parser.add_argument("--model-repeats", type=int, default=5,
-                        help="timed runs of the model's training step and predict() (default 5)")
-    parser.add_argument("--no-model", action="store_true",
-                        help="skip the model rows (training step and predict(), GPU vs CPU)")
+    parser.add_argument(
+        "--no-cpu-check", action="store_true", help="skip the comparison with the CPU ops (slow on full-size inputs)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, torch on the CPU; runs on the CUDA simulator too"
+    )
+    parser.add_argument(
+        "--model-repeats", type=int, default=5, help="timed runs of the model's training step and predict() (default 5)"
+    )
+    parser.add_argument(
+        "--no-model", action="store_true", help="skip the model rows (training step and predict(), GPU vs CPU)"
+    )
     args = parser.parse_args()
 
     from tinymrcnn.kernels.cuda.device import is_simulator, require_cuda
+
     try:
         cuda = require_cuda()
     except RuntimeError as e:
@@ -346,11 +399,14 @@ def main() -> int:
         print("Nothing was measured.")
         return 0
     if is_simulator() and not args.smoke:
-        print("NUMBA_ENABLE_CUDASIM is set: the CUDA simulator runs threads in Python and measures "
-              "nothing useful. Unset it to benchmark, or pass --smoke to check the script.")
+        print(
+            "NUMBA_ENABLE_CUDASIM is set: the CUDA simulator runs threads in Python and measures "
+            "nothing useful. Unset it to benchmark, or pass --smoke to check the script."
+        )
         return 0
     try:
         from tinymrcnn.kernels.cuda.roi_align import roi_align_backward_cuda, roi_align_forward_cuda
+
         roi_cuda = (roi_align_forward_cuda, roi_align_backward_cuda)
     except ImportError:
         roi_cuda = None
@@ -360,29 +416,36 @@ def main() -> int:
     roi_shapes = SMOKE_ROI_SHAPES if args.smoke else ROI_SHAPES
 
     import numba
+
     print(f"tinymrcnn GPU benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"device: {device_name(cuda)}; numba {numba.__version__}, numba.cuda "
-          f"{getattr(cuda, 'implementation', '?')}" +
-          (f"; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, TF32 off"
-           if dev == "cuda" else "; torch on the CPU (--smoke)" if dev == "cpu"
-           else "; torch with CUDA not available: no baseline"))
+    print(
+        f"device: {device_name(cuda)}; numba {numba.__version__}, numba.cuda "
+        f"{getattr(cuda, 'implementation', '?')}"
+        + (
+            f"; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, TF32 off"
+            if dev == "cuda"
+            else "; torch on the CPU (--smoke)"
+            if dev == "cpu"
+            else "; torch with CUDA not available: no baseline"
+        )
+    )
     print(f"float32; median of {repeats} runs after 2 warm-ups\n")
 
     rng = np.random.default_rng(0)
-    rows = [r for s, O in conv_shapes
-            for r in bench_conv(cuda, torch, dev, s, O, repeats, not args.no_cpu_check, rng)]
+    rows = [r for s, O in conv_shapes for r in bench_conv(cuda, torch, dev, s, O, repeats, not args.no_cpu_check, rng)]
     if roi_cuda is None:
         print("tinymrcnn.kernels.cuda.roi_align is not there yet: no roi_align rows\n")
     else:
-        rows += [bench_roi_align(cuda, torch, dev, tv_roi_align, roi_cuda, s, k, o, sc, repeats,
-                                 not args.no_cpu_check, rng) for s, k, o, sc in roi_shapes]
+        rows += [
+            bench_roi_align(cuda, torch, dev, tv_roi_align, roi_cuda, s, k, o, sc, repeats, not args.no_cpu_check, rng)
+            for s, k, o, sc in roi_shapes
+        ]
     bad = print_table(rows, tol=1e-4)
     if not args.no_model:
-        if args.smoke:   # the simulator's threads hand over the GIL at every barrier
+        if args.smoke:  # the simulator's threads hand over the GIL at every barrier
             sys.setswitchinterval(1e-4)
         print()
-        bad |= print_model_table(bench_model(cuda, 1 if args.smoke else args.model_repeats,
-                                             args.smoke), args.smoke)
+        bad |= print_model_table(bench_model(cuda, 1 if args.smoke else args.model_repeats, args.smoke), args.smoke)
     if bad:
         print("MISMATCH: a GPU result differs from its reference by more than the tolerance")
         return 1

@@ -8,6 +8,7 @@ watches), so the slowest stage is visible, and the same for predict(). Batch
 of 128x128 shapes images, float32, inside ``runtime.session`` (the preset's
 device and BLAS threads), as in training.
 """
+
 import argparse
 import time
 
@@ -22,9 +23,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--blas-threads", type=int, default=None,
-                    help="BLAS threads in the runtime session (default: the preset's, "
-                         "MaskRCNNConfig.blas_threads; 0 leaves the process's setting alone)")
+    ap.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        help="BLAS threads in the runtime session (default: the preset's, "
+        "MaskRCNNConfig.blas_threads; 0 leaves the process's setting alone)",
+    )
     args = ap.parse_args()
     overrides = {}
     if args.blas_threads is not None:
@@ -55,8 +60,10 @@ def main():
                 with timer.stage("optimizer step"):
                     opt.step()
                 steps.append(time.perf_counter() - t0)
-        print(f"training step, batch {args.batch} x 128x128 (median of {args.repeats}), "
-              f"blas_threads={model.config.blas_threads}: {1000 * np.median(steps):.0f} ms")
+        print(
+            f"training step, batch {args.batch} x 128x128 (median of {args.repeats}), "
+            f"blas_threads={model.config.blas_threads}: {1000 * np.median(steps):.0f} ms"
+        )
         print(timer.table(args.repeats, total_s=sum(steps)))
 
         timer.reset()

@@ -8,6 +8,7 @@ of them are suppressed, as at the RPN's NMS 0.7. Each row is the best of
 torch alone has no NMS; the torchvision column is filled only when
 torchvision is importable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,17 +51,20 @@ def main() -> None:
     try:
         import torch
         import torchvision.ops
+
         tv_nms = torchvision.ops.nms
         torch.set_num_threads(1)
     except ImportError:
         tv_nms = None
 
     rng = np.random.default_rng(0)
-    nms(*clustered_boxes(10, rng), args.iou)   # compile (or load the cached kernel)
+    nms(*clustered_boxes(10, rng), args.iou)  # compile (or load the cached kernel)
 
     print(f"NMS at IoU {args.iou}, float32, best of {args.repeats}; {platform.processor() or platform.machine()}")
-    header = (f"{'boxes':>7} {'kept':>6} {'numba ms':>9} {'numpy ref ms':>13} {'ref/numba':>10} "
-              f"{'torchvision ms':>15} {'tv/numba':>9}")
+    header = (
+        f"{'boxes':>7} {'kept':>6} {'numba ms':>9} {'numpy ref ms':>13} {'ref/numba':>10} "
+        f"{'torchvision ms':>15} {'tv/numba':>9}"
+    )
     print(header)
     print("-" * len(header))
     for n in args.sizes:

@@ -27,6 +27,7 @@ OMP_WAIT_POLICY=passive (or NUMBA_THREADING_LAYER=workqueue) there. Usage:
 
     python benchmarks/bench_roi.py [--repeats 20] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ def timeit(fn, repeats):
     process takes a core; the CPU time (all threads together) does not, so it
     is printed too: with T threads and a free machine, wall ~ CPU / T.
     """
-    fn()                                                   # compile / warm up
+    fn()  # compile / warm up
     ts, cs = [], []
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
@@ -75,6 +76,7 @@ def main():
     ap.add_argument("--ref-rois", type=int, default=8, help="RoIs the reference is timed on")
     args = ap.parse_args()
     import numba
+
     if args.threads:
         numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -85,8 +87,12 @@ def main():
         tmin, tmed, cpu = times
         rows.append((name, k, tmin * 1e3, tmed * 1e3, cpu * 1e3, tmin / k * 1e6, note))
 
-    row("transpose NCHW->NHWC, 4 levels", 1, timeit(lambda: [channels_last(f) for f in feats],
-                                                      args.repeats), "once per image, not per RoI")
+    row(
+        "transpose NCHW->NHWC, 4 levels",
+        1,
+        timeit(lambda: [channels_last(f) for f in feats], args.repeats),
+        "once per image, not per RoI",
+    )
     maps = [channels_last(f) for f in feats]
     pooler = MultiScaleRoIAlign(OUT, SAMPLING, aligned=False)
     try:
@@ -104,25 +110,29 @@ def main():
         dys = [np.ascontiguousarray(dy[levels == lvl]) for lvl in (2, 3, 4, 5)]
 
         level = levels - 2
-        scales = np.array([2.0 ** -lvl for lvl in (2, 3, 4, 5)])
+        scales = np.array([2.0**-lvl for lvl in (2, 3, 4, 5)])
         index = [np.flatnonzero(level == i) for i in range(4)]
         dummy = np.zeros((1, 1, 1, 1), np.float32)
 
-        def fwd_kernels():     # one parallel pass over all RoIs, output in RoI order
-            return roi_align_forward_nhwc(tuple(m.data for m in maps), level, scales, rois, OUT, OUT,
-                                          SAMPLING, False, False)
+        def fwd_kernels():  # one parallel pass over all RoIs, output in RoI order
+            return roi_align_forward_nhwc(
+                tuple(m.data for m in maps), level, scales, rois, OUT, OUT, SAMPLING, False, False
+            )
 
-        def bwd_kernels():     # one pass per level, dx (1, C, H_l, W_l)
-            return [roi_align_backward_stripes(dy, rois, idx, dummy, 1, s, s, sc, SAMPLING, False,
-                                               False, 8)
-                    for idx, s, sc in zip(index, SIZES, scales)]
+        def bwd_kernels():  # one pass per level, dx (1, C, H_l, W_l)
+            return [
+                roi_align_backward_stripes(dy, rois, idx, dummy, 1, s, s, sc, SAMPLING, False, False, 8)
+                for idx, s, sc in zip(index, SIZES, scales)
+            ]
 
-        row("forward, numba kernels", k, timeit(fwd_kernels, args.repeats),
-            f"RoIs per level P2..P5: {hist}")
-        row("forward, MultiScaleRoIAlign", k, timeit(lambda: pooler.forward(maps, rois), args.repeats),
-            "+ checks, level mapping, RoI order")
-        row("backward, numba kernels", k, timeit(bwd_kernels, args.repeats),
-            "dx (N, C, H, W) per level")
+        row("forward, numba kernels", k, timeit(fwd_kernels, args.repeats), f"RoIs per level P2..P5: {hist}")
+        row(
+            "forward, MultiScaleRoIAlign",
+            k,
+            timeit(lambda: pooler.forward(maps, rois), args.repeats),
+            "+ checks, level mapping, RoI order",
+        )
+        row("backward, numba kernels", k, timeit(bwd_kernels, args.repeats), "dx (N, C, H, W) per level")
 
         def pooler_bwd():
             pooler.forward(maps, rois)
@@ -138,11 +148,11 @@ def main():
                 continue
             n = min(sub, len(r))
             t, c = time.perf_counter(), time.process_time()
-            roi_align_reference(f, r[:n], OUT, 2.0 ** -lvl, SAMPLING)
+            roi_align_reference(f, r[:n], OUT, 2.0**-lvl, SAMPLING)
             t_f += (time.perf_counter() - t) / n * len(r)
             c_f += (time.process_time() - c) / n * len(r)
             t, c = time.perf_counter(), time.process_time()
-            roi_align_backward_reference(g[:n], r[:n], f.shape, 2.0 ** -lvl, SAMPLING)
+            roi_align_backward_reference(g[:n], r[:n], f.shape, 2.0**-lvl, SAMPLING)
             t_b += (time.perf_counter() - t) / n * len(r)
             c_b += (time.process_time() - c) / n * len(r)
         row("forward, NumPy reference", k, (t_f, t_f, c_f), f"timed on {sub} RoIs/level, scaled")
@@ -153,18 +163,23 @@ def main():
             tr = [torch.from_numpy(r).float() for r in split]
 
             def fwd_torch():
-                return [tv_roi_align(f, r, OUT, 2.0 ** -lvl, SAMPLING, False)
-                        for f, r, lvl in zip(tf, tr, (2, 3, 4, 5))]
+                return [tv_roi_align(f, r, OUT, 2.0**-lvl, SAMPLING, False) for f, r, lvl in zip(tf, tr, (2, 3, 4, 5))]
+
             row("forward, torchvision", k, timeit(fwd_torch, args.repeats), f"torch {torch.__version__}")
         else:
             nan = float("nan")
-            rows.append(("forward/backward, torch", k, nan, nan, nan, nan,
-                         "n/a: torch has no roi_align without torchvision"))
+            rows.append(
+                ("forward/backward, torch", k, nan, nan, nan, nan, "n/a: torch has no roi_align without torchvision")
+            )
 
-    print(f"RoIAlign, {C} channels, {OUT}x{OUT}, sampling_ratio {SAMPLING}, aligned=False, float32, "
-          f"FPN P2..P5 of an {IMAGE}x{IMAGE} image")
-    print(f"Numba threads: {numba.get_num_threads()}, CPU cores: {os.cpu_count()}, "
-          f"load average at the end: {os.getloadavg()[0]:.2f}")
+    print(
+        f"RoIAlign, {C} channels, {OUT}x{OUT}, sampling_ratio {SAMPLING}, aligned=False, float32, "
+        f"FPN P2..P5 of an {IMAGE}x{IMAGE} image"
+    )
+    print(
+        f"Numba threads: {numba.get_num_threads()}, CPU cores: {os.cpu_count()}, "
+        f"load average at the end: {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'row':38s} {'K':>5s} {'min ms':>8s} {'median ms':>9s} {'CPU ms':>8s} {'us/RoI':>7s}  note")
     for name, k, tmin, tmed, cpu, per, note in rows:
         print(f"{name:38s} {k:5d} {tmin:8.2f} {tmed:9.2f} {cpu:8.2f} {per:7.2f}  {note}")

@@ -22,6 +22,7 @@ compiles the Numba kernels on a small image); the runs of the two libraries
 alternate, so that load from other processes on a shared machine hits both
 alike. Both use every core unless ``--threads`` says otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ def boost_classifier(state: dict) -> None:
 def torchvision_model(torch):
     try:
         from torchvision.models.detection import maskrcnn_resnet50_fpn
-    except Exception as e:                                   # not installed, or its C ops fail to load
+    except Exception as e:  # not installed, or its C ops fail to load
         print(f"torchvision not importable ({type(e).__name__}: {str(e)[:80]})")
         return None
     torch.manual_seed(0)
@@ -68,9 +69,10 @@ def torchvision_model(torch):
         from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
         from torchvision.models.detection.mask_rcnn import MaskRCNN as TorchvisionMaskRCNN
         from torchvision.ops.misc import FrozenBatchNorm2d
+
         backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
         return TorchvisionMaskRCNN(backbone, num_classes=91).eval()
-    except ImportError:                                      # private helper moved: BatchNorm2d in eval mode
+    except ImportError:  # private helper moved: BatchNorm2d in eval mode
         return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
 
 
@@ -78,8 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for Numba, BLAS and torch (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads for Numba, BLAS and torch (default: all cores)"
+    )
     args = parser.parse_args()
     h, w = args.size
 
@@ -89,11 +92,13 @@ def main() -> None:
         torch = None
     if args.threads:
         import numba
+
         numba.set_num_threads(args.threads)
         if torch is not None:
             torch.set_num_threads(args.threads)
-        try:                                   # the convolutions' BLAS (SciPy's OpenBLAS) has its own pool
+        try:  # the convolutions' BLAS (SciPy's OpenBLAS) has its own pool
             from threadpoolctl import threadpool_limits
+
             threadpool_limits(args.threads)
         except ImportError:
             print("threadpoolctl not installed: BLAS keeps its default threads (set OPENBLAS_NUM_THREADS)")
@@ -118,11 +123,16 @@ def main() -> None:
     tr.min_size, tr.max_size = model.config.min_size, model.config.max_size
 
     import numba
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"numba threads {numba.get_num_threads()}"
-          + (f", torch {torch.__version__} threads {torch.get_num_threads()}" if torch is not None else ", no torch"))
-    print(f"image {h}x{w} (the preset resizes to short side 800, long side <= 1333), random weights, "
-          f"best of {args.repeats}")
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"numba threads {numba.get_num_threads()}"
+        + (f", torch {torch.__version__} threads {torch.get_num_threads()}" if torch is not None else ", no torch")
+    )
+    print(
+        f"image {h}x{w} (the preset resizes to short side 800, long side <= 1333), random weights, "
+        f"best of {args.repeats}"
+    )
 
     x, _, _ = model.transform([image], None, dtype=np.float32)
     jobs = {"ours": lambda: model.predict([image]), "ours_bb": lambda: model.eval().backbone(x)}
@@ -137,6 +147,7 @@ def main() -> None:
         else:
             sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
             from torch_reference import TorchReference
+
             ref = TorchReference(model.state_dict(), bn_eps=model.backbone.body.bn1.eps)
             xt = torch.from_numpy(x)
             rng = np.random.default_rng(0)
@@ -152,10 +163,12 @@ def main() -> None:
             jobs["torch"] = torch_stages
             jobs["torch_bb"] = lambda: ref.backbone_fpn(xt)
             torch_name = "torch.nn.functional stages:"
-            torch_note = ("conv stages only: no RoIAlign/proposals/NMS/paste -- torchvision not importable, "
-                          "so a lower bound of torch's time")
+            torch_note = (
+                "conv stages only: no RoIAlign/proposals/NMS/paste -- torchvision not importable, "
+                "so a lower bound of torch's time"
+            )
         with torch.no_grad():
-            jobs["torch"]()                                              # warm-up
+            jobs["torch"]()  # warm-up
 
     # Interleaved repetitions: on a shared machine, background load then hits both libraries alike.
     times = {k: [] for k in jobs}
@@ -183,8 +196,10 @@ def main() -> None:
     n_torch = f", {len(outputs['torch'][0]['boxes'])} detections" if tvm is not None else ""
     print(f"{torch_name}   {fmt('torch')}{n_torch}  -- {torch_note}")
     print(f"  backbone+FPN alone:         {fmt('torch_bb')}")
-    print(f"ratio tinymrcnn / torch:      {best['ours'] / best['torch']:7.2f} x  "
-          f"(backbone+FPN {best['ours_bb'] / best['torch_bb']:.2f} x)")
+    print(
+        f"ratio tinymrcnn / torch:      {best['ours'] / best['torch']:7.2f} x  "
+        f"(backbone+FPN {best['ours_bb'] / best['torch_bb']:.2f} x)"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ of a step (loading the batch, forward, backward, gradient averaging and the
 optimizer step; the first 10 steps, which load Numba's cache, are left out)
 and the speed-up over the first worker count.
 """
+
 import argparse
 import os
 import tempfile
@@ -30,8 +31,14 @@ def main():
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
-            cfg = TrainConfig(out_dir=os.path.join(tmp, f"w{n}"), iters=args.steps, workers=n,
-                              num_val_images=4, checkpoint_every=0, warmup_iters=10)
+            cfg = TrainConfig(
+                out_dir=os.path.join(tmp, f"w{n}"),
+                iters=args.steps,
+                workers=n,
+                num_val_images=4,
+                checkpoint_every=0,
+                warmup_iters=10,
+            )
             hist = train(cfg, progress=False, log=lambda *a: None)["history"]
             dt = np.diff([0.0] + [r["elapsed_s"] for r in hist])[10:]
             ms = 1000 * float(np.median(dt))

@@ -7,6 +7,7 @@ polygons, an L shape), a compressed RLE, and uncompressed RLE crowd
 regions. Polygons have integer, axis-aligned edges, so our rasteriser and
 pycocotools' give identical masks (the tests check it).
 """
+
 import copy
 import json
 import os
@@ -38,27 +39,83 @@ def annotations():
     """The annotation list (ids 1..8)."""
     disc = np.zeros((50, 50), np.uint8)
     yy, xx = np.mgrid[:50, :50] + 0.5
-    disc[(yy - 22) ** 2 + (xx - 25) ** 2 <= 12 ** 2] = 1
+    disc[(yy - 22) ** 2 + (xx - 25) ** 2 <= 12**2] = 1
     crowd_a = _rect(60, 80, 35, 56, 5, 46)
     crowd_b = _rect(50, 50, 30, 50, 0, 21)
     enc = rle_encode(crowd_a)
     return [
-        {"id": 1, "image_id": 5, "category_id": 3, "iscrowd": 0, "area": 1200.0, "bbox": [5, 5, 40, 30],
-         "segmentation": [[5, 5, 45, 5, 45, 35, 5, 35]]},
-        {"id": 2, "image_id": 5, "category_id": 12, "iscrowd": 0, "area": 500.0, "bbox": [50, 5, 20, 40],
-         "segmentation": [[50, 5, 70, 5, 70, 45, 60, 45, 60, 15, 50, 15]]},
-        {"id": 3, "image_id": 5, "category_id": 3, "iscrowd": 1, "area": float(crowd_a.sum()),
-         "bbox": _xywh(crowd_a), "segmentation": enc},
-        {"id": 4, "image_id": 2, "category_id": 7, "iscrowd": 0, "area": float(disc.sum()),
-         "bbox": _xywh(disc), "segmentation": rle_compress(rle_encode(disc))},
-        {"id": 5, "image_id": 2, "category_id": 3, "iscrowd": 0, "area": 325.0, "bbox": [5, 5, 40, 40],
-         "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15], [30, 30, 45, 30, 45, 45, 30, 45]]},
-        {"id": 6, "image_id": 2, "category_id": 7, "iscrowd": 1, "area": float(crowd_b.sum()),
-         "bbox": _xywh(crowd_b), "segmentation": rle_encode(crowd_b)},
-        {"id": 7, "image_id": 5, "category_id": 3, "iscrowd": 0, "area": 150.0, "bbox": [20, 40, 15, 10],
-         "segmentation": [[20, 40, 35, 40, 35, 50, 20, 50]]},
-        {"id": 8, "image_id": 2, "category_id": 12, "iscrowd": 0, "area": 2400.0, "bbox": [0, 0, 50, 48],
-         "segmentation": [[0, 0, 50, 0, 50, 48, 0, 48]]},
+        {
+            "id": 1,
+            "image_id": 5,
+            "category_id": 3,
+            "iscrowd": 0,
+            "area": 1200.0,
+            "bbox": [5, 5, 40, 30],
+            "segmentation": [[5, 5, 45, 5, 45, 35, 5, 35]],
+        },
+        {
+            "id": 2,
+            "image_id": 5,
+            "category_id": 12,
+            "iscrowd": 0,
+            "area": 500.0,
+            "bbox": [50, 5, 20, 40],
+            "segmentation": [[50, 5, 70, 5, 70, 45, 60, 45, 60, 15, 50, 15]],
+        },
+        {
+            "id": 3,
+            "image_id": 5,
+            "category_id": 3,
+            "iscrowd": 1,
+            "area": float(crowd_a.sum()),
+            "bbox": _xywh(crowd_a),
+            "segmentation": enc,
+        },
+        {
+            "id": 4,
+            "image_id": 2,
+            "category_id": 7,
+            "iscrowd": 0,
+            "area": float(disc.sum()),
+            "bbox": _xywh(disc),
+            "segmentation": rle_compress(rle_encode(disc)),
+        },
+        {
+            "id": 5,
+            "image_id": 2,
+            "category_id": 3,
+            "iscrowd": 0,
+            "area": 325.0,
+            "bbox": [5, 5, 40, 40],
+            "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15], [30, 30, 45, 30, 45, 45, 30, 45]],
+        },
+        {
+            "id": 6,
+            "image_id": 2,
+            "category_id": 7,
+            "iscrowd": 1,
+            "area": float(crowd_b.sum()),
+            "bbox": _xywh(crowd_b),
+            "segmentation": rle_encode(crowd_b),
+        },
+        {
+            "id": 7,
+            "image_id": 5,
+            "category_id": 3,
+            "iscrowd": 0,
+            "area": 150.0,
+            "bbox": [20, 40, 15, 10],
+            "segmentation": [[20, 40, 35, 40, 35, 50, 20, 50]],
+        },
+        {
+            "id": 8,
+            "image_id": 2,
+            "category_id": 12,
+            "iscrowd": 0,
+            "area": 2400.0,
+            "bbox": [0, 0, 50, 48],
+            "segmentation": [[0, 0, 50, 0, 50, 48, 0, 48]],
+        },
     ]
 
 

@@ -26,6 +26,7 @@ np.load(path, allow_pickle=False) reads every file. torch is imported only
 inside the builders, so this module imports without it (the tests take the
 case lists from it).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,7 @@ def pair(v):
 
 def import_torch():
     import torch
+
     return torch
 
 
@@ -55,6 +57,7 @@ def import_torchvision():
     import_torch()
     import torchvision  # noqa: F401
     import torchvision.ops
+
     return torchvision
 
 
@@ -95,11 +98,20 @@ def build_conv():
             w = r.standard_normal((C, O, kh, kw) if transposed else (O, C, kh, kw))
             b = r.standard_normal(O)
             fn = F.conv_transpose2d if transposed else F.conv2d
-            y, dy, (dx, dw, db) = grads_of(torch, lambda x, w, b: fn(x, w, b, stride=s, padding=p),
-                                           x, w, b, dy_seed=9)
+            y, dy, (dx, dw, db) = grads_of(torch, lambda x, w, b: fn(x, w, b, stride=s, padding=p), x, w, b, dy_seed=9)
             key = f"{i}.{op}"
-            out.update({f"{i}.x": x, f"{i}.b": b, f"{key}.w": w, f"{key}.y": y, f"{key}.dy": dy,
-                        f"{key}.dx": dx, f"{key}.dw": dw, f"{key}.db": db})
+            out.update(
+                {
+                    f"{i}.x": x,
+                    f"{i}.b": b,
+                    f"{key}.w": w,
+                    f"{key}.y": y,
+                    f"{key}.dy": dy,
+                    f"{key}.dx": dx,
+                    f"{key}.dw": dw,
+                    f"{key}.db": db,
+                }
+            )
     return out
 
 
@@ -128,9 +140,18 @@ def build_maxpool():
             dy = rng(2).standard_normal(tuple(yt.shape))
             yt.backward(torch.tensor(dy))
             key = f"{i}.{j}"
-            out.update({f"{key}.kernel": np.array(pair(k)), f"{key}.stride": np.array(pair(s)),
-                        f"{key}.padding": np.array(pair(p)), f"{key}.x": x, f"{key}.y": yt.detach().numpy(),
-                        f"{key}.indices": it.numpy(), f"{key}.dy": dy, f"{key}.dx": xt.grad.numpy()})
+            out.update(
+                {
+                    f"{key}.kernel": np.array(pair(k)),
+                    f"{key}.stride": np.array(pair(s)),
+                    f"{key}.padding": np.array(pair(p)),
+                    f"{key}.x": x,
+                    f"{key}.y": yt.detach().numpy(),
+                    f"{key}.indices": it.numpy(),
+                    f"{key}.dy": dy,
+                    f"{key}.dx": xt.grad.numpy(),
+                }
+            )
     return out
 
 
@@ -154,8 +175,14 @@ def build_norms():
     with torch.no_grad():
         ref.weight.copy_(torch.tensor(weight))
         ref.bias.copy_(torch.tensor(bias))
-    out.update({"batchnorm.C": np.array(C), "batchnorm.momentum": np.array(0.2),
-                "batchnorm.weight": weight, "batchnorm.bias": bias})
+    out.update(
+        {
+            "batchnorm.C": np.array(C),
+            "batchnorm.momentum": np.array(0.2),
+            "batchnorm.weight": weight,
+            "batchnorm.bias": bias,
+        }
+    )
     for step in range(2):
         x = rng(10 + step).standard_normal((4, C, 5, 3)) * 2 + 1
         dy = rng(20 + step).standard_normal(x.shape)
@@ -165,8 +192,16 @@ def build_norms():
         yt = ref(xt)
         yt.backward(torch.tensor(dy))
         key = f"batchnorm.train{step}"
-        out.update({f"{key}.x": x, f"{key}.dy": dy, f"{key}.y": yt.detach().numpy(), f"{key}.dx": xt.grad.numpy(),
-                    f"{key}.dweight": ref.weight.grad.numpy().copy(), f"{key}.dbias": ref.bias.grad.numpy().copy()})
+        out.update(
+            {
+                f"{key}.x": x,
+                f"{key}.dy": dy,
+                f"{key}.y": yt.detach().numpy(),
+                f"{key}.dx": xt.grad.numpy(),
+                f"{key}.dweight": ref.weight.grad.numpy().copy(),
+                f"{key}.dbias": ref.bias.grad.numpy().copy(),
+            }
+        )
     for name, v in ref.state_dict().items():
         out[f"batchnorm.state.{name}"] = v.numpy().copy()
     ref.eval()
@@ -185,24 +220,37 @@ def build_norms():
         yt = ref(xt)
         yt.backward(torch.tensor(dy))
         key = f"groupnorm.{i}"
-        out.update({f"{key}.groups": np.array(G), f"{key}.weight": weight, f"{key}.bias": bias, f"{key}.x": x,
-                    f"{key}.dy": dy, f"{key}.y": yt.detach().numpy(), f"{key}.dx": xt.grad.numpy(),
-                    f"{key}.dweight": ref.weight.grad.numpy(), f"{key}.dbias": ref.bias.grad.numpy(),
-                    f"{key}.state_keys": np.array(list(ref.state_dict()))})
+        out.update(
+            {
+                f"{key}.groups": np.array(G),
+                f"{key}.weight": weight,
+                f"{key}.bias": bias,
+                f"{key}.x": x,
+                f"{key}.dy": dy,
+                f"{key}.y": yt.detach().numpy(),
+                f"{key}.dx": xt.grad.numpy(),
+                f"{key}.dweight": ref.weight.grad.numpy(),
+                f"{key}.dbias": ref.bias.grad.numpy(),
+                f"{key}.state_keys": np.array(list(ref.state_dict())),
+            }
+        )
 
     # torchvision.ops.misc.FrozenBatchNorm2d.forward, in float32
     C = 4
     r = rng(11)
-    bufs = {"weight": r.uniform(0.5, 2, C), "bias": r.standard_normal(C),
-            "running_mean": r.standard_normal(C), "running_var": r.uniform(0.1, 2, C)}
+    bufs = {
+        "weight": r.uniform(0.5, 2, C),
+        "bias": r.standard_normal(C),
+        "running_mean": r.standard_normal(C),
+        "running_var": r.uniform(0.1, 2, C),
+    }
     bufs = {k: v.astype(np.float32) for k, v in bufs.items()}
     x = r.standard_normal((2, C, 3, 5)).astype(np.float32)
     dy = r.standard_normal(x.shape).astype(np.float32)
     t = {k: torch.tensor(v) for k, v in bufs.items()}
     scale = t["weight"] * (t["running_var"] + 1e-5).rsqrt()
     shift = t["bias"] - t["running_mean"] * scale
-    y, _, (dx,) = grads_of(torch, lambda x: x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1),
-                           x, dy=dy)
+    y, _, (dx,) = grads_of(torch, lambda x: x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1), x, dy=dy)
     out.update({f"frozen.{k}": v for k, v in bufs.items()})
     out.update({"frozen.x": x, "frozen.dy": dy, "frozen.y": y, "frozen.dx": dx})
     return out
@@ -211,9 +259,15 @@ def build_norms():
 # ----------------------------------------------------------------------------- upsample, linear
 # tests/test_layers.py: test_upsample_matches_torch, test_upsample_index_rule_matches_torch_for_many_sizes,
 # test_linear_matches_torch (shapes; the weights are drawn here instead of by Linear's init)
-UPSAMPLE_CASES = [((2, 3, 4, 5), (8, 10)), ((1, 2, 3, 4), (7, 9)), ((1, 2, 2, 3), (6, 9)),
-                  ((2, 2, 5, 4), (3, 2)), ((1, 1, 3, 3), (3, 3)), ((1, 2, 13, 25), (25, 50)),
-                  ((2, 1, 21, 30), (133, 138))]
+UPSAMPLE_CASES = [
+    ((2, 3, 4, 5), (8, 10)),
+    ((1, 2, 3, 4), (7, 9)),
+    ((1, 2, 2, 3), (6, 9)),
+    ((2, 2, 5, 4), (3, 2)),
+    ((1, 1, 3, 3), (3, 3)),
+    ((1, 2, 13, 25), (25, 50)),
+    ((2, 1, 21, 30), (133, 138)),
+]
 INDEX_RULE_MAX_IN, INDEX_RULE_MAX_OUT = 39, 89
 
 
@@ -227,16 +281,28 @@ def build_layers():
         yt = F.interpolate(xt, size=size, mode="nearest")
         dy = rng(13).standard_normal(tuple(yt.shape)).astype(np.float32)
         yt.backward(torch.tensor(dy))
-        out.update({f"upsample.{i}.x": x, f"upsample.{i}.size": np.array(size), f"upsample.{i}.y": yt.detach().numpy(),
-                    f"upsample.{i}.dy": dy, f"upsample.{i}.dx": xt.grad.numpy()})
+        out.update(
+            {
+                f"upsample.{i}.x": x,
+                f"upsample.{i}.size": np.array(size),
+                f"upsample.{i}.y": yt.detach().numpy(),
+                f"upsample.{i}.dy": dy,
+                f"upsample.{i}.dx": xt.grad.numpy(),
+            }
+        )
     # torch's nearest source index for every (in, out) with 1 <= in <= 39, 1 <= out <= 89, concatenated
     rule = []
     for n_in in range(1, INDEX_RULE_MAX_IN + 1):
         for n_out in range(1, INDEX_RULE_MAX_OUT + 1):
             x = torch.arange(n_in, dtype=torch.float32).reshape(1, 1, 1, n_in)
             rule.append(F.interpolate(x, size=(1, n_out), mode="nearest").reshape(-1).long().numpy())
-    out.update({"index_rule.max_in": np.array(INDEX_RULE_MAX_IN), "index_rule.max_out": np.array(INDEX_RULE_MAX_OUT),
-                "index_rule.index": np.concatenate(rule).astype(np.int8)})
+    out.update(
+        {
+            "index_rule.max_in": np.array(INDEX_RULE_MAX_IN),
+            "index_rule.max_out": np.array(INDEX_RULE_MAX_OUT),
+            "index_rule.index": np.concatenate(rule).astype(np.int8),
+        }
+    )
 
     bound = 1 / math.sqrt(6)
     w = rng(14).uniform(-bound, bound, (4, 6))
@@ -244,8 +310,18 @@ def build_layers():
     x = rng(15).standard_normal((5, 6))
     dy = rng(16).standard_normal((5, 4))
     y, _, (dx, dw, db) = grads_of(torch, lambda x, w, b: F.linear(x, w, b), x, w, b, dy=dy)
-    out.update({"linear.weight": w, "linear.bias": b, "linear.x": x, "linear.dy": dy, "linear.y": y,
-                "linear.dx": dx, "linear.dweight": dw, "linear.dbias": db})
+    out.update(
+        {
+            "linear.weight": w,
+            "linear.bias": b,
+            "linear.x": x,
+            "linear.dy": dy,
+            "linear.y": y,
+            "linear.dx": dx,
+            "linear.dweight": dw,
+            "linear.dbias": db,
+        }
+    )
     return out
 
 
@@ -271,25 +347,39 @@ def build_losses():
     cw = rng(13).uniform(0.5, 2, 5)
     out.update({"cross_entropy.z": z, "cross_entropy.y": y, "cross_entropy.class_weight": cw})
     for reduction in ("mean", "sum"):
-        loss_and_grad(lambda t: F.cross_entropy(t, torch.tensor(y), weight=torch.tensor(cw), ignore_index=-1,
-                                                reduction=reduction), z, f"cross_entropy.{reduction}")
+        loss_and_grad(
+            lambda t: F.cross_entropy(
+                t, torch.tensor(y), weight=torch.tensor(cw), ignore_index=-1, reduction=reduction
+            ),
+            z,
+            f"cross_entropy.{reduction}",
+        )
 
     x = rng(14).standard_normal((4, 6)) * 5
     t = rng(15).uniform(0, 1, (4, 6))
     w = rng(16).uniform(0, 2, (4, 6))
     out.update({"bce.x": x, "bce.target": t, "bce.weight": w})
     for reduction in ("mean", "sum"):
-        loss_and_grad(lambda a: F.binary_cross_entropy_with_logits(a, torch.tensor(t), weight=torch.tensor(w),
-                                                                   reduction=reduction), x, f"bce.{reduction}")
+        loss_and_grad(
+            lambda a: F.binary_cross_entropy_with_logits(
+                a, torch.tensor(t), weight=torch.tensor(w), reduction=reduction
+            ),
+            x,
+            f"bce.{reduction}",
+        )
 
     for i, beta in enumerate(SMOOTH_L1_BETAS):
         target = np.zeros(9)
-        pred = np.array([-2.0, -beta, -0.05, 0.0, 0.05, beta, 2.0, 0.3, -0.7])   # both kinks
-        out.update({f"smooth_l1.{i}.beta": np.array(beta), f"smooth_l1.{i}.pred": pred,
-                    f"smooth_l1.{i}.target": target})
+        pred = np.array([-2.0, -beta, -0.05, 0.0, 0.05, beta, 2.0, 0.3, -0.7])  # both kinks
+        out.update(
+            {f"smooth_l1.{i}.beta": np.array(beta), f"smooth_l1.{i}.pred": pred, f"smooth_l1.{i}.target": target}
+        )
         for reduction in ("mean", "sum"):
-            loss_and_grad(lambda p: F.smooth_l1_loss(p, torch.tensor(target), beta=beta, reduction=reduction),
-                          pred, f"smooth_l1.{i}.{reduction}")
+            loss_and_grad(
+                lambda p: F.smooth_l1_loss(p, torch.tensor(target), beta=beta, reduction=reduction),
+                pred,
+                f"smooth_l1.{i}.{reduction}",
+            )
 
     # tests/test_losses.py::mask_case(R=4, K=3, M=6, seed=17)
     r = rng(17)
@@ -300,8 +390,11 @@ def build_losses():
     out.update({"mask.logits": logits, "mask.labels": labels, "mask.targets": targets})
     lt = torch.tensor(labels)
     # torchvision's maskrcnn_loss, given already-gathered targets
-    loss_and_grad(lambda z: F.binary_cross_entropy_with_logits(z[torch.arange(R), lt], torch.tensor(targets)),
-                  logits, "mask.sigmoid")
+    loss_and_grad(
+        lambda z: F.binary_cross_entropy_with_logits(z[torch.arange(R), lt], torch.tensor(targets)),
+        logits,
+        "mask.sigmoid",
+    )
     # softmax version: cross-entropy with per-pixel class probabilities
     q = np.zeros_like(logits)
     q[:, 0] = 1 - targets
@@ -355,11 +448,17 @@ def build_optim():
             for i, q in enumerate(theirs):
                 params[i].append(q.detach().numpy().copy())
         key = f"{c}"
-        out.update({f"{key}.name": np.array(name), f"{key}.kwargs": np.array(json.dumps(kw)),
-                    f"{key}.lr": np.array(lrs)})
+        out.update(
+            {f"{key}.name": np.array(name), f"{key}.kwargs": np.array(json.dumps(kw)), f"{key}.lr": np.array(lrs)}
+        )
         for i, p in enumerate(init):
-            out.update({f"{key}.p{i}.init": p, f"{key}.p{i}.grads": np.stack(grads[i]),
-                        f"{key}.p{i}.after": np.stack(params[i])})
+            out.update(
+                {
+                    f"{key}.p{i}.init": p,
+                    f"{key}.p{i}.grads": np.stack(grads[i]),
+                    f"{key}.p{i}.after": np.stack(params[i]),
+                }
+            )
 
     init = initial_params()
     theirs = [torch.nn.Parameter(torch.tensor(p.copy())) for p in init]
@@ -379,6 +478,7 @@ def build_optim():
 # ----------------------------------------------------------------------------- boxes, anchors
 # tests/test_boxes.py::test_coder_and_iou_match_torchvision_formulas_in_torch, here with torchvision itself
 
+
 def random_boxes(r, n, dtype=np.float64, size=50.0, zero_area=0.0):
     """tests/test_boxes.py::random_boxes, draw for draw."""
     xy = r.uniform(0, size, (n, 2))
@@ -392,18 +492,24 @@ def build_boxes():
     import_torchvision()
     from torchvision.models.detection._utils import BoxCoder
     from torchvision.ops import box_iou
+
     r = rng(2)
     a = random_boxes(r, 64, np.float32) + np.float32([0, 0, 1, 1])
     b = random_boxes(r, 64, np.float32) + np.float32([0, 0, 1, 1])
-    codes = r.normal(0, 3, (64, 8)).astype(np.float32)       # two boxes per row
-    codes[::7, 2] = 60.0                                      # huge dw: clamped at log(1000 / 16)
+    codes = r.normal(0, 3, (64, 8)).astype(np.float32)  # two boxes per row
+    codes[::7, 2] = 60.0  # huge dw: clamped at log(1000 / 16)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     weights = (10.0, 10.0, 5.0, 5.0)
     coder = BoxCoder(weights, bbox_xform_clip=math.log(1000.0 / 16))
-    return {"a": a, "b": b, "codes": codes, "weights": np.array(weights),
-            "iou": box_iou(ta, tb).numpy(),
-            "encoded": coder.encode_single(tb, ta).numpy(),             # targets b relative to proposals a
-            "decoded": coder.decode_single(torch.from_numpy(codes), ta).numpy()}
+    return {
+        "a": a,
+        "b": b,
+        "codes": codes,
+        "weights": np.array(weights),
+        "iou": box_iou(ta, tb).numpy(),
+        "encoded": coder.encode_single(tb, ta).numpy(),  # targets b relative to proposals a
+        "decoded": coder.decode_single(torch.from_numpy(codes), ta).numpy(),
+    }
 
 
 # tests/test_anchors.py::test_matches_torchvision_anchor_code_in_torch, here with torchvision's AnchorGenerator
@@ -416,11 +522,17 @@ def build_anchors():
     import_torchvision()
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.image_list import ImageList
+
     gen = AnchorGenerator((ANCHOR_SIZES,), (ANCHOR_RATIOS,))
     images = ImageList(torch.zeros((1, 3) + ANCHOR_IMAGE), [ANCHOR_IMAGE])
     (anchors,) = gen(images, [torch.zeros((1, 1) + ANCHOR_GRID)])
-    return {"sizes": np.array(ANCHOR_SIZES), "ratios": np.array(ANCHOR_RATIOS), "grid": np.array(ANCHOR_GRID),
-            "image": np.array(ANCHOR_IMAGE), "anchors": anchors.numpy()}
+    return {
+        "sizes": np.array(ANCHOR_SIZES),
+        "ratios": np.array(ANCHOR_RATIOS),
+        "grid": np.array(ANCHOR_GRID),
+        "image": np.array(ANCHOR_IMAGE),
+        "anchors": anchors.numpy(),
+    }
 
 
 # ----------------------------------------------------------------------------- resize
@@ -437,8 +549,9 @@ def build_resize():
     out = {"x": x, "masks": masks}
     for i, size in enumerate(RESIZE_SIZES):
         out[f"{i}.size"] = np.array(size)
-        out[f"{i}.image"] = F.interpolate(torch.from_numpy(x)[None], size=size, mode="bilinear",
-                                          align_corners=False)[0].numpy()
+        out[f"{i}.image"] = F.interpolate(torch.from_numpy(x)[None], size=size, mode="bilinear", align_corners=False)[
+            0
+        ].numpy()
         out[f"{i}.masks"] = F.interpolate(torch.from_numpy(masks)[:, None].float(), size=size)[:, 0].byte().numpy()
     return out
 
@@ -447,6 +560,7 @@ def build_resize():
 # tests/test_roi_align.py / test_roi_pool.py::random_case with seed 4 (the torchvision tests'),
 # less the NaN boxes (torchvision leaves them undefined); forward and backward, and no RoIs at all
 
+
 def roi_align_case(r, n=2, c=3, h=9, w=11, k=24):
     """tests/test_roi_align.py::random_case(rng, np.float64), draw for draw."""
     x = r.standard_normal((n, c, h, w))
@@ -454,15 +568,15 @@ def roi_align_case(r, n=2, c=3, h=9, w=11, k=24):
     xy = r.uniform(-4, 2 * w, (k, 2))
     wh = r.uniform(0.5, 2 * h, (k, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1)
-    boxes[0] = [4, 4, 10, 12]                 # inside
-    boxes[1] = [-6, -6, 8, 8]                 # straddling the top-left corner
+    boxes[0] = [4, 4, 10, 12]  # inside
+    boxes[1] = [-6, -6, 8, 8]  # straddling the top-left corner
     boxes[2] = [2 * w - 4, 2 * h - 4, 2 * w + 10, 2 * h + 10]  # straddling bottom-right
-    boxes[3] = [-40, -40, -20, -20]           # wholly outside
-    boxes[4] = [5, 5, 5.05, 5.02]             # tiny
-    boxes[5] = [-50, -50, 200, 250]           # huge
-    boxes[6] = [6, 6, 6, 6]                   # zero size
-    boxes[7] = [9, 9, 3, 4]                   # inverted
-    boxes[8] = [np.nan, 2, 8, 8]              # NaN
+    boxes[3] = [-40, -40, -20, -20]  # wholly outside
+    boxes[4] = [5, 5, 5.05, 5.02]  # tiny
+    boxes[5] = [-50, -50, 200, 250]  # huge
+    boxes[6] = [6, 6, 6, 6]  # zero size
+    boxes[7] = [9, 9, 3, 4]  # inverted
+    boxes[8] = [np.nan, 2, 8, 8]  # NaN
     boxes[9] = [2, 2, 8, np.nan]
     rois = np.concatenate([b[:, None], boxes], axis=1)
     return x, rois[np.isfinite(rois).all(axis=1)]
@@ -477,18 +591,18 @@ def roi_pool_case(r, n=2, c=3, h=9, w=11, k=30):
     boxes = np.concatenate([xy, xy + wh], axis=1)
     boxes[0] = [4, 4, 10, 12]
     boxes[1] = [-6, -6, 8, 8]
-    boxes[2] = [-40, -40, -20, -20]           # wholly outside
-    boxes[3] = [5, 5, 5, 5]                   # zero size
+    boxes[2] = [-40, -40, -20, -20]  # wholly outside
+    boxes[3] = [5, 5, 5, 5]  # zero size
     boxes[4] = [-50, -50, 200, 250]
-    boxes[5] = [9, 9, 3, 4]                   # inverted
+    boxes[5] = [9, 9, 3, 4]  # inverted
     boxes[6] = [np.nan, 2, 8, 8]
-    boxes[7] = [1, 1, 2.5, 3.5]               # exact halves
+    boxes[7] = [1, 1, 2.5, 3.5]  # exact halves
     rois = np.concatenate([b[:, None], boxes], axis=1)
     return x, rois[np.isfinite(rois).all(axis=1)]
 
 
 ROI_OUTPUT_SIZE, ROI_SCALE = (3, 4), 0.5
-ROI_ALIGN_SETTINGS = [(False, 2), (False, 0), (True, 2), (True, 0)]       # (aligned, sampling_ratio)
+ROI_ALIGN_SETTINGS = [(False, 2), (False, 0), (True, 2), (True, 0)]  # (aligned, sampling_ratio)
 
 
 def build_roi_align():
@@ -498,13 +612,23 @@ def build_roi_align():
     out = {"x": x, "rois": rois, "output_size": np.array(ROI_OUTPUT_SIZE), "spatial_scale": np.array(ROI_SCALE)}
     empty = np.zeros((0, 5))
     for i, (aligned, sampling) in enumerate(ROI_ALIGN_SETTINGS):
+
         def fn(boxes):
-            return lambda x: tv.ops.roi_align(x, torch.from_numpy(boxes), ROI_OUTPUT_SIZE, ROI_SCALE, sampling,
-                                              aligned)
+            return lambda x: tv.ops.roi_align(x, torch.from_numpy(boxes), ROI_OUTPUT_SIZE, ROI_SCALE, sampling, aligned)
+
         y, dy, (dx,) = grads_of(torch, fn(rois), x, dy_seed=40 + i)
         y0, _, (dx0,) = grads_of(torch, fn(empty), x, dy_seed=0)
-        out.update({f"{i}.aligned": np.array(aligned), f"{i}.sampling_ratio": np.array(sampling),
-                    f"{i}.y": y, f"{i}.dy": dy, f"{i}.dx": dx, f"{i}.empty_y": y0, f"{i}.empty_dx": dx0})
+        out.update(
+            {
+                f"{i}.aligned": np.array(aligned),
+                f"{i}.sampling_ratio": np.array(sampling),
+                f"{i}.y": y,
+                f"{i}.dy": dy,
+                f"{i}.dx": dx,
+                f"{i}.empty_y": y0,
+                f"{i}.empty_dx": dx0,
+            }
+        )
     return out
 
 
@@ -518,8 +642,17 @@ def build_roi_pool():
 
     y, dy, (dx,) = grads_of(torch, fn(rois), x, dy_seed=50)
     y0, _, (dx0,) = grads_of(torch, fn(np.zeros((0, 5))), x, dy_seed=0)
-    return {"x": x, "rois": rois, "output_size": np.array(ROI_OUTPUT_SIZE), "spatial_scale": np.array(ROI_SCALE),
-            "y": y, "dy": dy, "dx": dx, "empty_y": y0, "empty_dx": dx0}
+    return {
+        "x": x,
+        "rois": rois,
+        "output_size": np.array(ROI_OUTPUT_SIZE),
+        "spatial_scale": np.array(ROI_SCALE),
+        "y": y,
+        "dy": dy,
+        "dx": dx,
+        "empty_y": y0,
+        "empty_dx": dx0,
+    }
 
 
 # ----------------------------------------------------------------------------- NMS
@@ -551,15 +684,19 @@ def nms_cases():
     known_scores = np.array([0.9, 0.8, 0.3, 0.5], f32)
     cases = [(known, known_scores, np.zeros(4, np.int64), t) for t in (0.7, 0.5, 0.49, 1.0, 0.0)]
     same = np.array([[0, 0, 4, 4]] * 3 + [[10, 10, 12, 12]], np.float64)
-    cases += [(same, np.full(4, 0.5), np.zeros(4, np.int64), 0.5),
-              (same[::-1].copy(), np.full(4, 0.5), np.array([0, 1, 0, 1]), 0.5),
-              (same, np.array([0.1, 0.5, 0.5, 0.2]), np.zeros(4, np.int64), 0.5)]
+    cases += [
+        (same, np.full(4, 0.5), np.zeros(4, np.int64), 0.5),
+        (same[::-1].copy(), np.full(4, 0.5), np.array([0, 1, 0, 1]), 0.5),
+        (same, np.array([0.1, 0.5, 0.5, 0.2]), np.zeros(4, np.int64), 0.5),
+    ]
     zero_area = np.array([[0, 0, 10, 10], [2, 2, 2, 8], [2, 2, 2, 8], [3, 3, 3, 3]], f32)
     cases.append((zero_area, np.array([0.1, 0.9, 0.8, 0.7], f32), np.zeros(4, np.int64), 0.0))
     grouped = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 10, 10]], f32)
     grouped_scores = np.array([0.9, 0.8, 0.7, 0.95], f32)
-    cases += [(grouped, grouped_scores, np.array([0, 1, 0, 1]), 0.5),
-              (grouped, grouped_scores, np.array([0, 1, 2, 3]), 0.5)]
+    cases += [
+        (grouped, grouped_scores, np.array([0, 1, 0, 1]), 0.5),
+        (grouped, grouped_scores, np.array([0, 1, 2, 3]), 0.5),
+    ]
     cases.append((np.zeros((0, 4), f32), np.zeros(0, f32), np.zeros(0, np.int64), 0.5))
     r = rng(0)
     for trial in range(NMS_RANDOM_SETS):
@@ -635,8 +772,10 @@ def main(argv=None) -> int:
     for name in names:
         arrays = build(name)
         np.savez_compressed(path_of(name), **arrays)
-        print(f"{path_of(name).relative_to(FIXTURES.parent.parent)}: {len(arrays)} arrays, "
-              f"{path_of(name).stat().st_size / 1024:.1f} KiB")
+        print(
+            f"{path_of(name).relative_to(FIXTURES.parent.parent)}: {len(arrays)} arrays, "
+            f"{path_of(name).stat().st_size / 1024:.1f} KiB"
+        )
     total = sum(p.stat().st_size for p in FIXTURES.glob("*.npz"))
     print(f"total {total / 1024:.1f} KiB")
     return 0

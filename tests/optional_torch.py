@@ -5,6 +5,7 @@ for another torch (or for CUDA, next to a CPU-only torch) is installed but
 fails at import, with RuntimeError ("operator torchvision::nms does not exist")
 or, on a second try in the same process, AttributeError: those skip here too.
 """
+
 import pytest
 
 BROKEN_IMPORT = (ImportError, RuntimeError, AttributeError, OSError)
@@ -25,7 +26,8 @@ def import_torchvision_ops():
     import_torch()
     try:
         import torchvision.ops as ops
-        ops.nms, ops.roi_align, ops.roi_pool                 # noqa: B018 (the compiled ops are there)
+
+        ops.nms, ops.roi_align, ops.roi_pool  # noqa: B018 (the compiled ops are there)
     except ModuleNotFoundError:
         pytest.skip("torchvision is not installed")
     except BROKEN_IMPORT as e:

@@ -1,4 +1,5 @@
 """Anchors: base anchors, grid shifts and (H, W, A) order against hand-computed values."""
+
 import numpy as np
 import pytest
 
@@ -27,8 +28,7 @@ def test_rounding_is_half_to_even_and_order_is_ratio_major():
     np.testing.assert_array_equal(base[:, 2], [0, 2, 2])
     base = AnchorGenerator.base_anchors((32, 64), (0.25, 1.0))
     # a = ratio_index * num_sizes + size_index: (r=0.25, 32), (0.25, 64), (1, 32), (1, 64)
-    np.testing.assert_array_equal(base, [[-32, -8, 32, 8], [-64, -16, 64, 16],
-                                         [-16, -16, 16, 16], [-32, -32, 32, 32]])
+    np.testing.assert_array_equal(base, [[-32, -8, 32, 8], [-64, -16, 64, 16], [-16, -16, 16, 16], [-32, -32, 32, 32]])
 
 
 def test_anchors_for_a_known_image_size():
@@ -37,15 +37,14 @@ def test_anchors_for_a_known_image_size():
     (anchors,) = gen.anchors_per_level((64, 96), [(2, 3)])
     base = np.array([[-23, -11, 23, 11], [-16, -16, 16, 16], [-11, -23, 11, 23]], np.float32)
     expected = []
-    for i in range(2):                 # rows (y) outermost, then columns (x), then the 3 anchors
+    for i in range(2):  # rows (y) outermost, then columns (x), then the 3 anchors
         for j in range(3):
             expected.extend(base + [32 * j, 32 * i, 32 * j, 32 * i])
     assert anchors.shape == (18, 4) and anchors.dtype == np.float32
     np.testing.assert_array_equal(anchors, expected)
     np.testing.assert_array_equal(anchors[3 * (1 * 3 + 2) + 1], [64 - 16, 32 - 16, 64 + 16, 32 + 16])
 
-    (centred,) = AnchorGenerator(((32,),), ((0.5, 1.0, 2.0),), cell_centered=True).anchors_per_level(
-        (64, 96), [(2, 3)])
+    (centred,) = AnchorGenerator(((32,),), ((0.5, 1.0, 2.0),), cell_centered=True).anchors_per_level((64, 96), [(2, 3)])
     np.testing.assert_array_equal(centred, np.asarray(expected) + 16)
 
 
@@ -66,12 +65,15 @@ def test_full_pyramid_counts():
     assert gen.strides((800, 1216), shapes) == [(4, 4), (8, 8), (16, 16), (32, 32), (61, 64)]
 
 
-@pytest.mark.parametrize("call", [
-    lambda g: g.anchors_per_level((16, 16), [(4, 4), (2, 2), (1, 1), (0, 0), (0, 0)]),  # image < stride
-    lambda g: g.anchors_per_level((64, 64), [(16, 16)]),                                # too few levels
-    lambda g: g.anchors_per_level((8, 8), [(16, 16)] * 5),                              # grid > image
-    lambda g: g.anchors_per_level((64,), [(16, 16)] * 5),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda g: g.anchors_per_level((16, 16), [(4, 4), (2, 2), (1, 1), (0, 0), (0, 0)]),  # image < stride
+        lambda g: g.anchors_per_level((64, 64), [(16, 16)]),  # too few levels
+        lambda g: g.anchors_per_level((8, 8), [(16, 16)] * 5),  # grid > image
+        lambda g: g.anchors_per_level((64,), [(16, 16)] * 5),
+    ],
+)
 def test_bad_input(call):
     with pytest.raises(ValueError):
         call(AnchorGenerator())
@@ -98,8 +100,9 @@ def test_matches_torchvision_anchor_code_in_torch():
     base = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
     gh, gw, H, W = 5, 7, 83, 120
     sh, sw = H // gh, W // gw
-    shift_y, shift_x = torch.meshgrid(torch.arange(gh, dtype=torch.int32) * sh,
-                                      torch.arange(gw, dtype=torch.int32) * sw, indexing="ij")
+    shift_y, shift_x = torch.meshgrid(
+        torch.arange(gh, dtype=torch.int32) * sh, torch.arange(gw, dtype=torch.int32) * sw, indexing="ij"
+    )
     shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
     shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
     expected = (shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4)

@@ -1,4 +1,5 @@
 """ResNet + FPN: shapes, frozen stages, and float64 finite-difference checks of the backward."""
+
 import numpy as np
 import pytest
 
@@ -11,8 +12,16 @@ from tinymrcnn.nn import Module
 
 
 def tiny_config(**kw):
-    base = dict(block="basic", blocks_per_stage=(1, 1, 1, 1), stem_channels=4, stage_channels=(4, 8, 8, 8),
-                norm="group", group_norm_groups=2, fpn_channels=4, dtype="float64")
+    base = dict(
+        block="basic",
+        blocks_per_stage=(1, 1, 1, 1),
+        stem_channels=4,
+        stage_channels=(4, 8, 8, 8),
+        norm="group",
+        group_norm_groups=2,
+        fpn_channels=4,
+        dtype="float64",
+    )
     base.update(kw)
     return MaskRCNNConfig.shapes(**base)
 
@@ -34,11 +43,11 @@ class Flat(Module):
         grads, start = [], 0
         for s in shapes:
             n = int(np.prod(s))
-            grads.append(dy[start:start + n].reshape(s))
+            grads.append(dy[start : start + n].reshape(s))
             start += n
         if isinstance(self.inner, ResNet):
             dx = self.inner.backward(grads, need_input_grad=True)
-            return np.zeros(x_shape) if dx is None else dx    # frozen stem: no input gradient
+            return np.zeros(x_shape) if dx is None else dx  # frozen stem: no input gradient
         return self.inner.backward(grads)
 
 
@@ -67,8 +76,7 @@ def test_shapes_and_strides():
     bb = Backbone(cfg, np.random.default_rng(0))
     x = np.random.default_rng(0).standard_normal((2, 3, 128, 96)).astype(np.float32)
     ps = bb(x)
-    assert [p.shape for p in ps] == [(2, 64, 32, 24), (2, 64, 16, 12), (2, 64, 8, 6), (2, 64, 4, 3),
-                                     (2, 64, 2, 2)]
+    assert [p.shape for p in ps] == [(2, 64, 32, 24), (2, 64, 16, 12), (2, 64, 8, 6), (2, 64, 4, 3), (2, 64, 2, 2)]
     assert all(p.dtype == np.float32 for p in ps)
 
 
@@ -81,7 +89,7 @@ def test_backbone_fpn_gradients(block, norm):
     net = BackboneWithInputGrad(cfg).to_dtype(np.float64)
     rng = np.random.default_rng(3)
     _nonzero_init(net, rng)
-    x = rng.standard_normal((2, 3, 64, 32))        # batch 2, non-square
+    x = rng.standard_normal((2, 3, 64, 32))  # batch 2, non-square
     # On this deep sum a plain centred difference at h=1e-6 is dominated by rounding
     # noise (1e-5 on the image gradient), while h=1e-4 risks crossing a ReLU or
     # max-pool kink. Richardson extrapolation at h=1e-5 removes the h^2 truncation
@@ -89,10 +97,9 @@ def test_backbone_fpn_gradients(block, norm):
     # The difference's resolution is about 1e-16 * sum|f g| / h ~ 6e-8 here, so
     # entries below 1e-4 of the largest gradient entry (e.g. a stem BatchNorm bias
     # whose shift the next BatchNorm removes: exactly 0) are compared in absolute terms.
-    errs = check_module(Flat(net), [x], h=1e-5, max_checks=6, seed=4,
-                        scale_floor=1e-4, richardson=True)
+    errs = check_module(Flat(net), [x], h=1e-5, max_checks=6, seed=4, scale_floor=1e-4, richardson=True)
     params = {n for n, p in net.named_parameters()}
-    assert {k[len("inner."):] for k in errs if k.startswith("inner.")} == params
+    assert {k[len("inner.") :] for k in errs if k.startswith("inner.")} == params
     worst = max(errs, key=errs.get)
     assert errs[worst] < 1e-6, (worst, errs[worst])
 
@@ -102,9 +109,9 @@ def test_frozen_stages_get_no_gradient_and_backward_stops():
     net = ResNet(cfg, np.random.default_rng(0)).to_dtype(np.float64)
     x = np.random.default_rng(1).standard_normal((1, 3, 64, 64))
     outs = net(x)
-    assert net.conv1._caches == [] and net.layer1[0].conv1._caches == []   # frozen: no cache kept
+    assert net.conv1._caches == [] and net.layer1[0].conv1._caches == []  # frozen: no cache kept
     dx = net.backward([np.ones_like(o) for o in outs], need_input_grad=True)
-    assert dx is None                                                         # nothing below needs it
+    assert dx is None  # nothing below needs it
     for name, p in net.named_parameters():
         frozen = name.startswith(("conv1", "bn1", "layer1"))
         assert p.requires_grad == (not frozen)
@@ -112,8 +119,7 @@ def test_frozen_stages_get_no_gradient_and_backward_stops():
             assert not p.grad.any(), name
     assert net.layer2[0].conv1.weight.grad.any()
     # The trainable part passes a finite-difference check.
-    errs = check_module(Flat(net), [x], h=1e-5, max_checks=5, seed=2, scale_floor=1e-4,
-                        richardson=True)
+    errs = check_module(Flat(net), [x], h=1e-5, max_checks=5, seed=2, scale_floor=1e-4, richardson=True)
     assert max(errs[k] for k in errs if k != "input0") < 1e-6
 
 
@@ -138,7 +144,7 @@ def test_fpn_backward_sums_top_down_and_p6():
             grads, start = [], 0
             for s in shapes:
                 n = int(np.prod(s))
-                grads.append(dy[start:start + n].reshape(s))
+                grads.append(dy[start : start + n].reshape(s))
                 start += n
             return tuple(self.fpn.backward(grads))
 

@@ -1,4 +1,5 @@
 """Box arithmetic: IoU against the direct formula, the coder round trips, clip, remove-small."""
+
 import math
 
 import numpy as np
@@ -56,8 +57,9 @@ def test_box_area_and_clip():
     assert clipped.dtype == np.float32
     # (N, 4k): every group of four is clipped the same way
     wide = np.concatenate([boxes, boxes + 100], axis=1)
-    np.testing.assert_array_equal(clip_boxes_to_image(wide, (12, 9)),
-                                  np.concatenate([clipped, [[9, 12, 9, 12]] * 2], axis=1))
+    np.testing.assert_array_equal(
+        clip_boxes_to_image(wide, (12, 9)), np.concatenate([clipped, [[9, 12, 9, 12]] * 2], axis=1)
+    )
 
 
 def test_remove_small_boxes_keeps_sides_equal_to_min_size():
@@ -70,8 +72,8 @@ def test_remove_small_boxes_keeps_sides_equal_to_min_size():
 
 def test_encode_hand_values():
     coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
-    proposal = np.array([[0, 0, 10, 20]], np.float64)   # centre (5, 10), size (10, 20)
-    gt = np.array([[2, 4, 22, 24]], np.float64)          # centre (12, 14), size (20, 20)
+    proposal = np.array([[0, 0, 10, 20]], np.float64)  # centre (5, 10), size (10, 20)
+    gt = np.array([[2, 4, 22, 24]], np.float64)  # centre (12, 14), size (20, 20)
     d = coder.encode(gt, proposal)
     np.testing.assert_allclose(d, [[10 * 7 / 10, 10 * 4 / 20, 5 * math.log(2), 5 * math.log(1)]], rtol=1e-15)
     np.testing.assert_allclose(coder.decode(d, proposal), gt, rtol=1e-14, atol=1e-13)
@@ -82,7 +84,7 @@ def test_encode_hand_values():
 def test_coder_round_trips(weights, dtype):
     rng = np.random.default_rng(1)
     coder = BoxCoder(weights)
-    anchors = random_boxes(rng, 200, dtype) + np.array([0, 0, 1, 1], dtype)   # positive sizes
+    anchors = random_boxes(rng, 200, dtype) + np.array([0, 0, 1, 1], dtype)  # positive sizes
     gt = random_boxes(rng, 200, dtype) + np.array([0, 0, 1, 1], dtype)
     tol = 2e-5 if dtype == np.float32 else 1e-12
     # decode(encode(g)) = g
@@ -102,7 +104,7 @@ def test_decode_clamps_dw_dh_and_handles_k_boxes_per_row():
     deltas = np.array([[0, 0, 10, 10], [0.5, -0.5, -1, 0.2]], np.float32)
     out = coder.decode(deltas, anchors)
     clip = math.log(1000 / 16)
-    half = 0.5 * 16 * math.exp(clip)   # = 500: clamped at 1000 pixels
+    half = 0.5 * 16 * math.exp(clip)  # = 500: clamped at 1000 pixels
     np.testing.assert_allclose(out[0], [8 - half, 8 - half, 8 + half, 8 + half], rtol=1e-6)
     assert out.dtype == np.float32
     # (N, 4k): each group of four decodes as if alone
@@ -111,25 +113,28 @@ def test_decode_clamps_dw_dh_and_handles_k_boxes_per_row():
     assert out_k.shape == (2, 12)
     np.testing.assert_array_equal(out_k[:, :4], out)
     np.testing.assert_array_equal(out_k[:, 4:8], coder.decode(deltas[::-1].copy(), anchors))
-    np.testing.assert_array_equal(out_k[:, 8:], anchors)   # zero deltas give the anchors back
+    np.testing.assert_array_equal(out_k[:, 8:], anchors)  # zero deltas give the anchors back
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: box_iou(np.array([[0, 0, np.nan, 1]]), np.zeros((1, 4))),
-    lambda: box_iou(np.zeros((3, 5)), np.zeros((1, 4))),
-    lambda: box_iou(np.zeros(4), np.zeros((1, 4))),
-    lambda: box_iou(np.array([[5.0, 0, 1, 1]]), np.zeros((1, 4))),            # inverted
-    lambda: box_iou(np.zeros((1, 4), np.int64), np.zeros((1, 4))),
-    lambda: BoxCoder().encode(np.zeros((2, 4)) + [0, 0, 1, 1], np.zeros((3, 4)) + [0, 0, 1, 1]),
-    lambda: BoxCoder().encode(np.array([[0.0, 0, 1, 1]]), np.array([[0.0, 0, 0, 1]])),  # zero width
-    lambda: BoxCoder().decode(np.zeros((2, 5)), np.zeros((2, 4))),
-    lambda: BoxCoder().decode(np.zeros((2, 4)), np.zeros((3, 4))),
-    lambda: BoxCoder().decode(np.full((1, 4), np.inf), np.zeros((1, 4))),
-    lambda: BoxCoder((1.0, 1.0, 0.0, 1.0)),
-    lambda: clip_boxes_to_image(np.zeros((2, 3)), (5, 5)),
-    lambda: clip_boxes_to_image(np.zeros((2, 4)), (5,)),
-    lambda: remove_small_boxes(np.zeros((2, 4, 1)), 1.0),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: box_iou(np.array([[0, 0, np.nan, 1]]), np.zeros((1, 4))),
+        lambda: box_iou(np.zeros((3, 5)), np.zeros((1, 4))),
+        lambda: box_iou(np.zeros(4), np.zeros((1, 4))),
+        lambda: box_iou(np.array([[5.0, 0, 1, 1]]), np.zeros((1, 4))),  # inverted
+        lambda: box_iou(np.zeros((1, 4), np.int64), np.zeros((1, 4))),
+        lambda: BoxCoder().encode(np.zeros((2, 4)) + [0, 0, 1, 1], np.zeros((3, 4)) + [0, 0, 1, 1]),
+        lambda: BoxCoder().encode(np.array([[0.0, 0, 1, 1]]), np.array([[0.0, 0, 0, 1]])),  # zero width
+        lambda: BoxCoder().decode(np.zeros((2, 5)), np.zeros((2, 4))),
+        lambda: BoxCoder().decode(np.zeros((2, 4)), np.zeros((3, 4))),
+        lambda: BoxCoder().decode(np.full((1, 4), np.inf), np.zeros((1, 4))),
+        lambda: BoxCoder((1.0, 1.0, 0.0, 1.0)),
+        lambda: clip_boxes_to_image(np.zeros((2, 3)), (5, 5)),
+        lambda: clip_boxes_to_image(np.zeros((2, 4)), (5,)),
+        lambda: remove_small_boxes(np.zeros((2, 4, 1)), 1.0),
+    ],
+)
 def test_bad_input_raises_value_error(bad):
     with pytest.raises(ValueError):
         bad()
@@ -159,8 +164,15 @@ def test_coder_and_iou_match_torchvision_formulas_in_torch():
     ex_x, ex_y = ta[:, 0] + 0.5 * ex_w, ta[:, 1] + 0.5 * ex_h
     gt_w, gt_h = tb[:, 2] - tb[:, 0], tb[:, 3] - tb[:, 1]
     gt_x, gt_y = tb[:, 0] + 0.5 * gt_w, tb[:, 1] + 0.5 * gt_h
-    t_enc = torch.stack([wx * (gt_x - ex_x) / ex_w, wy * (gt_y - ex_y) / ex_h,
-                         ww * torch.log(gt_w / ex_w), wh_ * torch.log(gt_h / ex_h)], dim=1)
+    t_enc = torch.stack(
+        [
+            wx * (gt_x - ex_x) / ex_w,
+            wy * (gt_y - ex_y) / ex_h,
+            ww * torch.log(gt_w / ex_w),
+            wh_ * torch.log(gt_h / ex_h),
+        ],
+        dim=1,
+    )
     np.testing.assert_allclose(coder.encode(b, a), t_enc.numpy(), rtol=1e-6, atol=1e-6)
 
     # BoxCoder.decode_single(rel_codes, boxes=ta), with two boxes per row and some huge dw

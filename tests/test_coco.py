@@ -1,4 +1,5 @@
 """COCO format: RLE and polygons, CocoDataset reading and its errors, results and export."""
+
 import json
 import os
 import subprocess
@@ -25,9 +26,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 
 def test_rle_hand_example():
-    mask = np.array([[0, 1], [1, 1]], np.uint8)          # column-major: 0, 1 | 1, 1
+    mask = np.array([[0, 1], [1, 1]], np.uint8)  # column-major: 0, 1 | 1, 1
     assert rle_encode(mask) == {"size": [2, 2], "counts": [1, 3]}
-    assert rle_encode(np.ones((2, 3)))["counts"] == [0, 6]   # starts with an empty run of zeros
+    assert rle_encode(np.ones((2, 3)))["counts"] == [0, 6]  # starts with an empty run of zeros
     assert rle_encode(np.zeros((2, 3)))["counts"] == [6]
 
 
@@ -41,7 +42,7 @@ def test_rle_round_trips():
         np.testing.assert_array_equal(rle_decode(rle), mask)
         np.testing.assert_array_equal(rle_decode(rle_compress(rle)), mask)
         assert rle_string_to_counts(rle_counts_to_string(rle["counts"])) == rle["counts"]
-    big = [0, 70000, 3, 123456, 1, 1, 99999]              # large and negative differences
+    big = [0, 70000, 3, 123456, 1, 1, 99999]  # large and negative differences
     assert rle_string_to_counts(rle_counts_to_string(big)) == big
 
 
@@ -79,7 +80,7 @@ def test_polygon_rectangle_and_clipping():
 
 def test_polygon_union_and_even_odd():
     two = polygon_to_mask([[0, 0, 4, 0, 4, 4, 0, 4], [2, 2, 6, 2, 6, 6, 2, 6]], 8, 8)
-    assert two.sum() == 16 + 16 - 4                         # several polygons of one object: union
+    assert two.sum() == 16 + 16 - 4  # several polygons of one object: union
     # a self-overlapping outline (a square traced around twice over a hole) follows even-odd
     ring = [0, 0, 8, 0, 8, 8, 0, 8, 0, 0, 2, 2, 2, 6, 6, 6, 6, 2, 2, 2]
     m = polygon_to_mask([ring], 8, 8)
@@ -107,8 +108,12 @@ def test_polygon_matches_pycocotools():
     def reference(polys, h, w):
         return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w)))
 
-    for polys in ([[5, 5, 45, 5, 45, 35, 5, 35]], [[50, 5, 70, 5, 70, 45, 60, 45, 60, 15, 50, 15]],
-                  [[0, 0, 80, 0, 80, 60, 0, 60]], [[3, 4, 9, 4, 9, 20, 3, 20], [30, 30, 45, 30, 45, 45, 30, 45]]):
+    for polys in (
+        [[5, 5, 45, 5, 45, 35, 5, 35]],
+        [[50, 5, 70, 5, 70, 45, 60, 45, 60, 15, 50, 15]],
+        [[0, 0, 80, 0, 80, 60, 0, 60]],
+        [[3, 4, 9, 4, 9, 20, 3, 20], [30, 30, 45, 30, 45, 45, 30, 45]],
+    ):
         np.testing.assert_array_equal(polygon_to_mask(polys, 60, 80), reference(polys, 60, 80))
     rng = np.random.default_rng(2)
     for _ in range(200):
@@ -125,25 +130,25 @@ def test_polygon_matches_pycocotools():
 def test_reads_polygons_rle_crowd_and_empty_images(tmp_path):
     path, image_dir = write_coco(str(tmp_path))
     ds = CocoDataset(path, image_dir)
-    assert len(ds) == 3 and ds.image_ids == [2, 5, 9]            # ordered by id
+    assert len(ds) == 3 and ds.image_ids == [2, 5, 9]  # ordered by id
     assert ds.category_ids == [3, 7, 12] and ds.class_names == ("cat", "bird", "dog") and ds.num_classes == 3
 
-    image, t = ds[1]                                               # id 5: a.png, 60 x 80
+    image, t = ds[1]  # id 5: a.png, 60 x 80
     assert image.shape == (3, 60, 80) and image.dtype == np.float32 and t["image_id"] == 5
-    assert t["labels"].tolist() == [1, 3, 1, 1]                    # cat, dog, cat (crowd), cat
+    assert t["labels"].tolist() == [1, 3, 1, 1]  # cat, dog, cat (crowd), cat
     assert t["iscrowd"].tolist() == [0, 0, 1, 0]
-    np.testing.assert_array_equal(t["boxes"][0], [5, 5, 45, 35])   # xywh -> xyxy
+    np.testing.assert_array_equal(t["boxes"][0], [5, 5, 45, 35])  # xywh -> xyxy
     np.testing.assert_array_equal(t["area"], [1200, 500, 21 * 41, 150])
     assert t["masks"].shape == (4, 60, 80) and t["masks"].dtype == np.uint8
     assert t["masks"][0].sum() == 1200 and t["masks"][1].sum() == 500 and t["masks"][2].sum() == 21 * 41
     for box, mask in zip(t["boxes"], t["masks"]):
         np.testing.assert_array_equal(box, mask_to_box(mask))
 
-    image, t = ds[0]                                               # id 2: grey PNG -> 3 equal channels
+    image, t = ds[0]  # id 2: grey PNG -> 3 equal channels
     assert image.shape == (3, 50, 50) and (image[0] == image[1]).all() and (image[1] == image[2]).all()
-    assert t["masks"][1].sum() == 100 + 225                        # two polygons, one object
+    assert t["masks"][1].sum() == 100 + 225  # two polygons, one object
 
-    image, t = ds[2]                                               # id 9: JPEG without annotations
+    image, t = ds[2]  # id 9: JPEG without annotations
     assert image.shape == (3, 40, 70) and 0 <= image.min() and image.max() <= 1
     assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,) and t["masks"].shape == (0, 40, 70)
 
@@ -163,17 +168,27 @@ def test_masks_equal_pycocotools(tmp_path):
 def test_polygon_outside_image_is_clipped_and_wholly_outside_skipped(tmp_path):
     data = coco_dict()
     data["annotations"] += [
-        {"id": 20, "image_id": 9, "category_id": 7, "bbox": [60, 30, 20, 20],
-         "segmentation": [[60, 30, 80, 30, 80, 50, 60, 50]]},
-        {"id": 21, "image_id": 9, "category_id": 7, "bbox": [100, 0, 10, 10],
-         "segmentation": [[100, 0, 110, 0, 110, 10, 100, 10]]},
+        {
+            "id": 20,
+            "image_id": 9,
+            "category_id": 7,
+            "bbox": [60, 30, 20, 20],
+            "segmentation": [[60, 30, 80, 30, 80, 50, 60, 50]],
+        },
+        {
+            "id": 21,
+            "image_id": 9,
+            "category_id": 7,
+            "bbox": [100, 0, 10, 10],
+            "segmentation": [[100, 0, 110, 0, 110, 10, 100, 10]],
+        },
     ]
     path, image_dir = write_coco(str(tmp_path), data)
     with pytest.warns(UserWarning, match=r"annotations\[9\] \(id=21\)"):
         ds = CocoDataset(path, image_dir)
     t = ds.get_target(2)
     assert len(t["labels"]) == 1
-    np.testing.assert_array_equal(t["boxes"][0], [60, 30, 70, 40])   # clipped to the 40 x 70 image
+    np.testing.assert_array_equal(t["boxes"][0], [60, 30, 70, 40])  # clipped to the 40 x 70 image
     assert t["masks"][0].sum() == 10 * 10
 
 
@@ -186,7 +201,7 @@ def test_round_trip_shapes_export_coco(tmp_path):
         assert len(coco) == 12 and coco.class_names == shapes.class_names and coco.category_ids == [1, 2, 3]
         for i in range(12):
             (ia, ta), (ib, tb) = shapes[i], coco[i]
-            np.testing.assert_array_equal(ia, ib)                  # 8-bit colours: exact through PNG
+            np.testing.assert_array_equal(ia, ib)  # 8-bit colours: exact through PNG
             for key in ("boxes", "labels", "masks", "area", "iscrowd", "image_id"):
                 np.testing.assert_array_equal(ta[key], tb[key])
                 assert np.asarray(ta[key]).dtype == np.asarray(tb[key]).dtype
@@ -194,8 +209,23 @@ def test_round_trip_shapes_export_coco(tmp_path):
 
 def test_export_command_line(tmp_path):
     out = tmp_path / "shapes"
-    subprocess.run([sys.executable, "-m", "tinymrcnn.data", "export-shapes", str(out), "--num-images", "3",
-                    "--split", "train", "--seed", "4"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinymrcnn.data",
+            "export-shapes",
+            str(out),
+            "--num-images",
+            "3",
+            "--split",
+            "train",
+            "--seed",
+            "4",
+        ],
+        check=True,
+        capture_output=True,
+    )
     ds = CocoDataset(out / "annotations.json", out / "images")
     np.testing.assert_array_equal(ds[2][0], ShapesDataset(3, seed=4)[2][0])
 
@@ -209,19 +239,31 @@ def _write_bad(tmp_path, mutate):
     return write_coco(str(tmp_path), data, name="bad.json")
 
 
-@pytest.mark.parametrize("mutate,pattern", [
-    (lambda d: d.pop("categories"), r"bad\.json: missing field 'categories'"),
-    (lambda d: d["annotations"][1].pop("category_id"), r"bad\.json: annotations\[1\] \(id=2\): missing field 'category_id'"),
-    (lambda d: d["annotations"][3].pop("segmentation"), r"annotations\[3\] \(id=4\): missing field 'segmentation'"),
-    (lambda d: d["annotations"][2].update(category_id=99), r"annotations\[2\] \(id=3\): unknown category id 99"),
-    (lambda d: d["annotations"][0].update(image_id=1234), r"annotations\[0\] \(id=1\): image_id 1234 is not in"),
-    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotations\[0\] \(id=1\): bbox must be"),
-    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4]]), r"annotations\[0\] \(id=1\): segmentation polygon 0"),
-    (lambda d: d["annotations"][3]["segmentation"].update(size=[10, 10]), r"annotations\[3\] \(id=4\): RLE size \[10, 10\]"),
-    (lambda d: d["annotations"][2]["segmentation"]["counts"].append(5), r"annotations\[2\] \(id=3\): RLE counts"),
-    (lambda d: d["images"][1].pop("height"), r"bad\.json: images\[1\]: missing field 'height'"),
-    (lambda d: d["categories"].append({"id": 3, "name": "again"}), r"categories\[3\]: duplicate category id 3"),
-])
+@pytest.mark.parametrize(
+    "mutate,pattern",
+    [
+        (lambda d: d.pop("categories"), r"bad\.json: missing field 'categories'"),
+        (
+            lambda d: d["annotations"][1].pop("category_id"),
+            r"bad\.json: annotations\[1\] \(id=2\): missing field 'category_id'",
+        ),
+        (lambda d: d["annotations"][3].pop("segmentation"), r"annotations\[3\] \(id=4\): missing field 'segmentation'"),
+        (lambda d: d["annotations"][2].update(category_id=99), r"annotations\[2\] \(id=3\): unknown category id 99"),
+        (lambda d: d["annotations"][0].update(image_id=1234), r"annotations\[0\] \(id=1\): image_id 1234 is not in"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotations\[0\] \(id=1\): bbox must be"),
+        (
+            lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4]]),
+            r"annotations\[0\] \(id=1\): segmentation polygon 0",
+        ),
+        (
+            lambda d: d["annotations"][3]["segmentation"].update(size=[10, 10]),
+            r"annotations\[3\] \(id=4\): RLE size \[10, 10\]",
+        ),
+        (lambda d: d["annotations"][2]["segmentation"]["counts"].append(5), r"annotations\[2\] \(id=3\): RLE counts"),
+        (lambda d: d["images"][1].pop("height"), r"bad\.json: images\[1\]: missing field 'height'"),
+        (lambda d: d["categories"].append({"id": 3, "name": "again"}), r"categories\[3\]: duplicate category id 3"),
+    ],
+)
 def test_bad_annotation_files_name_the_file_and_entry(tmp_path, mutate, pattern):
     path, image_dir = _write_bad(tmp_path, mutate)
     with pytest.raises(ValueError, match=pattern):
@@ -263,9 +305,14 @@ def test_save_coco_results_is_read_by_pycocotools(tmp_path):
         t = ds.get_target(i)
         n = 3
         h, w = t["masks"].shape[1:]
-        preds.append({"boxes": np.sort(rng.uniform(0, min(h, w), (n, 4)), axis=1).astype(np.float32),
-                      "labels": rng.integers(1, 4, n), "scores": rng.random(n).astype(np.float32),
-                      "masks": rng.random((n, h, w)).astype(np.float32)})
+        preds.append(
+            {
+                "boxes": np.sort(rng.uniform(0, min(h, w), (n, 4)), axis=1).astype(np.float32),
+                "labels": rng.integers(1, 4, n),
+                "scores": rng.random(n).astype(np.float32),
+                "masks": rng.random((n, h, w)).astype(np.float32),
+            }
+        )
     gt = coco_mod.COCO(path)
     for iou_type in ("segm", "bbox"):
         out = tmp_path / f"results_{iou_type}.json"

@@ -16,6 +16,7 @@ production tile (256 threads) to check that its index arithmetic is right too.
 Tests marked ``gpu`` run the same kernels on real hardware and are skipped
 without it.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,6 +63,7 @@ RTOL = ATOL = 1e-5  # float32 sums of at most 60 terms of size ~1 against float6
 # ---------------------------------------------------------------------------
 # The reference: plain NumPy, float64, one (i, j) tap of the kernel at a time.
 
+
 def _pairs(stride, padding):
     s = (stride, stride) if np.isscalar(stride) else tuple(stride)
     p = (padding, padding) if np.isscalar(padding) else tuple(padding)
@@ -78,7 +80,7 @@ def conv2d_ref(x, w, b, stride, padding):
     y = np.zeros((N, O, Ho, Wo))
     for i in range(kh):
         for j in range(kw):
-            patch = xp[:, :, i:i + sh * Ho:sh, j:j + sw * Wo:sw]  # (N, C, Ho, Wo)
+            patch = xp[:, :, i : i + sh * Ho : sh, j : j + sw * Wo : sw]  # (N, C, Ho, Wo)
             y += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
     return y if b is None else y + b[None, :, None, None]
 
@@ -94,9 +96,9 @@ def conv2d_backward_ref(dy, x, w, stride, padding):
     dw = np.zeros_like(w)
     for i in range(kh):
         for j in range(kw):
-            dxp[:, :, i:i + sh * Ho:sh, j:j + sw * Wo:sw] += np.einsum("nohw,oc->nchw", dy, w[:, :, i, j])
-            dw[:, :, i, j] = np.einsum("nohw,nchw->oc", dy, xp[:, :, i:i + sh * Ho:sh, j:j + sw * Wo:sw])
-    return dxp[:, :, ph:ph + H, pw:pw + W], dw, dy.sum(axis=(0, 2, 3))
+            dxp[:, :, i : i + sh * Ho : sh, j : j + sw * Wo : sw] += np.einsum("nohw,oc->nchw", dy, w[:, :, i, j])
+            dw[:, :, i, j] = np.einsum("nohw,nchw->oc", dy, xp[:, :, i : i + sh * Ho : sh, j : j + sw * Wo : sw])
+    return dxp[:, :, ph : ph + H, pw : pw + W], dw, dy.sum(axis=(0, 2, 3))
 
 
 def conv_transpose2d_ref(x, w, b, stride, padding):
@@ -108,8 +110,8 @@ def conv_transpose2d_ref(x, w, b, stride, padding):
     yf = np.zeros((N, Co, Hf, Wf))
     for i in range(kh):
         for j in range(kw):
-            yf[:, :, i:i + sh * H:sh, j:j + sw * W:sw] += np.einsum("nchw,co->nohw", x, w[:, :, i, j])
-    y = yf[:, :, ph:Hf - ph, pw:Wf - pw]
+            yf[:, :, i : i + sh * H : sh, j : j + sw * W : sw] += np.einsum("nchw,co->nohw", x, w[:, :, i, j])
+    y = yf[:, :, ph : Hf - ph, pw : Wf - pw]
     return y if b is None else y + b[None, :, None, None]
 
 
@@ -123,7 +125,7 @@ def conv_transpose2d_backward_ref(dy, x, w, stride, padding):
     dw = np.zeros_like(w)
     for i in range(kh):
         for j in range(kw):
-            tap = dyf[:, :, i:i + sh * H:sh, j:j + sw * W:sw]  # (N, C_out, H, W)
+            tap = dyf[:, :, i : i + sh * H : sh, j : j + sw * W : sw]  # (N, C_out, H, W)
             dx += np.einsum("nohw,co->nchw", tap, w[:, :, i, j])
             dw[:, :, i, j] = np.einsum("nchw,nohw->co", x, tap)
     return dx, dw, dy.sum(axis=(0, 2, 3))
@@ -143,6 +145,7 @@ def _inputs(case, transpose, seed):
 
 # ---------------------------------------------------------------------------
 # The child process: run every case's kernels on the simulator.
+
 
 def _run_cases(inp):
     """Kernel outputs of every case, as a dict of NumPy arrays (keys 'name/out')."""
@@ -181,8 +184,13 @@ def sim(tmp_path_factory):
     in_path, out_path = d / "inputs.npz", d / "outputs.npz"
     np.savez(in_path, **inp)
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, __file__, "--simulate", str(in_path), str(out_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--simulate", str(in_path), str(out_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"simulator run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     with np.load(out_path) as f:
         inp.update(f)
@@ -209,8 +217,7 @@ def test_conv_transpose2d_kernels_match_reference_on_simulator(sim, name):
     stride, padding = TRANSPOSE_CASES[name][5:7]
     r = {a: sim[f"T:{name}/{a}"].astype(np.float64) for a in ("x", "w", "b", "dy")}
     _check(sim[f"T:{name}/y"], conv_transpose2d_ref(r["x"], r["w"], r["b"], stride, padding), "y")
-    _check(sim[f"T:{name}/y_nobias"], conv_transpose2d_ref(r["x"], r["w"], None, stride, padding),
-           "y (no bias)")
+    _check(sim[f"T:{name}/y_nobias"], conv_transpose2d_ref(r["x"], r["w"], None, stride, padding), "y (no bias)")
     refs = conv_transpose2d_backward_ref(r["dy"], r["x"], r["w"], stride, padding)
     for a, ref in zip(("dx", "dw", "db"), refs):
         _check(sim[f"T:{name}/{a}"], ref, a)
@@ -236,29 +243,32 @@ def test_simulator_outputs_match_cpu_ops(sim, transpose):
 # ---------------------------------------------------------------------------
 # The reference itself: its backward passes against finite differences.
 
+
 @pytest.mark.parametrize("transpose", [False, True])
 def test_reference_backward_matches_finite_differences(transpose):
     from tinymrcnn.gradcheck import gradcheck
+
     rng = np.random.default_rng(1)
     stride, padding = (2, 1), (1, 0)
     x = rng.standard_normal((2, 2, 4, 5))
     w = rng.standard_normal((2, 3, 3, 2) if transpose else (3, 2, 3, 2))
     b = rng.standard_normal(3)
-    fwd, bwd = ((conv_transpose2d_ref, conv_transpose2d_backward_ref) if transpose
-                else (conv2d_ref, conv2d_backward_ref))
-    errs = gradcheck(lambda x, w, b: fwd(x, w, b, stride, padding), [x, w, b],
-                     lambda g: bwd(g, x, w, stride, padding))
+    fwd, bwd = (conv_transpose2d_ref, conv_transpose2d_backward_ref) if transpose else (conv2d_ref, conv2d_backward_ref)
+    errs = gradcheck(lambda x, w, b: fwd(x, w, b, stride, padding), [x, w, b], lambda g: bwd(g, x, w, stride, padding))
     assert max(errs) < 1e-6, errs  # as the CPU conv layers; a wrong gradient gives ~1
 
 
 # ---------------------------------------------------------------------------
 # No GPU, no numba-cuda, bad input: one clear message.
 
+
 def test_cpu_path_never_imports_numba_cuda():
-    code = ("import sys, numpy as np, tinymrcnn, tinymrcnn.ops, tinymrcnn.kernels.cuda.conv\n"
-            "from tinymrcnn.kernels.cuda.device import is_cuda_array\n"
-            "assert not is_cuda_array(np.zeros(3))\n"
-            "assert 'numba.cuda' not in sys.modules, 'numba.cuda was imported'\n")
+    code = (
+        "import sys, numpy as np, tinymrcnn, tinymrcnn.ops, tinymrcnn.kernels.cuda.conv\n"
+        "from tinymrcnn.kernels.cuda.device import is_cuda_array\n"
+        "assert not is_cuda_array(np.zeros(3))\n"
+        "assert 'numba.cuda' not in sys.modules, 'numba.cuda was imported'\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -296,6 +306,7 @@ def test_bad_input_is_rejected_before_any_kernel():
 # ---------------------------------------------------------------------------
 # Real hardware (skipped without it): production tile, medium shapes.
 
+
 def _real_gpu():
     return cuda_available() and not is_simulator()
 
@@ -309,13 +320,18 @@ def test_kernels_on_gpu_match_reference(transpose, stride, padding):
     case = (2, 24, 19, 23, (40, 24, k, k) if not transpose else (24, 40, k, k), stride, padding, None)
     x, w, b, dy = _inputs(case, transpose, seed=7)
     f64 = [a.astype(np.float64) for a in (x, w, b, dy)]
-    fwd, bwd = ((conv_transpose2d_forward_cuda, conv_transpose2d_backward_cuda) if transpose
-                else (conv2d_forward_cuda, conv2d_backward_cuda))
-    rfwd, rbwd = ((conv_transpose2d_ref, conv_transpose2d_backward_ref) if transpose
-                  else (conv2d_ref, conv2d_backward_ref))
+    fwd, bwd = (
+        (conv_transpose2d_forward_cuda, conv_transpose2d_backward_cuda)
+        if transpose
+        else (conv2d_forward_cuda, conv2d_backward_cuda)
+    )
+    rfwd, rbwd = (
+        (conv_transpose2d_ref, conv_transpose2d_backward_ref) if transpose else (conv2d_ref, conv2d_backward_ref)
+    )
     tol = dict(rtol=1e-4, atol=1e-3)  # sums of up to ~10^4 float32 terms
-    np.testing.assert_allclose(to_host(fwd(x, w, b, stride, padding)),
-                               rfwd(f64[0], f64[1], f64[2], stride, padding), **tol)
+    np.testing.assert_allclose(
+        to_host(fwd(x, w, b, stride, padding)), rfwd(f64[0], f64[1], f64[2], stride, padding), **tol
+    )
     for got, ref in zip(bwd(dy, x, w, stride, padding), rbwd(f64[3], f64[0], f64[1], stride, padding)):
         np.testing.assert_allclose(to_host(got), ref, **tol)
 

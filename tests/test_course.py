@@ -4,6 +4,7 @@ The grader runs a student's code in a subprocess; these tests make student
 copies in tmp folders, grade them, and plant the usual mistakes to check
 that the grader names the failing check and the difference.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,8 +33,8 @@ from tinymrcnn.course.make import (
 )
 from tinymrcnn.course.runner import DecodeError, read_value, write_value
 
-PACKAGE_PARENT = Path(tinymrcnn.__file__).resolve().parent.parent     # the solution's folder
-REPO = Path(__file__).resolve().parent.parent                          # the checkout (may differ: pip install .)
+PACKAGE_PARENT = Path(tinymrcnn.__file__).resolve().parent.parent  # the solution's folder
+REPO = Path(__file__).resolve().parent.parent  # the checkout (may differ: pip install .)
 NOTEBOOKS = REPO / "notebooks" / "exercises"
 
 
@@ -41,7 +42,7 @@ NOTEBOOKS = REPO / "notebooks" / "exercises"
 def blank(tmp_path_factory):
     """A student copy with every exercise blanked (made once for the module)."""
     out = tmp_path_factory.mktemp("student")
-    info = make_student(out)                     # the notebooks from the package's own copy
+    info = make_student(out)  # the notebooks from the package's own copy
     return out, info
 
 
@@ -55,9 +56,10 @@ def blank_report(blank):
 # ---------------------------------------------------------------------------
 def test_every_exercise_part_has_exactly_one_marked_region():
     regions = find_regions()
-    check_regions(regions)                                   # raises on any mismatch
+    check_regions(regions)  # raises on any mismatch
     assert sorted((r.exercise, r.function) for r in regions) == sorted(
-        (ex.name, p.function) for ex in EXERCISES for p in ex.parts)
+        (ex.name, p.function) for ex in EXERCISES for p in ex.parts
+    )
     assert [ex.number for ex in EXERCISES] == list(range(1, len(EXERCISES) + 1))
     for ex in EXERCISES:
         assert ex.minutes > 0 and ex.teaches and ex.title
@@ -96,7 +98,7 @@ def test_stub_source_keeps_given_lines_and_indentation(tmp_path):
     encode = tree.body[0].body[0]
     assert ast.get_docstring(encode).startswith("EXERCISE 2 (box_coder")
     assert "Original docstring" not in out and "a * 2" not in out
-    assert isinstance(encode.body[1], ast.Expr)               # check(a): given, kept
+    assert isinstance(encode.body[1], ast.Expr)  # check(a): given, kept
     assert isinstance(encode.body[-1], ast.Raise) and encode.body[-1].col_offset == 8
     assert "def other(self):\n        return 1" in out
     # not chosen: the code stays, only the marker lines go
@@ -104,13 +106,18 @@ def test_stub_source_keeps_given_lines_and_indentation(tmp_path):
     assert "return a * 2" in kept and "--- end exercise ---" not in kept
 
 
-@pytest.mark.parametrize("bad, message", [
-    (SOURCE.replace("        # --- end exercise ---\n", ""), "no '# --- end exercise ---'"),
-    (SOURCE.replace("        # --- exercise: box_coder ---\n", "    # --- exercise: box_coder ---\n"),
-     "body's indentation"),
-    (SOURCE.replace("# --- exercise: box_coder ---", "# --- exercise box_coder ---"), "malformed"),
-    ("# --- exercise: x ---\nA = 1\n# --- end exercise ---\n", "not inside a function"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (SOURCE.replace("        # --- end exercise ---\n", ""), "no '# --- end exercise ---'"),
+        (
+            SOURCE.replace("        # --- exercise: box_coder ---\n", "    # --- exercise: box_coder ---\n"),
+            "body's indentation",
+        ),
+        (SOURCE.replace("# --- exercise: box_coder ---", "# --- exercise box_coder ---"), "malformed"),
+        ("# --- exercise: x ---\nA = 1\n# --- end exercise ---\n", "not inside a function"),
+    ],
+)
 def test_marker_errors_are_reported(bad, message):
     with pytest.raises(MarkerError, match=message):
         regions_in_source(bad, Path("f.py"))
@@ -156,9 +163,14 @@ def test_student_copy_has_a_stub_for_every_part_and_no_solution(blank):
             assert f"Exercise {r.exercise}: write {r.function}" in ast.unparse(raise_)
             assert ast.get_docstring(fn).startswith(f"EXERCISE {BY_NAME[r.exercise].number} ({r.exercise}")
             # no line of the solution's region survives (unless the same line exists elsewhere)
-            leaked = [line for line in solution[r.start:r.end - 1]
-                      if len(line.strip()) > 20 and line.strip() in student and line.strip() not in outside
-                      and line.strip() not in given]
+            leaked = [
+                line
+                for line in solution[r.start : r.end - 1]
+                if len(line.strip()) > 20
+                and line.strip() in student
+                and line.strip() not in outside
+                and line.strip() not in given
+            ]
             assert not leaked, (r.function, leaked[:3])
     assert not (out / "tinymrcnn" / "course" / "grade.py").exists()
     assert not (out / "tinymrcnn" / "course" / "runner.py").exists()
@@ -189,13 +201,12 @@ def test_a_missing_notebook_is_an_error(tmp_path, capsys):
     out = tmp_path / "handout"
     with pytest.raises(MissingNotebookError, match="no exercise notebook 02_box_coder.ipynb in "):
         make_student(out, "box_coder", notebooks=tmp_path / "nbs", check_import=False)
-    assert not out.exists()                                   # checked before anything is written
+    assert not out.exists()  # checked before anything is written
     with pytest.raises(SystemExit) as e:
-        cli_main(["course", "make-student", str(out), "--exercises", "box_coder",
-                  "--notebooks", str(tmp_path / "nbs")])
+        cli_main(["course", "make-student", str(out), "--exercises", "box_coder", "--notebooks", str(tmp_path / "nbs")])
     assert e.value.code != 0 and "\n" not in str(e.value.code)
     assert str(e.value.code).startswith("tinymrcnn course make-student: no exercise notebook 02_box_coder.ipynb")
-    info = make_student(out, "box_coder", notebooks=False, check_import=False)   # on purpose: none
+    info = make_student(out, "box_coder", notebooks=False, check_import=False)  # on purpose: none
     assert info["notebooks"] == [] and not (out / "notebooks").exists()
 
 
@@ -224,28 +235,42 @@ print(fallback_note())
 """
     import subprocess
     import sys
+
     env = dict(os.environ, PYTHONPATH=str(out), NUMBA_DISABLE_JIT="1")
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "['box_coder', 'conv2d_backward', 'mask_loss', 'proposals', 'roi_align_forward']"
     assert lines[1] == "[[0.25, 0.5, 0.0, 0.0]]"
     assert lines[2] == "True True" and lines[3] == "2"
     assert lines[4] == "own: Exercise roi_align_backward: write roi_align_backward_reference"
-    assert lines[5].startswith("note: not written yet, so the reference solution runs for: exercise 1 "
-                               "conv2d_backward (conv2d_backward_reference); exercise 2 box_coder")
+    assert lines[5].startswith(
+        "note: not written yet, so the reference solution runs for: exercise 1 "
+        "conv2d_backward (conv2d_backward_reference); exercise 2 box_coder"
+    )
     # no reference in the copy: the note says what is needed first
     bare = tmp_path / "bare"
     make_student(bare, "box_coder,mask_loss", reference=False, notebooks=False, check_import=False)
     assert not (bare / "tinymrcnn" / "course" / "reference").exists()
-    res = subprocess.run([sys.executable, "-c", "from tinymrcnn.course.notebook import *\n"
-                          "use_reference_for_stubs('mask_loss'); print(fallback_note())"],
-                         cwd=tmp_path, env=dict(env, PYTHONPATH=str(bare)), capture_output=True, text=True,
-                         timeout=300)
-    assert res.stdout.strip() == ("note: not written yet and no reference in this copy: exercise 2 box_coder "
-                                  "(BoxCoder.encode, BoxCoder.decode): the cells that train the model need "
-                                  "those first."), res.stdout + res.stderr
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tinymrcnn.course.notebook import *\nuse_reference_for_stubs('mask_loss'); print(fallback_note())",
+        ],
+        cwd=tmp_path,
+        env=dict(env, PYTHONPATH=str(bare)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.stdout.strip() == (
+        "note: not written yet and no reference in this copy: exercise 2 box_coder "
+        "(BoxCoder.encode, BoxCoder.decode): the cells that train the model need "
+        "those first."
+    ), res.stdout + res.stderr
 
 
 def test_make_student_refuses_to_overwrite(blank):
@@ -363,13 +388,18 @@ return out
 
 
 def test_planted_half_pixel_offset_in_roi_align_forward(tmp_path):
-    checks, result, text = _planted(tmp_path, "roi_align_forward", {
-        "roi_sample_points": SAMPLE_POINTS_NO_OFFSET, "bilinear_reference": BILINEAR,
-        "roi_align_reference": POOL})
+    checks, result, text = _planted(
+        tmp_path,
+        "roi_align_forward",
+        {"roi_sample_points": SAMPLE_POINTS_NO_OFFSET, "bilinear_reference": BILINEAR, "roi_align_reference": POOL},
+    )
     # aligned=False does not need the offset: those checks pass with this code
-    for name in ("RoIAlign's known answer (detectron2's test), aligned=False",
-                 "roi_sample_points: the walkthrough's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
-                 "bilinear_reference: edges, out of range and NaN", "mode=\"max\": the largest sample of each bin"):
+    for name in (
+        "RoIAlign's known answer (detectron2's test), aligned=False",
+        "roi_sample_points: the walkthrough's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
+        "bilinear_reference: edges, out of range and NaN",
+        'mode="max": the largest sample of each bin',
+    ):
         assert checks[name].passed, (name, checks[name].message)
     known = checks["RoIAlign's known answer (detectron2's test), aligned=True"]
     assert not known.passed
@@ -386,18 +416,25 @@ def test_planted_half_pixel_offset_in_roi_align_forward(tmp_path):
 
 SAMPLE_POINTS = SAMPLE_POINTS_NO_OFFSET.replace(
     "offset = 0.0                                   # the slip: no half-pixel shift when aligned",
-    "offset = 0.5 if aligned else 0.0")
-SAMPLE_POINT_CHECKS = ("roi_sample_points: the blog's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
-                       "roi_sample_points: adaptive grid, aligned=True, (3, 4) bins",
-                       "roi_sample_points: a NaN box gets no sampling points (adaptive grid)")
+    "offset = 0.5 if aligned else 0.0",
+)
+SAMPLE_POINT_CHECKS = (
+    "roi_sample_points: the blog's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
+    "roi_sample_points: adaptive grid, aligned=True, (3, 4) bins",
+    "roi_sample_points: a NaN box gets no sampling points (adaptive grid)",
+)
 
 
 def test_a_wrong_bilinear_weight_names_the_function_to_fix_first(tmp_path):
-    swapped = BILINEAR.replace("(y0, x1, (1 - ly) * lx), (y1, x0, ly * (1 - lx))",
-                               "(y0, x1, ly * (1 - lx)), (y1, x0, (1 - ly) * lx)")   # the slip
+    swapped = BILINEAR.replace(
+        "(y0, x1, (1 - ly) * lx), (y1, x0, ly * (1 - lx))", "(y0, x1, ly * (1 - lx)), (y1, x0, (1 - ly) * lx)"
+    )  # the slip
     assert swapped != BILINEAR
-    checks, result, text = _planted(tmp_path, "roi_align_forward", {
-        "roi_sample_points": SAMPLE_POINTS, "bilinear_reference": swapped, "roi_align_reference": POOL})
+    checks, result, text = _planted(
+        tmp_path,
+        "roi_align_forward",
+        {"roi_sample_points": SAMPLE_POINTS, "bilinear_reference": swapped, "roi_align_reference": POOL},
+    )
     assert all(checks[n].passed for n in SAMPLE_POINT_CHECKS), [checks[n].message for n in SAMPLE_POINT_CHECKS]
     inside = checks["bilinear_reference: points inside the map"]
     assert not inside.passed and "expected taps" in inside.message
@@ -414,11 +451,15 @@ def test_a_wrong_bilinear_weight_names_the_function_to_fix_first(tmp_path):
 
 
 def test_an_exception_in_provided_code_is_traced_to_the_students_function(tmp_path):
-    off_by_one = BILINEAR.replace("y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)",
-                                  "y1, x1 = y0 + 1, x0 + 1")                          # the slip
+    off_by_one = BILINEAR.replace(
+        "y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)", "y1, x1 = y0 + 1, x0 + 1"
+    )  # the slip
     assert off_by_one != BILINEAR
-    checks, result, text = _planted(tmp_path, "roi_align_forward", {
-        "roi_sample_points": SAMPLE_POINTS, "bilinear_reference": off_by_one, "roi_align_reference": POOL})
+    checks, result, text = _planted(
+        tmp_path,
+        "roi_align_forward",
+        {"roi_sample_points": SAMPLE_POINTS, "bilinear_reference": off_by_one, "roi_align_reference": POOL},
+    )
     raised = [c for c in checks.values() if c.error and c.error[0] == "IndexError"]
     assert raised, [c.message for c in checks.values()]
     for c in raised:
@@ -454,8 +495,7 @@ def test_planted_mask_loss_averaged_over_all_channels(tmp_path):
     assert "constant factor ~0.25" in checks["gradient on each RoI's ground-truth channel"].message
     # consistent with itself, and zero where it should be: those checks pass
     assert checks["exactly zero gradient on the other K - 1 channels"].passed
-    assert checks["your gradient matches finite differences of your loss "
-                  "(float64, relative error <= 1e-6)"].passed
+    assert checks["your gradient matches finite differences of your loss (float64, relative error <= 1e-6)"].passed
     assert checks["no RoIs (R = 0): loss 0 and an empty gradient"].passed
     assert 0 < result.score < 100
 
@@ -471,8 +511,9 @@ def test_a_crash_in_a_required_exercise_points_there(tmp_path):
     # proposals calls the box coder: with decode still blank, the proposal checks name the box coder
     out = tmp_path / "dep"
     make_student(out, "box_coder,proposals", notebooks=False, check_import=False)
-    replace_stub(out, "proposals", "generate_proposals",
-                 "box_coder.decode(deltas[0][0], anchors[0])\nreturn [], [], []")
+    replace_stub(
+        out, "proposals", "generate_proposals", "box_coder.decode(deltas[0][0], anchors[0])\nreturn [], [], []"
+    )
     report = grade(out, "box_coder,proposals")
     prop = report.exercises[1]
     assert prop.exercise.name == "proposals" and prop.score == 0
@@ -522,20 +563,23 @@ def test_an_unbounded_allocation_is_stopped_by_the_memory_limit(tmp_path):
     assert alloc.score == 0
     for c in alloc.checks:
         assert c.message.startswith("exceeded the memory limit (800 MiB)"), c.message
-        assert "losses.py" in c.message and "in mask_loss" in c.message        # where it was allocating
+        assert "losses.py" in c.message and "in mask_loss" in c.message  # where it was allocating
 
 
 def test_the_reference_is_off_while_grading(tmp_path):
     # a handout's course/reference/ holds the answers; the student's package cannot use them when graded
-    body = ("from tinymrcnn.course.exercises import BY_NAME\n"
-            "from tinymrcnn.course.notebook import _reference_module\n"
-            "return _reference_module(BY_NAME['mask_loss']).mask_loss(mask_logits, labels, mask_targets)")
+    body = (
+        "from tinymrcnn.course.exercises import BY_NAME\n"
+        "from tinymrcnn.course.notebook import _reference_module\n"
+        "return _reference_module(BY_NAME['mask_loss']).mask_loss(mask_logits, labels, mask_targets)"
+    )
     out = _student_with(tmp_path, "ref", body)
     assert (out / "tinymrcnn" / "course" / "reference" / "losses.py").is_file()
     (res,) = grade(out, "mask_loss").exercises
     assert res.score == 0
-    assert all("raised AttributeError: 'NoneType' object has no attribute 'mask_loss'" in c.message
-               for c in res.checks), [c.message for c in res.checks]
+    assert all(
+        "raised AttributeError: 'NoneType' object has no attribute 'mask_loss'" in c.message for c in res.checks
+    ), [c.message for c in res.checks]
 
 
 PLANT = """
@@ -567,26 +611,36 @@ os._exit(0)
 
 def test_a_crafted_result_file_is_rejected_and_runs_nothing(tmp_path):
     import pickle
+
     marker, planted = tmp_path / "code-ran", tmp_path / "planted.pkl"
     out = _student_with(tmp_path, "crafted", PLANT % {"marker": str(marker), "planted": str(planted)})
     report = grade(out, "mask_loss", limits=Limits(wall_seconds=60, restarts=0))
     (res,) = report.exercises
-    assert planted.exists()                    # the student's code did plant its files
-    assert not marker.exists()                 # ... and the grader executed none of it
+    assert planted.exists()  # the student's code did plant its files
+    assert not marker.exists()  # ... and the grader executed none of it
     assert res.score == 0
     for c in res.checks:
         assert c.message.startswith("rejected the result file of this call"), c.message
     messages = " ".join(c.message for c in res.checks)
     assert "Object arrays cannot be loaded" in messages and "unknown tag" in messages
-    with open(planted, "rb") as f:             # the planted file is live: pickle.load would have run it
+    with open(planted, "rb") as f:  # the planted file is live: pickle.load would have run it
         pickle.load(f)
     assert marker.read_text() == "ran"
 
 
 def test_results_round_trip_through_json_and_npz(tmp_path):
-    value = {"ok": True, "value": (np.arange(6.0).reshape(2, 3), [np.float32(1.5), 2, None, "s", True],
-                                   {"counts": {"topk": 3}}, np.zeros((0, 5)), 1 + 2j, float("nan"),
-                                   {"__unplain__": "Foo", "repr": "Foo()"})}
+    value = {
+        "ok": True,
+        "value": (
+            np.arange(6.0).reshape(2, 3),
+            [np.float32(1.5), 2, None, "s", True],
+            {"counts": {"topk": 3}},
+            np.zeros((0, 5)),
+            1 + 2j,
+            float("nan"),
+            {"__unplain__": "Foo", "repr": "Foo()"},
+        ),
+    }
     write_value(str(tmp_path / "r"), value)
     back = read_value(str(tmp_path / "r"))
     a, items, d, empty, z, nan, odd = back["value"]
@@ -601,7 +655,8 @@ def test_results_round_trip_through_json_and_npz(tmp_path):
 
 def test_result_arrays_that_unpack_too_large_are_refused(tmp_path, monkeypatch):
     from tinymrcnn.course import runner
-    np.savez_compressed(tmp_path / "z.npz", a0=np.zeros(100_000))      # 800 kB unpacked, a few kB packed
+
+    np.savez_compressed(tmp_path / "z.npz", a0=np.zeros(100_000))  # 800 kB unpacked, a few kB packed
     (tmp_path / "z.json").write_text(json.dumps({"arrays": ["a0"], "value": {"__array__": "a0"}}))
     assert read_value(str(tmp_path / "z")).shape == (100_000,)
     monkeypatch.setattr(runner, "MAX_NPZ_BYTES", 100_000)
@@ -657,12 +712,13 @@ def test_exercise_notebook_runs_against_the_solution(exercise, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     assert all(c.get("outputs", []) == [] for c in nb.cells if c.cell_type == "code"), "store notebooks stripped"
     monkeypatch.setenv("TINYMRCNN_NOTEBOOK_SMALL", "1")
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     out = "".join(o.get("text", "") for o in outputs)
     assert "tinymrcnn from" in out and "short run: True" in out
-    assert "note: not written yet" not in out                 # the solution: nothing falls back
+    assert "note: not written yet" not in out  # the solution: nothing falls back
     _assert_figures_shown(nb)
 
 
@@ -681,8 +737,9 @@ def _assert_figures_shown(nb):
 def _solution_body(exercise, function):
     """The solution's code of one exercise region, dedented (what a student writes)."""
     import textwrap
+
     (r,) = [r for r in find_regions() if (r.exercise, r.function) == (exercise, function)]
-    return textwrap.dedent("\n".join(r.path.read_text().splitlines()[r.start:r.end - 1]))
+    return textwrap.dedent("\n".join(r.path.read_text().splitlines()[r.start : r.end - 1]))
 
 
 @pytest.mark.slow
@@ -692,20 +749,25 @@ def test_exercise_1_alone_runs_its_notebook_to_the_end(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     out = tmp_path / "handout"
     make_student(out)
-    replace_stub(out, "conv2d_backward", "conv2d_backward_reference",
-                 _solution_body("conv2d_backward", "conv2d_backward_reference"))
+    replace_stub(
+        out,
+        "conv2d_backward",
+        "conv2d_backward_reference",
+        _solution_body("conv2d_backward", "conv2d_backward_reference"),
+    )
     path = out / "notebooks" / "exercises" / BY_NAME["conv2d_backward"].notebook
     nb = nbformat.read(path, as_version=4)
     monkeypatch.setenv("TINYMRCNN_NOTEBOOK_SMALL", "1")
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
     assert f"tinymrcnn from {out / 'tinymrcnn'}" in text
     assert "your conv2d backward equals the fast kernel" in text
     note = "note: not written yet, so the reference solution runs for: exercise 2 box_coder"
-    assert text.count(note) == 2, text                      # once at the start, once in the training cell
-    assert "conv2d_backward (" not in text.split(note)[1].split("\n")[0]   # its own exercise is not replaced
+    assert text.count(note) == 2, text  # once at the start, once in the training cell
+    assert "conv2d_backward (" not in text.split(note)[1].split("\n")[0]  # its own exercise is not replaced
     _assert_figures_shown(nb)
 
 
@@ -714,8 +776,13 @@ def test_the_wheel_holds_the_exercise_notebooks(tmp_path):
     import subprocess
     import sys
     import zipfile
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
-                          str(REPO)], capture_output=True, text=True, timeout=600)
+
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if res.returncode != 0:
         pytest.skip(f"could not build a wheel here: {res.stderr[-300:]}")
     (wheel,) = tmp_path.glob("tinymrcnn-*.whl")

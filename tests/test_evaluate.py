@@ -1,4 +1,5 @@
 """coco_evaluate against pycocotools' COCOeval, plus the cases whose answer is known by hand."""
+
 import contextlib
 import io
 
@@ -32,7 +33,7 @@ def random_predictions(dataset, rng, round_scores=False):
             x1, y1 = rng.uniform(0, w - 2), rng.uniform(0, h - 2)
             x2, y2 = min(x1 + rng.uniform(2, 60), w), min(y1 + rng.uniform(2, 60), h)
             m = np.zeros((h, w))
-            m[int(y1):int(y2), int(x1):int(x2)] = rng.random()
+            m[int(y1) : int(y2), int(x1) : int(x2)] = rng.random()
             masks.append(m)
             boxes.append([x1, y1, x2, y2])
             labels.append(rng.integers(1, dataset.num_classes + 1))
@@ -40,8 +41,14 @@ def random_predictions(dataset, rng, round_scores=False):
         scores = rng.random(n)
         if round_scores:
             scores = np.round(scores, 1)
-        preds.append({"boxes": np.array(boxes, np.float32).reshape(n, 4), "labels": np.array(labels, np.int64),
-                      "scores": scores.astype(np.float32), "masks": np.array(masks, np.float32).reshape(n, h, w)})
+        preds.append(
+            {
+                "boxes": np.array(boxes, np.float32).reshape(n, 4),
+                "labels": np.array(labels, np.int64),
+                "scores": scores.astype(np.float32),
+                "masks": np.array(masks, np.float32).reshape(n, h, w),
+            }
+        )
     return preds
 
 
@@ -72,18 +79,19 @@ def pycocotools_eval(gt_json, preds, image_ids, iou_type, category_ids):
 
 def assert_same_as_cocoeval(ours, ev):
     np.testing.assert_allclose([ours[k] for k in STATS], ev.stats[:6], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(ours["AR"], ev.stats[8], rtol=0, atol=1e-6)             # AR@100, all areas
+    np.testing.assert_allclose(ours["AR"], ev.stats[8], rtol=0, atol=1e-6)  # AR@100, all areas
     np.testing.assert_allclose(ours["precision"], ev.eval["precision"][..., -1], rtol=0, atol=1e-6)
     np.testing.assert_allclose(ours["recall"], ev.eval["recall"][..., -1], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("iou_type", ["segm", "bbox"])
-@pytest.mark.parametrize("size,difficulty,ties", [(128, "normal", False), (128, "hard", True),
-                                                  (256, "normal", True), (256, "hard", False)])
+@pytest.mark.parametrize(
+    "size,difficulty,ties", [(128, "normal", False), (128, "hard", True), (256, "normal", True), (256, "hard", False)]
+)
 def test_matches_pycocotools_on_shapes(tmp_path, iou_type, size, difficulty, ties):
     ds = ShapesDataset(25, image_size=size, seed=3, split="val", difficulty=difficulty)
     preds = random_predictions(ds, np.random.default_rng(size + ties), round_scores=ties)
-    gt_json = export_to_coco(ds, str(tmp_path))                 # annotation area = mask pixel count
+    gt_json = export_to_coco(ds, str(tmp_path))  # annotation area = mask pixel count
     ours = coco_evaluate(preds, ds, iou_type=iou_type)
     ev = pycocotools_eval(gt_json, preds, list(range(len(ds))), iou_type, [1, 2, 3])
     assert_same_as_cocoeval(ours, ev)
@@ -99,14 +107,14 @@ def test_matches_pycocotools_with_crowd_regions(tmp_path, iou_type, seed):
     ds = CocoDataset(path, image_dir)
     rng = np.random.default_rng(seed)
     preds = random_predictions(ds, rng)
-    for i, pred in enumerate(preds):                            # add detections inside the crowd regions
+    for i, pred in enumerate(preds):  # add detections inside the crowd regions
         t = ds.get_target(i)
         for mask, label in zip(t["masks"][t["iscrowd"] == 1], t["labels"][t["iscrowd"] == 1]):
             ys, xs = np.nonzero(mask)
             for _ in range(3):
                 y1, x1 = rng.integers(ys.min(), ys.max()), rng.integers(xs.min(), xs.max())
                 part = np.zeros_like(mask, dtype=np.float32)
-                part[y1:y1 + rng.integers(3, 12), x1:x1 + rng.integers(3, 12)] = 1
+                part[y1 : y1 + rng.integers(3, 12), x1 : x1 + rng.integers(3, 12)] = 1
                 part *= mask
                 pred["masks"] = np.concatenate([pred["masks"], part[None]])
                 pred["boxes"] = np.concatenate([pred["boxes"], [[x1, y1, x1 + 5, y1 + 5]]]).astype(np.float32)
@@ -121,8 +129,14 @@ def _perfect(dataset):
     preds = []
     for i in range(len(dataset)):
         _, t = dataset[i]
-        preds.append({"boxes": t["boxes"], "labels": t["labels"], "scores": np.linspace(1, 0.5, len(t["labels"])),
-                      "masks": t["masks"].astype(np.float32)})
+        preds.append(
+            {
+                "boxes": t["boxes"],
+                "labels": t["labels"],
+                "scores": np.linspace(1, 0.5, len(t["labels"])),
+                "masks": t["masks"].astype(np.float32),
+            }
+        )
     return preds
 
 
@@ -132,7 +146,7 @@ def test_perfect_predictions_give_ap_one(iou_type):
     r = coco_evaluate(_perfect(ds), ds, iou_type=iou_type)
     for key in ("AP", "AP50", "AP75", "APs", "APm", "AR"):
         assert r[key] == pytest.approx(1.0, abs=1e-12)
-    assert r["APl"] == -1                                       # no shape is large at 128 px: undefined
+    assert r["APl"] == -1  # no shape is large at 128 px: undefined
     assert r["per_class"] == pytest.approx({"square": 1.0, "circle": 1.0, "triangle": 1.0})
     assert r["precision"].shape == (10, 101, 3, 4) and r["recall"].shape == (10, 3, 4)
 
@@ -147,31 +161,49 @@ def _one_image(gt_masks, labels, iscrowd=None):
         def __getitem__(self, i):
             masks = np.array(gt_masks, np.uint8)
             from tinymrcnn.data.segmentation import masks_to_boxes
-            return None, {"boxes": masks_to_boxes(masks), "labels": np.array(labels), "masks": masks,
-                          "iscrowd": np.zeros(len(labels)) if iscrowd is None else np.array(iscrowd)}
+
+            return None, {
+                "boxes": masks_to_boxes(masks),
+                "labels": np.array(labels),
+                "masks": masks,
+                "iscrowd": np.zeros(len(labels)) if iscrowd is None else np.array(iscrowd),
+            }
+
     return Tiny()
 
 
 def _square(y, x, s, size=64):
     m = np.zeros((size, size), np.float32)
-    m[y:y + s, x:x + s] = 1
+    m[y : y + s, x : x + s] = 1
     return m
 
 
 def test_known_answers():
     # one object, found once plus a lower-scored duplicate: the duplicate comes after full recall -> AP 1
     ds = _one_image([_square(10, 10, 20)], [1])
-    dup = {"boxes": np.array([[10, 10, 30, 30]] * 2, np.float32), "labels": np.array([1, 1]),
-           "scores": np.array([0.9, 0.8]), "masks": np.stack([_square(10, 10, 20)] * 2)}
+    dup = {
+        "boxes": np.array([[10, 10, 30, 30]] * 2, np.float32),
+        "labels": np.array([1, 1]),
+        "scores": np.array([0.9, 0.8]),
+        "masks": np.stack([_square(10, 10, 20)] * 2),
+    }
     assert coco_evaluate([dup], ds)["AP"] == pytest.approx(1.0)
     # the duplicate scored higher than a false positive elsewhere does not matter; a false positive
     # scored above the match halves the precision at every recall: AP = 0.5
-    fp_first = {"boxes": np.array([[40, 40, 60, 60], [10, 10, 30, 30]], np.float32), "labels": np.array([1, 1]),
-                "scores": np.array([0.9, 0.8]), "masks": np.stack([_square(40, 40, 20), _square(10, 10, 20)])}
+    fp_first = {
+        "boxes": np.array([[40, 40, 60, 60], [10, 10, 30, 30]], np.float32),
+        "labels": np.array([1, 1]),
+        "scores": np.array([0.9, 0.8]),
+        "masks": np.stack([_square(40, 40, 20), _square(10, 10, 20)]),
+    }
     assert coco_evaluate([fp_first], ds)["AP"] == pytest.approx(0.5, abs=1e-6)
     # no detections: AP 0; no ground truth at all: AP undefined (-1)
-    empty = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64), "scores": np.zeros(0),
-             "masks": np.zeros((0, 64, 64))}
+    empty = {
+        "boxes": np.zeros((0, 4)),
+        "labels": np.zeros(0, np.int64),
+        "scores": np.zeros(0),
+        "masks": np.zeros((0, 64, 64)),
+    }
     assert coco_evaluate([empty], ds)["AP"] == 0.0
     with pytest.warns(UserWarning, match="no ground truth"):
         assert coco_evaluate([fp_first], _one_image(np.zeros((0, 64, 64)), []))["AP"] == -1.0
@@ -180,8 +212,12 @@ def test_known_answers():
 def test_detections_on_a_crowd_region_are_ignored():
     ds = _one_image([_square(10, 10, 20), _square(35, 35, 25)], [1, 1], iscrowd=[0, 1])
     masks = np.stack([_square(10, 10, 20), _square(36, 36, 5), _square(45, 45, 8)])
-    pred = {"boxes": np.array([[10, 10, 30, 30], [36, 36, 41, 41], [45, 45, 53, 53]], np.float32),
-            "labels": np.array([1, 1, 1]), "scores": np.array([0.5, 0.9, 0.8]), "masks": masks}
+    pred = {
+        "boxes": np.array([[10, 10, 30, 30], [36, 36, 41, 41], [45, 45, 53, 53]], np.float32),
+        "labels": np.array([1, 1, 1]),
+        "scores": np.array([0.5, 0.9, 0.8]),
+        "masks": masks,
+    }
     # the two higher-scored detections sit inside the crowd: neither true nor false positives
     assert coco_evaluate([pred], ds)["AP"] == pytest.approx(1.0)
     assert coco_evaluate([pred], ds, iou_type="bbox")["AP"] == pytest.approx(1.0)
@@ -216,10 +252,11 @@ def test_a_held_out_sized_set():
 
 def test_precision_recall_plot(tmp_path):
     from tinymrcnn.viz.pr import plot_precision_recall
+
     ds = ShapesDataset(20, seed=5)
     result = coco_evaluate(random_predictions(ds, np.random.default_rng(3)), ds)
     fig = plot_precision_recall(result, path=tmp_path / "pr.png")
     assert (tmp_path / "pr.png").stat().st_size > 1000
     ax = fig.axes[0]
-    assert len(ax.lines) == 2 * (3 + 1)                         # 3 classes + their mean, at IoU 0.5 and 0.75
+    assert len(ax.lines) == 2 * (3 + 1)  # 3 classes + their mean, at IoU 0.5 and 0.75
     np.testing.assert_allclose(ax.lines[0].get_ydata(), result["precision"][0, :, 0, 0])

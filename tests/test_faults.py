@@ -5,6 +5,7 @@ line, and leaves the files of an existing run byte-identical; Ctrl-C and
 SIGTERM save a checkpoint at the current step; a kill during a save leaves a
 loadable checkpoint; a diverging run names the step and the quantity.
 """
+
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ def cli(capsys, *argv):
     """(exit status, stdout, stderr) of ``tinymrcnn argv...`` run in this process."""
     try:
         status = main([str(a) for a in argv])
-    except SystemExit as e:                      # argparse's own errors
+    except SystemExit as e:  # argparse's own errors
         status = e.code
     out, err = capsys.readouterr()
     return status, out, err
@@ -55,34 +56,55 @@ def run(tmp_path_factory):
     import matplotlib.image as mpimg
 
     from tinymrcnn.data.shapes import ShapesDataset
+
     img, _ = ShapesDataset(1, seed=5)[0]
     mpimg.imsave(base / "photo.png", img.transpose(1, 2, 0))
     (base / "notanimage.png").write_text("hello")
     (base / "bad.json").write_text('{"images": [')
-    (base / "nogt.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "photo.png", "height": 128, "width": 128}], "annotations": [],
-        "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}]}))
-    return {"RUN": out, "CKPT": os.path.join(out, "checkpoint.npz"), "BASE": str(base),
-            "RANDOM": str(base / "random.npz"), "BADJSON": str(base / "badjson.npz"),
-            "IMG": str(base / "photo.png"), "NOTIMG": str(base / "notanimage.png")}
+    (base / "nogt.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "photo.png", "height": 128, "width": 128}],
+                "annotations": [],
+                "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}],
+            }
+        )
+    )
+    return {
+        "RUN": out,
+        "CKPT": os.path.join(out, "checkpoint.npz"),
+        "BASE": str(base),
+        "RANDOM": str(base / "random.npz"),
+        "BADJSON": str(base / "badjson.npz"),
+        "IMG": str(base / "photo.png"),
+        "NOTIMG": str(base / "notanimage.png"),
+    }
 
 
 MISTAKES = [
     (["train", "--out", "RUN", "--iters", "3"], r"RUN already holds a run .*add --resume .* --overwrite"),
-    (["train", "--out", "RUN", "--overwrite", "--iters", "2", "--batch-size", "0"],
-     r"argument --batch-size: must be >= 1, got 0"),
+    (
+        ["train", "--out", "RUN", "--overwrite", "--iters", "2", "--batch-size", "0"],
+        r"argument --batch-size: must be >= 1, got 0",
+    ),
     (["train", "--out", "RUN", "--overwrite", "--minutes", "0"], r"argument --minutes: must be .* > 0"),
     (["train", "--out", "RUN", "--overwrite", "--minutes", "-1"], r"argument --minutes: must be .* > 0"),
     (["train", "--out", "RUN", "--overwrite", "--iters", "0"], r"argument --iters: must be .* >= 1"),
     (["train", "--out", "RUN", "--overwrite", "--iters", "2", "--lr", "nan"], r"argument --lr: must be a finite"),
-    (["train", "--out", "RUN", "--overwrite", "--iters", "2", "--workers", "9999"],
-     r"argument --workers: 9999 workers on \d+ CPU core"),
-    (["train", "--out", "RUN", "--overwrite", "--iters", "2", "--train-images", "1"],
-     r"argument --train-images: must be at least the batch size"),
+    (
+        ["train", "--out", "RUN", "--overwrite", "--iters", "2", "--workers", "9999"],
+        r"argument --workers: 9999 workers on \d+ CPU core",
+    ),
+    (
+        ["train", "--out", "RUN", "--overwrite", "--iters", "2", "--train-images", "1"],
+        r"argument --train-images: must be at least the batch size",
+    ),
     (["train", "--out", "RUN", "--iters", "x"], r"argument --iters: invalid int value: 'x'"),
     (["train", "--out", "RUN", "--resume", "--overwrite"], r"--resume and --overwrite exclude each other"),
-    (["train", "--out", "RUN", "--resume", "--config", "torchvision_r50_fpn"],
-     r"--config cannot be combined with --resume"),
+    (
+        ["train", "--out", "RUN", "--resume", "--config", "torchvision_r50_fpn"],
+        r"--config cannot be combined with --resume",
+    ),
     (["train", "--out", "RUN", "--resume", "--iters", "2"], r"argument --iters: the run is already at step 2"),
     (["train", "--out", "BASE/none", "--resume"], r"--resume: no checkpoint at .*; start a new run"),
     (["train", "--out", "CKPT", "--iters", "2"], r"is a file, not a folder"),
@@ -93,16 +115,26 @@ MISTAKES = [
     (["evaluate", "--checkpoint", "BASE/none.npz"], r"argument --checkpoint: no such file"),
     (["evaluate", "--checkpoint", "CKPT", "--seed", "3"], r"unrecognized arguments: --seed 3"),
     (["evaluate", "--checkpoint", "CKPT", "--images", "RUN"], r"--images needs --coco"),
-    (["evaluate", "--checkpoint", "CKPT", "--coco", "BASE/none.json", "--images", "RUN"],
-     r"argument --coco: no such file"),
-    (["evaluate", "--checkpoint", "CKPT", "--coco", "BASE/bad.json", "--images", "BASE"],
-     r"argument --coco: .*bad.json: not valid JSON"),
-    (["evaluate", "--checkpoint", "CKPT", "--coco", "BASE/nogt.json", "--images", "RUN"],
-     r"argument --coco: .*photo.png: image file not found"),
-    (["predict", "--checkpoint", "CKPT", "IMG", "--out", "BASE/pred", "--score-thresh", "2"],
-     r"argument --score-thresh: must be in \[0, 1\]"),
-    (["predict", "--checkpoint", "CKPT", "IMG", "BASE/missing.png", "--out", "BASE/pred"],
-     r"no such image file: .*missing.png \(nothing was predicted\)"),
+    (
+        ["evaluate", "--checkpoint", "CKPT", "--coco", "BASE/none.json", "--images", "RUN"],
+        r"argument --coco: no such file",
+    ),
+    (
+        ["evaluate", "--checkpoint", "CKPT", "--coco", "BASE/bad.json", "--images", "BASE"],
+        r"argument --coco: .*bad.json: not valid JSON",
+    ),
+    (
+        ["evaluate", "--checkpoint", "CKPT", "--coco", "BASE/nogt.json", "--images", "RUN"],
+        r"argument --coco: .*photo.png: image file not found",
+    ),
+    (
+        ["predict", "--checkpoint", "CKPT", "IMG", "--out", "BASE/pred", "--score-thresh", "2"],
+        r"argument --score-thresh: must be in \[0, 1\]",
+    ),
+    (
+        ["predict", "--checkpoint", "CKPT", "IMG", "BASE/missing.png", "--out", "BASE/pred"],
+        r"no such image file: .*missing.png \(nothing was predicted\)",
+    ),
     (["predict", "--checkpoint", "RANDOM", "IMG", "--out", "BASE/pred"], r"argument --checkpoint: .*not a checkpoint"),
     (["convert-torchvision", "BASE/none.pth", "BASE/out.npz"], r"argument input: no such file"),
 ]
@@ -113,8 +145,9 @@ def test_a_mistake_is_one_line_and_touches_nothing(run, capsys, argv, message):
     def fill(a):
         for key in ("RUN", "CKPT", "BASE", "RANDOM", "BADJSON", "IMG"):
             if a == key or a.startswith(key + "/"):
-                return run[key] + a[len(key):]
+                return run[key] + a[len(key) :]
         return a
+
     argv = [fill(a) for a in argv]
     before = snapshot(run["RUN"]), sorted(os.listdir(run["BASE"]))
     status, _, err = cli(capsys, *argv)
@@ -142,50 +175,65 @@ def test_a_fault_is_one_line_with_status_1(run, capsys, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("something broke\nover two lines")
+
     monkeypatch.setattr(tinymrcnn.train, "evaluate_model", boom)
     status, _, err = cli(capsys, "evaluate", "--checkpoint", run["CKPT"], "--num-images", "1")
     assert status == 1
-    assert err.strip() == ("tinymrcnn evaluate: error: RuntimeError: something broke over two lines "
-                           "(run with --debug for the traceback)")
+    assert err.strip() == (
+        "tinymrcnn evaluate: error: RuntimeError: something broke over two lines (run with --debug for the traceback)"
+    )
 
 
 def test_evaluate_says_when_there_is_no_ground_truth(run, capsys):
-    status, out, err = cli(capsys, "evaluate", "--checkpoint", run["CKPT"], "--coco",
-                           os.path.join(run["BASE"], "nogt.json"), "--images", run["BASE"])
+    status, out, err = cli(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        run["CKPT"],
+        "--coco",
+        os.path.join(run["BASE"], "nogt.json"),
+        "--images",
+        run["BASE"],
+    )
     assert status == 0 and "-1.000" in out
     assert err.strip().startswith("tinymrcnn evaluate: note: no ground truth: the 1 image(s) hold no")
 
 
 def test_predict_does_every_image_it_can(run, capsys, tmp_path):
     out = tmp_path / "pred"
-    status, _, err = cli(capsys, "predict", "--checkpoint", run["CKPT"], run["NOTIMG"], run["IMG"],
-                              "--out", out)
+    status, _, err = cli(capsys, "predict", "--checkpoint", run["CKPT"], run["NOTIMG"], run["IMG"], "--out", out)
     assert status == 2
     assert (out / "photo_pred.png").exists() and not (out / "notanimage_pred.png").exists()
     assert "notanimage.png: cannot read" in err
-    assert err.strip().splitlines()[-1] == ("tinymrcnn predict: error: 1 of 2 image(s) could not be predicted "
-                                            "(see above); the others were")
+    assert err.strip().splitlines()[-1] == (
+        "tinymrcnn predict: error: 1 of 2 image(s) could not be predicted (see above); the others were"
+    )
 
 
 def test_predict_shrinks_a_huge_image(run, capsys, tmp_path):
     import matplotlib.image as mpimg
+
     big = np.zeros((2000, 1500, 3), np.float32)
     big[500:1500, 400:1200] = 0.8
     mpimg.imsave(tmp_path / "big.png", big)
-    status, out, _ = cli(capsys, "predict", "--checkpoint", run["CKPT"], tmp_path / "big.png", "--out", tmp_path,
-                         "--max-size", "256")
+    status, out, _ = cli(
+        capsys, "predict", "--checkpoint", run["CKPT"], tmp_path / "big.png", "--out", tmp_path, "--max-size", "256"
+    )
     assert status == 0
     assert "1500x2000 shrunk to 192x256" in out
 
 
 def test_outputs_share_one_file_mode(run):
-    modes = {name: os.stat(os.path.join(run["RUN"], name)).st_mode & 0o777
-             for name in ("checkpoint.npz", "metrics.jsonl", "loss_curve.png", "ap_curve.png")}
+    modes = {
+        name: os.stat(os.path.join(run["RUN"], name)).st_mode & 0o777
+        for name in ("checkpoint.npz", "metrics.jsonl", "loss_curve.png", "ap_curve.png")
+    }
     assert len(set(modes.values())) == 1, modes
 
 
 def test_lock_refuses_a_second_trainer(run, capsys):
     from tinymrcnn.train import run_lock
+
     with run_lock(run["RUN"]):
         before = snapshot(run["RUN"])
         status, _, err = cli(capsys, "train", "--out", run["RUN"], "--resume", "--iters", "4")
@@ -198,18 +246,19 @@ def test_resume_drops_a_torn_line_and_stale_temp_files_and_keeps_the_settings(ru
     copy = str(tmp_path / "run")
     shutil.copytree(run["RUN"], copy)
     with open(os.path.join(copy, "metrics.jsonl"), "a") as f:
-        f.write('{"step": 3, "elapsed_s": 1.0, "lr": 0.00')          # a kill while writing
+        f.write('{"step": 3, "elapsed_s": 1.0, "lr": 0.00')  # a kill while writing
     Path(copy, ".tmp-stale.npz").write_bytes(b"PK\x03\x04half")
     status, out, _ = cli(capsys, "train", "--out", copy, "--resume", "--iters", "3")
     assert status == 0
     assert "removed" in out and ".tmp-stale.npz" in out and "dropped 1 line" in out
     assert not [f for f in os.listdir(copy) if f.startswith(".tmp-")]
-    lines = metric_lines(copy)                                          # (all readable)
+    lines = metric_lines(copy)  # (all readable)
     steps = [r["step"] for r in lines if "eval" not in r]
     assert steps == sorted(set(steps)) and lines[-1]["step"] == 3 and "eval" in lines[-1]
     from tinymrcnn.checkpoint import load_npz
+
     cfg = load_npz(os.path.join(copy, "checkpoint.npz"))[1]["train"]["config"]
-    assert (cfg["batch_size"], cfg["num_train_images"], cfg["iters"]) == (2, 4, 3)   # the run's own settings
+    assert (cfg["batch_size"], cfg["num_train_images"], cfg["iters"]) == (2, 4, 3)  # the run's own settings
 
 
 def test_overwrite_starts_again(run, capsys, tmp_path):
@@ -217,7 +266,7 @@ def test_overwrite_starts_again(run, capsys, tmp_path):
     shutil.copytree(run["RUN"], copy)
     status, _, _ = cli(capsys, "train", "--out", copy, "--overwrite", "--iters", "1", *SMALL)
     assert status == 0
-    assert [r["step"] for r in metric_lines(copy)] == [1, 1]           # step 1, then its evaluation
+    assert [r["step"] for r in metric_lines(copy)] == [1, 1]  # step 1, then its evaluation
 
 
 def test_kill_during_a_checkpoint_save_leaves_the_checkpoint(run, capsys, tmp_path):
@@ -226,19 +275,23 @@ def test_kill_during_a_checkpoint_save_leaves_the_checkpoint(run, capsys, tmp_pa
     ckpt = os.path.join(copy, "checkpoint.npz")
     before = Path(ckpt).read_bytes()
     # a save that stops half-way, then is killed with SIGKILL (no handler can run)
-    code = ("import sys, time\nimport numpy as np\nfrom tinymrcnn import checkpoint as c\n"
-            "arrays, meta = c.load_npz(sys.argv[1])\n"
-            "def stalled(f, **kw):\n    f.write(b'PK' + bytes(1000)); f.flush(); print('saving', flush=True)\n"
-            "    time.sleep(60)\n"
-            "np.savez = stalled\nc.save_npz_atomic(sys.argv[1], arrays, meta)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, ckpt], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+    code = (
+        "import sys, time\nimport numpy as np\nfrom tinymrcnn import checkpoint as c\n"
+        "arrays, meta = c.load_npz(sys.argv[1])\n"
+        "def stalled(f, **kw):\n    f.write(b'PK' + bytes(1000)); f.flush(); print('saving', flush=True)\n"
+        "    time.sleep(60)\n"
+        "np.savez = stalled\nc.save_npz_atomic(sys.argv[1], arrays, meta)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, ckpt], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT}
+    )
     assert proc.stdout.readline().strip() == "saving"
     proc.kill()
     proc.wait()
-    assert [f for f in os.listdir(copy) if f.startswith(".tmp-")]          # the torn temporary file
+    assert [f for f in os.listdir(copy) if f.startswith(".tmp-")]  # the torn temporary file
     assert Path(ckpt).read_bytes() == before
     from tinymrcnn.model.mask_rcnn import MaskRCNN
+
     MaskRCNN.load(ckpt)
     status, out, _ = cli(capsys, "train", "--out", copy, "--resume", "--iters", "3")
     assert status == 0 and "left by a process killed while saving" in out
@@ -246,9 +299,14 @@ def test_kill_during_a_checkpoint_save_leaves_the_checkpoint(run, capsys, tmp_pa
 
 
 def _train_in_background(out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "tinymrcnn.cli", "train", "--out", out, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+    return subprocess.Popen(
+        [sys.executable, "-m", "tinymrcnn.cli", "train", "--out", out, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
 
 
 def _wait_for_first_step(proc, out):
@@ -268,24 +326,29 @@ def test_ctrl_c_on_two_workers_saves_and_resume_repeats_the_run(capsys, tmp_path
     assert main(["train", "--out", full, *LONG, "--workers", "2"]) == 0
     proc = _train_in_background(split, *LONG, "--workers", "2")
     _wait_for_first_step(proc, split)
-    os.killpg(proc.pid, signal.SIGINT)                # what Ctrl-C in a terminal does: the whole group
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     import re
-    m = re.fullmatch(r"tinymrcnn train: interrupted at step (\d+); checkpoint saved to (.*); continue with "
-                     r"--resume", last)
+
+    m = re.fullmatch(
+        r"tinymrcnn train: interrupted at step (\d+); checkpoint saved to (.*); continue with "
+        r"--resume",
+        last,
+    )
     assert m, err
     assert "Traceback" not in err
     assert not [f for f in os.listdir(split) if f.startswith(".tmp-")]
     from tinymrcnn.checkpoint import load_npz
+
     step = int(m.group(1))
     assert 1 <= step < 6 and load_npz(m.group(2))[1]["train"]["step"] == step
     assert main(["train", "--out", split, "--resume"]) == 0
     capsys.readouterr()
     a = [r for r in metric_lines(full) if "eval" not in r]
     b = [r for r in metric_lines(split) if "eval" not in r]
-    assert [r["step"] for r in b] == [r["step"] for r in a]           # no step twice
+    assert [r["step"] for r in b] == [r["step"] for r in a]  # no step twice
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
     wa, wb = load_npz(os.path.join(full, "checkpoint.npz"))[0], load_npz(os.path.join(split, "checkpoint.npz"))[0]
     for k in wa:
@@ -302,23 +365,30 @@ def test_sigterm_saves_too(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "continue with --resume" in err.strip().splitlines()[-1]
     from tinymrcnn.model.mask_rcnn import MaskRCNN
+
     MaskRCNN.load(os.path.join(out, "checkpoint.npz"))
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")       # NumPy's overflow warnings on the way
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's overflow warnings on the way
 def test_divergence_names_step_and_quantity_and_keeps_the_last_good_checkpoint(capsys, tmp_path):
     out = str(tmp_path / "run")
-    status, _, err = cli(capsys, "train", "--out", out, "--iters", "10", "--lr", "1e6", "--checkpoint-every", "1",
-                         *SMALL)
+    status, _, err = cli(
+        capsys, "train", "--out", out, "--iters", "10", "--lr", "1e6", "--checkpoint-every", "1", *SMALL
+    )
     assert status == 1
     import re
+
     last = err.strip().splitlines()[-1]
-    m = re.fullmatch(r"tinymrcnn train: error: training diverged at step (\d+): (.+); the last good checkpoint "
-                     r"\((.*), step (\d+)\) is kept\. Try a lower learning rate \(--lr, now 1e\+06\)", last)
+    m = re.fullmatch(
+        r"tinymrcnn train: error: training diverged at step (\d+): (.+); the last good checkpoint "
+        r"\((.*), step (\d+)\) is kept\. Try a lower learning rate \(--lr, now 1e\+06\)",
+        last,
+    )
     assert m, err
     assert int(m.group(4)) == int(m.group(1)) - 1
     assert re.search(r"loss_\w+=|\w+ has \d+ NaN or inf value|gradient norm", m.group(2))
     from tinymrcnn.model.mask_rcnn import MaskRCNN
+
     model, _, meta = MaskRCNN.load(m.group(3), return_extra=True)
     assert meta["train"]["step"] == int(m.group(4))
     assert all(np.isfinite(p.data).all() for p in model.parameters())
@@ -328,8 +398,19 @@ def test_divergence_names_step_and_quantity_and_keeps_the_last_good_checkpoint(c
 def test_no_checkpoint_with_non_finite_weights_is_saved_without_clipping(tmp_path):
     from tinymrcnn.model.mask_rcnn import MaskRCNN
     from tinymrcnn.train import NonFiniteLossError, TrainConfig, train
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), iters=10, lr=1e6, grad_clip=0.0, checkpoint_every=1,
-                      warmup_iters=0, batch_size=2, num_train_images=4, num_val_images=1, workers=1)
+
+    cfg = TrainConfig(
+        out_dir=str(tmp_path / "run"),
+        iters=10,
+        lr=1e6,
+        grad_clip=0.0,
+        checkpoint_every=1,
+        warmup_iters=0,
+        batch_size=2,
+        num_train_images=4,
+        num_val_images=1,
+        workers=1,
+    )
     with pytest.raises(NonFiniteLossError, match=r"training diverged at step \d+: "):
         train(cfg, progress=False)
     ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
@@ -340,18 +421,21 @@ def test_no_checkpoint_with_non_finite_weights_is_saved_without_clipping(tmp_pat
 def test_compile_time_is_shown_and_not_counted(tmp_path, monkeypatch):
     import tinymrcnn.train as tr
     from tinymrcnn.model.mask_rcnn import MaskRCNN
+
     original, calls = MaskRCNN.forward_train, []
 
-    def slow_first(self, images, targets):                # the first pass of a process: compiling
+    def slow_first(self, images, targets):  # the first pass of a process: compiling
         calls.append(1)
         if len(calls) == 1:
             time.sleep(1.5)
         return original(self, images, targets)
+
     monkeypatch.setattr(MaskRCNN, "forward_train", slow_first)
     monkeypatch.setattr(tr, "COMPILE_NOTICE_S", 0.5)
     said = []
-    cfg = tr.TrainConfig(out_dir=str(tmp_path / "run"), iters=1, batch_size=2, num_train_images=2,
-                         num_val_images=1, workers=1)
+    cfg = tr.TrainConfig(
+        out_dir=str(tmp_path / "run"), iters=1, batch_size=2, num_train_images=2, num_val_images=1, workers=1
+    )
     summary = tr.train(cfg, progress=False, log=said.append)
     assert any(s.startswith("compiling kernels, first run only") for s in said), said
     assert any("not counted in the training time" in s for s in said), said
@@ -361,6 +445,7 @@ def test_compile_time_is_shown_and_not_counted(tmp_path, monkeypatch):
 def test_model_input_checks():
     from tinymrcnn import MaskRCNNConfig
     from tinymrcnn.model.inputs import check_images, check_targets
+
     config = MaskRCNNConfig.shapes()
     img = np.full((3, 64, 64), 0.5, np.float32)
     check_images([img], config)
@@ -373,9 +458,10 @@ def test_model_input_checks():
         t = {"boxes": np.array([[10, 10, 20, 20]], np.float32), "labels": np.array([1]), "masks": masks}
         t.update(kw)
         return t
+
     check_targets([img], [target()], config)
     check_targets([img], [target(labels=np.array([2.0]), masks=target()["masks"].astype(bool))], config)
-    check_targets([img], [target(boxes=np.array([[-5, -5, 20, 20]], np.float32))], config)   # partly outside
+    check_targets([img], [target(boxes=np.array([[-5, -5, 20, 20]], np.float32))], config)  # partly outside
     with pytest.raises(ValueError, match=r"target 0: box 0 .* lies entirely outside the 64x64 image"):
         check_targets([img], [target(boxes=np.array([[70, 10, 80, 20]], np.float32))], config)
     with pytest.raises(ValueError, match=r"masks must hold only 0 and 1, got values 0, 255"):
@@ -394,10 +480,18 @@ def test_coco_evaluation_without_ground_truth_says_so():
             return 1
 
         def __getitem__(self, i):
-            return None, {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
-                          "masks": np.zeros((0, 32, 32), np.uint8)}
-    pred = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64), "scores": np.zeros(0),
-            "masks": np.zeros((0, 32, 32), np.float32)}
+            return None, {
+                "boxes": np.zeros((0, 4), np.float32),
+                "labels": np.zeros(0, np.int64),
+                "masks": np.zeros((0, 32, 32), np.uint8),
+            }
+
+    pred = {
+        "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros(0, np.int64),
+        "scores": np.zeros(0),
+        "masks": np.zeros((0, 32, 32), np.float32),
+    }
     with pytest.warns(UserWarning, match="no ground truth"):
         ev = coco_evaluate([pred], Empty(), iou_type="segm")
     assert ev["AP"] == -1

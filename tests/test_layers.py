@@ -5,6 +5,7 @@ parameters, several shapes, batch > 1, non-square maps). Inputs are kept away
 from the places where the function is not differentiable (ReLU at 0, max-pool
 ties). Optional tests compare forward and backward with PyTorch.
 """
+
 import numpy as np
 import pytest
 
@@ -68,11 +69,15 @@ def assert_grads_ok(errs):
 # Linear, Flatten, activations
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("in_f,out_f,shape,bias", [
-    (3, 5, (4, 3), True),
-    (7, 2, (2, 3, 7), True),          # leading dims are flattened, as in torch
-    (6, 4, (1, 6), False),
-])
+
+@pytest.mark.parametrize(
+    "in_f,out_f,shape,bias",
+    [
+        (3, 5, (4, 3), True),
+        (7, 2, (2, 3, 7), True),  # leading dims are flattened, as in torch
+        (6, 4, (1, 6), False),
+    ],
+)
 def test_linear_gradients(in_f, out_f, shape, bias):
     m = Linear(in_f, out_f, bias=bias, rng=rng(3)).to_dtype(np.float64)
     errs = check_module(m, [rng(4).standard_normal(shape)], max_checks=None)
@@ -87,7 +92,7 @@ def test_linear_forward_shape_init_and_default_rng():
     assert m.weight.data.dtype == np.float32
     bound = 1 / np.sqrt(20)
     assert np.abs(m.weight.data).max() <= bound and np.abs(m.bias.data).max() <= bound
-    np.testing.assert_array_equal(Linear(20, 3).weight.data, m.weight.data)   # default rng(0)
+    np.testing.assert_array_equal(Linear(20, 3).weight.data, m.weight.data)  # default rng(0)
     x = rng().standard_normal((5, 20)).astype(np.float32)
     y = m(x)
     assert y.dtype == np.float32 and y.shape == (5, 3)
@@ -121,7 +126,7 @@ def test_relu_values_and_gradient_at_zero():
     r = ReLU()
     x = np.array([-1.0, 0.0, 2.0])
     np.testing.assert_array_equal(r(x), [0.0, 0.0, 2.0])
-    np.testing.assert_array_equal(r.backward(np.ones(3)), [0.0, 0.0, 1.0])   # d/dx at 0 is 0, as torch
+    np.testing.assert_array_equal(r.backward(np.ones(3)), [0.0, 0.0, 1.0])  # d/dx at 0 is 0, as torch
 
 
 def test_sigmoid_gradients_and_stability():
@@ -137,14 +142,14 @@ def test_sigmoid_gradients_and_stability():
 
 POOL_CASES = [
     # (kernel, stride, padding, input shape)
-    (3, 2, 1, (2, 3, 9, 7)),           # the ResNet stem pool, odd non-square map
-    (3, 2, 1, (1, 2, 8, 10)),          # even sizes
-    (2, 2, 0, (2, 2, 6, 5)),           # odd width: last column dropped
-    (3, 1, 1, (1, 3, 5, 6)),           # overlapping windows
-    (1, 2, 0, (2, 2, 7, 6)),           # FPN's P6: kernel 1, stride 2
+    (3, 2, 1, (2, 3, 9, 7)),  # the ResNet stem pool, odd non-square map
+    (3, 2, 1, (1, 2, 8, 10)),  # even sizes
+    (2, 2, 0, (2, 2, 6, 5)),  # odd width: last column dropped
+    (3, 1, 1, (1, 3, 5, 6)),  # overlapping windows
+    (1, 2, 0, (2, 2, 7, 6)),  # FPN's P6: kernel 1, stride 2
     (3, 3, 0, (1, 1, 9, 9)),
-    ((3, 2), (2, 1), (1, 0), (2, 2, 7, 5)),   # non-square kernel/stride/padding
-    (7, 1, 3, (1, 2, 7, 9)),           # kernel 7: most windows mostly padding
+    ((3, 2), (2, 1), (1, 0), (2, 2, 7, 5)),  # non-square kernel/stride/padding
+    (7, 1, 3, (1, 2, 7, 9)),  # kernel 7: most windows mostly padding
 ]
 
 
@@ -157,8 +162,7 @@ def test_maxpool_gradients(k, s, p, shape):
 @pytest.mark.parametrize("k,s,p,shape", POOL_CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_maxpool_numba_equals_reference(k, s, p, shape, dtype):
-    for seed, x in enumerate([rng(0).standard_normal(shape),
-                              rng(1).integers(0, 3, shape).astype(float)]):   # many ties
+    for seed, x in enumerate([rng(0).standard_normal(shape), rng(1).integers(0, 3, shape).astype(float)]):  # many ties
         x = x.astype(dtype)
         y_ref, a_ref = max_pool2d_reference(x, k, s, p)
         y, a = max_pool2d(x, k, s, p)
@@ -169,8 +173,9 @@ def test_maxpool_numba_equals_reference(k, s, p, shape, dtype):
         dx_ref = max_pool2d_backward_reference(dy, a_ref, x.shape)
         dx = max_pool2d_backward(dy, a, x.shape)
         assert dx.dtype == dtype
-        np.testing.assert_allclose(dx, dx_ref, rtol=1e-6 if dtype == np.float32 else 1e-12,
-                                   atol=1e-6 if dtype == np.float32 else 1e-12)
+        np.testing.assert_allclose(
+            dx, dx_ref, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-6 if dtype == np.float32 else 1e-12
+        )
 
 
 def test_maxpool_stem_shape_numba_equals_reference():
@@ -188,7 +193,7 @@ def test_maxpool_ties_first_max_gets_the_whole_gradient():
     y = m(x)
     dx = m.backward(np.ones_like(y))
     expected = np.zeros((4, 4))
-    expected[::2, ::2] = 1.0          # the top-left cell of each window, once
+    expected[::2, ::2] = 1.0  # the top-left cell of each window, once
     np.testing.assert_array_equal(dx[0, 0], expected)
     # With overlap and padding every output still sends its gradient to exactly one cell.
     x = rng(2).integers(0, 2, (2, 3, 7, 6)).astype(np.float64)
@@ -203,7 +208,7 @@ def test_maxpool_ties_first_max_gets_the_whole_gradient():
 
 
 def test_maxpool_padding_never_wins():
-    x = -np.ones((1, 1, 3, 3)) * 5.0    # all negative: zero padding would win, -inf padding does not
+    x = -np.ones((1, 1, 3, 3)) * 5.0  # all negative: zero padding would win, -inf padding does not
     y, a = max_pool2d(x, 3, 2, 1)
     np.testing.assert_array_equal(y, -5.0)
     assert (a >= 0).all()
@@ -229,6 +234,7 @@ def test_maxpool_bad_input():
 # Normalization
 # ---------------------------------------------------------------------------
 
+
 def test_frozen_batchnorm_forward_backward_and_names():
     C = 3
     m = FrozenBatchNorm2d(C)
@@ -242,8 +248,9 @@ def test_frozen_batchnorm_forward_backward_and_names():
     x = r.standard_normal((2, C, 4, 5)).astype(np.float32)
     y = m(x)
     assert y.dtype == np.float32
-    ref = ((x - m.running_mean[:, None, None]) / np.sqrt(m.running_var[:, None, None] + 1e-5)
-           * m.weight[:, None, None] + m.bias[:, None, None])
+    ref = (x - m.running_mean[:, None, None]) / np.sqrt(m.running_var[:, None, None] + 1e-5) * m.weight[
+        :, None, None
+    ] + m.bias[:, None, None]
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     m.to_dtype(np.float64)
     assert_grads_ok(check_module(m, [r.standard_normal((2, C, 3, 5))], max_checks=None))
@@ -276,14 +283,15 @@ def test_batchnorm_running_statistics_and_eval():
     np.testing.assert_allclose(y_eval, ref, rtol=1e-5, atol=1e-5)
     sd = m.state_dict()
     assert list(sd) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
-    assert sd["num_batches_tracked"].shape == ()           # a 0-d array, as torch's
+    assert sd["num_batches_tracked"].shape == ()  # a 0-d array, as torch's
     fresh = BatchNorm2d(C)
     fresh.load_state_dict(sd)
     assert fresh.num_batches_tracked.shape == () and int(fresh.num_batches_tracked) == 1
 
 
-@pytest.mark.parametrize("G,shape", [(3, (2, 6, 5, 7)), (1, (3, 4, 4, 3)), (4, (2, 4, 3, 5)),
-                                     (2, (2, 4)), (2, (1, 4, 9))])
+@pytest.mark.parametrize(
+    "G,shape", [(3, (2, 6, 5, 7)), (1, (3, 4, 4, 3)), (4, (2, 4, 3, 5)), (2, (2, 4)), (2, (1, 4, 9))]
+)
 def test_groupnorm_gradients(G, shape):
     m = randomize_affine(GroupNorm(G, shape[1]).to_dtype(np.float64))
     errs = check_module(m, [rng(4).standard_normal(shape) * 1.5 - 0.5], h=NORM_H)
@@ -321,12 +329,14 @@ def test_norm_bad_input():
 # Nearest upsampling
 # ---------------------------------------------------------------------------
 
-UPSAMPLE_CASES = [((2, 3, 4, 5), (8, 10)),     # exact 2x (the FPN with padded inputs)
-                  ((1, 2, 3, 4), (7, 9)),      # odd targets (unpadded odd maps)
-                  ((1, 2, 2, 3), (6, 9)),      # whole-number factor 3
-                  ((2, 2, 5, 4), (3, 2)),      # downsampling: some sources never copied
-                  ((1, 1, 3, 3), (3, 3)),      # identity
-                  ((3, 6, 5), (13, 4))]        # no batch axis: (C, H, W)
+UPSAMPLE_CASES = [
+    ((2, 3, 4, 5), (8, 10)),  # exact 2x (the FPN with padded inputs)
+    ((1, 2, 3, 4), (7, 9)),  # odd targets (unpadded odd maps)
+    ((1, 2, 2, 3), (6, 9)),  # whole-number factor 3
+    ((2, 2, 5, 4), (3, 2)),  # downsampling: some sources never copied
+    ((1, 1, 3, 3), (3, 3)),  # identity
+    ((3, 6, 5), (13, 4)),
+]  # no batch axis: (C, H, W)
 
 
 def brute_upsample(x, oh, ow):
@@ -342,8 +352,9 @@ def brute_upsample(x, oh, ow):
 def test_upsample_forward_and_gradient(shape, size):
     x = rng(6).standard_normal(shape)
     np.testing.assert_array_equal(upsample_nearest(x, size), brute_upsample(x, *size))
-    errs = gradcheck(lambda x: upsample_nearest(x, size), [x],
-                     lambda g: [upsample_nearest_backward(g, shape)], max_checks=None)
+    errs = gradcheck(
+        lambda x: upsample_nearest(x, size), [x], lambda g: [upsample_nearest_backward(g, shape)], max_checks=None
+    )
     assert errs[0] <= TOL
     m = UpsampleNearest()
     y = m(x, size)
@@ -376,6 +387,7 @@ def test_upsample_bad_input():
 # ---------------------------------------------------------------------------
 # Against PyTorch (optional)
 # ---------------------------------------------------------------------------
+
 
 @pytest.mark.torch
 @pytest.mark.parametrize("k,s,p,shape", POOL_CASES)
@@ -426,7 +438,7 @@ def test_batchnorm_matches_torch():
     x = rng(30).standard_normal((2, C, 4, 4))
     np.testing.assert_allclose(ours(x), ref(torch.tensor(x)).detach().numpy(), rtol=1e-10, atol=1e-12)
     fresh = BatchNorm2d(C)
-    fresh.load_state_dict(sd)                       # torch's state dict loads unchanged
+    fresh.load_state_dict(sd)  # torch's state dict loads unchanged
 
 
 @pytest.mark.torch
@@ -456,8 +468,12 @@ def test_frozen_batchnorm_matches_torch_formula():
     C = 4
     r = rng(11)
     m = FrozenBatchNorm2d(C)
-    bufs = {"weight": r.uniform(0.5, 2, C), "bias": r.standard_normal(C),
-            "running_mean": r.standard_normal(C), "running_var": r.uniform(0.1, 2, C)}
+    bufs = {
+        "weight": r.uniform(0.5, 2, C),
+        "bias": r.standard_normal(C),
+        "running_mean": r.standard_normal(C),
+        "running_var": r.uniform(0.1, 2, C),
+    }
     m.load_state_dict({k: v.astype(np.float32) for k, v in bufs.items()})
     x = r.standard_normal((2, C, 3, 5)).astype(np.float32)
     t = {k: torch.tensor(v.astype(np.float32)) for k, v in bufs.items()}
@@ -473,18 +489,19 @@ def test_frozen_batchnorm_matches_torch_formula():
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("shape,size", [c for c in UPSAMPLE_CASES if len(c[0]) == 4]
-                         + [((1, 2, 13, 25), (25, 50)), ((2, 1, 21, 30), (133, 138))])
+@pytest.mark.parametrize(
+    "shape,size",
+    [c for c in UPSAMPLE_CASES if len(c[0]) == 4] + [((1, 2, 13, 25), (25, 50)), ((2, 1, 21, 30), (133, 138))],
+)
 def test_upsample_matches_torch(shape, size):
     torch = pytest.importorskip("torch")
-    x = rng(12).standard_normal(shape).astype(np.float32)   # torch's float32 index rule
+    x = rng(12).standard_normal(shape).astype(np.float32)  # torch's float32 index rule
     xt = torch.tensor(x, requires_grad=True)
     yt = torch.nn.functional.interpolate(xt, size=size, mode="nearest")
     dy = rng(13).standard_normal(yt.shape).astype(np.float32)
     yt.backward(torch.tensor(dy))
     np.testing.assert_array_equal(upsample_nearest(x, size), yt.detach().numpy())
-    np.testing.assert_allclose(upsample_nearest_backward(dy, shape), xt.grad.numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upsample_nearest_backward(dy, shape), xt.grad.numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.torch
@@ -494,8 +511,7 @@ def test_upsample_index_rule_matches_torch_for_many_sizes():
         for o in range(1, 90):
             x = torch.arange(i, dtype=torch.float32).reshape(1, 1, 1, i)
             ref = torch.nn.functional.interpolate(x, size=(1, o), mode="nearest").reshape(-1)
-            np.testing.assert_array_equal(nearest_source_index(i, o), ref.long().numpy(),
-                                          err_msg=f"in={i}, out={o}")
+            np.testing.assert_array_equal(nearest_source_index(i, o), ref.long().numpy(), err_msg=f"in={i}, out={o}")
 
 
 @pytest.mark.torch

@@ -14,6 +14,7 @@ URLs are skipped; so are names that are patterns, not files (``NN_<name>.ipynb``
 name without a folder (``torchvision.md``) passes if a file of that name exists
 somewhere in the repository.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ TEXT_SUFFIXES = {".py", ".md", ".ipynb", ".toml"}
 
 # Files that the code writes when it runs (the student handout's README, a
 # converted checkpoint's notes, ...), mentioned by name but not in the repository.
-GENERATED = {"notebooks/_run/09_ablations_executed.ipynb"}   # docs/ablations.md's command writes it
+GENERATED = {"notebooks/_run/09_ablations_executed.ipynb"}  # docs/ablations.md's command writes it
 
 URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s)>\]\"'`]*")
 MD_LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -42,19 +43,26 @@ MENTION = re.compile(
     r"((?:\.\.?/)*(?:[\w.-]+/)*[\w-][\w.-]*\.(?:md|ipynb)(?:#[\w-]+)?"
     r"|(?:\.\./)*docs/(?:[\w.-]+/)*[\w.-]*[\w/]"
     r"|(?:\.\./)*tinymrcnn/(?:[\w-]+/)*[\w-]+\.py)"
-    r"(?![\w<>*{}$-]|/[\w<*{])")
+    r"(?![\w<>*{}$-]|/[\w<*{])"
+)
 
 
 def text_files() -> list[Path]:
     """The repository's tracked (and new, not ignored) text files."""
     try:
-        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         paths = [ROOT / line for line in out.splitlines()]
-    except (OSError, subprocess.CalledProcessError):          # not a git checkout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
         paths = [p for p in ROOT.rglob("*") if ".git" not in p.parts]
-    return sorted(p for p in paths if p.suffix in TEXT_SUFFIXES and p.is_file()
-                  and ".git" not in p.relative_to(ROOT).parts)
+    return sorted(
+        p for p in paths if p.suffix in TEXT_SUFFIXES and p.is_file() and ".git" not in p.relative_to(ROOT).parts
+    )
 
 
 def read_text(path: Path) -> tuple[str, str]:
@@ -70,7 +78,7 @@ def read_text(path: Path) -> tuple[str, str]:
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)       # [text](url) -> text
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # [text](url) -> text
     text = re.sub(r"<[^>]+>", "", text).strip().lower()
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
@@ -117,7 +125,7 @@ def check_target(src: Path, target: str, bases: list[Path], bare_names: bool = F
     bare_names: a target without a folder may name a file anywhere in the repository.
     """
     path = target.partition("#")[0]
-    if not path:                                                       # "#anchor": this page
+    if not path:  # "#anchor": this page
         p, anchor = src, target[1:]
     else:
         p, anchor = resolve(target, bases)
@@ -134,7 +142,7 @@ def check_target(src: Path, target: str, bases: list[Path], bare_names: bool = F
 def problems() -> list[str]:
     out = []
     for f in text_files():
-        if f == Path(__file__).resolve():           # its own examples are made up on purpose
+        if f == Path(__file__).resolve():  # its own examples are made up on purpose
             continue
         rel = f.relative_to(ROOT)
         text, md = read_text(f)
@@ -147,7 +155,7 @@ def problems() -> list[str]:
             elif not in_code:
                 lines.append(re.sub(r"`[^`]*`", "", line))
         for target in MD_LINK.findall("\n".join(lines)):
-            if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target):          # mailto: and the like
+            if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target):  # mailto: and the like
                 continue
             why = check_target(f, target, [f.parent])
             if why:
@@ -172,8 +180,7 @@ def test_every_link_and_mentioned_file_exists():
 def test_the_checker_finds_what_it_should(tmp_path):
     """The parts of the checker on a page made up here: slugs, anchors, mentions."""
     assert slug("5. RoIAlign") == "5-roialign"
-    assert slug("RoI pooling versus RoIAlign: the worked example") == \
-        "roi-pooling-versus-roialign-the-worked-example"
+    assert slug("RoI pooling versus RoIAlign: the worked example") == "roi-pooling-versus-roialign-the-worked-example"
     assert slug("The paper's ablations") == "the-papers-ablations"
     assert slug("`roi_align` and [links](x.md)") == "roi_align-and-links"
     page = tmp_path / "page.md"
@@ -182,10 +189,15 @@ def test_the_checker_finds_what_it_should(tmp_path):
     assert check_target(page, "#step-1", [tmp_path]) is None
     assert "no heading" in check_target(page, "page.md#not-a-heading", [tmp_path])
     assert check_target(page, "missing.md", [tmp_path]) == "no such file"
-    found = MENTION.findall(URL.sub("", "see docs/walkthrough.md#5-roialign, tinymrcnn/ops/nms.py and "
-                                        "NN_<name>.ipynb, *.md, https://x.org/a.md and ../docs/index.md."))
+    found = MENTION.findall(
+        URL.sub(
+            "",
+            "see docs/walkthrough.md#5-roialign, tinymrcnn/ops/nms.py and "
+            "NN_<name>.ipynb, *.md, https://x.org/a.md and ../docs/index.md.",
+        )
+    )
     assert found == ["docs/walkthrough.md#5-roialign", "tinymrcnn/ops/nms.py", "../docs/index.md"]
-    assert MD_LINK.findall("a [b](c.md#d) and ![img](images/x.png \"t\")") == ["c.md#d", "images/x.png"]
+    assert MD_LINK.findall('a [b](c.md#d) and ![img](images/x.png "t")') == ["c.md#d", "images/x.png"]
 
 
 @pytest.mark.parametrize("name", ["walkthrough.md", "semantics.md"])

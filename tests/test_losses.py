@@ -1,4 +1,5 @@
 """Losses: values, float64 finite-difference gradients, edge cases, and (optionally) torch."""
+
 import numpy as np
 import pytest
 
@@ -21,14 +22,14 @@ def check_loss_grad(loss_fn, x, **kw):
     relative at h = 1e-6; the truncation error at h = 1e-4 is O(h^2) ~ 1e-8.
     """
     kw.setdefault("h", 1e-4)
-    errs = gradcheck(lambda x: np.array(loss_fn(x)[0]), [x],
-                     lambda g: [g * loss_fn(x)[1]], max_checks=None, **kw)
+    errs = gradcheck(lambda x: np.array(loss_fn(x)[0]), [x], lambda g: [g * loss_fn(x)[1]], max_checks=None, **kw)
     assert errs[0] <= TOL, errs
 
 
 # ---------------------------------------------------------------------------
 # Softmax cross-entropy
 # ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("N,K", [(6, 4), (1, 3), (9, 2)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -47,7 +48,7 @@ def test_cross_entropy_value_weights_and_ignore():
     nll = -logp[np.arange(5), np.where(keep, y, 0)]
     loss, g = softmax_cross_entropy(z, y)
     assert loss == pytest.approx(nll[keep].mean(), rel=1e-12)
-    np.testing.assert_array_equal(g[2], 0.0)                       # ignored row
+    np.testing.assert_array_equal(g[2], 0.0)  # ignored row
     loss, g = softmax_cross_entropy(z, y, weights=w)
     assert loss == pytest.approx((w * nll)[keep].sum() / w[keep].sum(), rel=1e-12)
     loss, _ = softmax_cross_entropy(z, y, weights=w, reduction="sum")
@@ -86,11 +87,12 @@ def test_cross_entropy_bad_input():
 # Sigmoid BCE with logits
 # ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(7,), (3, 4), (2, 3, 5)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_bce_gradient(shape, reduction):
     x = rng(4).standard_normal(shape) * 3
-    t = rng(5).uniform(0, 1, shape)                     # soft targets
+    t = rng(5).uniform(0, 1, shape)  # soft targets
     w = rng(6).uniform(0.1, 2, shape)
     check_loss_grad(lambda x: sigmoid_bce_with_logits(x, t, reduction=reduction), x)
     check_loss_grad(lambda x: sigmoid_bce_with_logits(x, t, weights=w, reduction=reduction), x)
@@ -125,6 +127,7 @@ def test_bce_bad_input():
 # Smooth L1
 # ---------------------------------------------------------------------------
 
+
 def away_from(values, points, margin=0.02):
     """Push every value at least ``margin`` away from each kink in ``points``."""
     v = values.copy()
@@ -150,7 +153,7 @@ def test_smooth_l1_values_and_derivative_at_the_joins():
     l_ref = np.where(np.abs(d) < beta, 0.5 * d * d / beta, np.abs(d) - 0.5 * beta)
     assert loss == pytest.approx(l_ref.sum(), rel=1e-12)
     np.testing.assert_array_equal(g, [-1.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.0])
-    loss, g = smooth_l1(d, np.zeros_like(d), beta=0.0)              # L1, sign(0) = 0
+    loss, g = smooth_l1(d, np.zeros_like(d), beta=0.0)  # L1, sign(0) = 0
     assert loss == pytest.approx(np.abs(d).sum())
     np.testing.assert_array_equal(g, np.sign(d))
     loss, g = smooth_l1(d, np.zeros_like(d), beta=0.0, reduction="mean")
@@ -172,6 +175,7 @@ def test_smooth_l1_bad_input():
 # Mask losses
 # ---------------------------------------------------------------------------
 
+
 def mask_case(R=3, K=4, M=5, seed=9):
     r = rng(seed)
     logits = r.standard_normal((R, K, M, M)) * 2
@@ -190,14 +194,13 @@ def test_mask_loss_gradient_and_only_the_gt_channel(R, K, M):
     assert loss == pytest.approx(ref, rel=1e-12)
     off = np.ones((R, K), bool)
     off[np.arange(R), labels] = False
-    assert not g[off].any()                                        # exactly zero elsewhere
+    assert not g[off].any()  # exactly zero elsewhere
     np.testing.assert_array_equal(g[np.arange(R), labels], g_ref)
 
 
 def test_mask_losses_with_no_rois():
     for fn in (mask_loss, mask_loss_softmax):
-        loss, g = fn(np.zeros((0, 3, 28, 28), np.float32), np.zeros(0, np.int64),
-                     np.zeros((0, 28, 28), np.float32))
+        loss, g = fn(np.zeros((0, 3, 28, 28), np.float32), np.zeros(0, np.int64), np.zeros((0, 28, 28), np.float32))
         assert loss == 0.0 and g.shape == (0, 3, 28, 28) and g.dtype == np.float32
 
 
@@ -212,8 +215,8 @@ def test_mask_loss_softmax_with_binary_targets_is_pixel_cross_entropy():
     logits, labels, targets = mask_case(R, K, M, seed=11)
     hard = (targets >= 0.5).astype(np.float64)
     loss, g = mask_loss_softmax(logits, labels, hard)
-    pixel_labels = np.where(hard > 0, labels[:, None, None], 0)               # (R, M, M)
-    flat = logits.transpose(0, 2, 3, 1).reshape(-1, K)                         # pixels x classes
+    pixel_labels = np.where(hard > 0, labels[:, None, None], 0)  # (R, M, M)
+    flat = logits.transpose(0, 2, 3, 1).reshape(-1, K)  # pixels x classes
     ref, g_ref = softmax_cross_entropy(flat, pixel_labels.reshape(-1))
     assert loss == pytest.approx(ref, rel=1e-12)
     np.testing.assert_allclose(g, g_ref.reshape(R, M, M, K).transpose(0, 3, 1, 2), rtol=1e-12, atol=1e-15)
@@ -241,6 +244,7 @@ def test_mask_loss_bad_input():
 # Against PyTorch (optional)
 # ---------------------------------------------------------------------------
 
+
 def torch_loss_and_grad(torch, fn, x):
     xt = torch.tensor(x, requires_grad=True)
     loss = fn(xt)
@@ -256,8 +260,13 @@ def test_cross_entropy_matches_torch():
     y = np.array([0, 4, -1, 2, 2, -1, 1])
     cw = rng(13).uniform(0.5, 2, 5)
     for reduction in ("mean", "sum"):
-        ref = torch_loss_and_grad(torch, lambda t: F.cross_entropy(
-            t, torch.tensor(y), weight=torch.tensor(cw), ignore_index=-1, reduction=reduction), z)
+        ref = torch_loss_and_grad(
+            torch,
+            lambda t: F.cross_entropy(
+                t, torch.tensor(y), weight=torch.tensor(cw), ignore_index=-1, reduction=reduction
+            ),
+            z,
+        )
         ours = softmax_cross_entropy(z, y, weights=cw[np.where(y >= 0, y, 0)], reduction=reduction)
         assert ours[0] == pytest.approx(ref[0], rel=1e-12)
         np.testing.assert_allclose(ours[1], ref[1], rtol=1e-10, atol=1e-15)
@@ -271,8 +280,13 @@ def test_bce_matches_torch():
     t = rng(15).uniform(0, 1, (4, 6))
     w = rng(16).uniform(0, 2, (4, 6))
     for reduction in ("mean", "sum"):
-        ref = torch_loss_and_grad(torch, lambda a: F.binary_cross_entropy_with_logits(
-            a, torch.tensor(t), weight=torch.tensor(w), reduction=reduction), x)
+        ref = torch_loss_and_grad(
+            torch,
+            lambda a: F.binary_cross_entropy_with_logits(
+                a, torch.tensor(t), weight=torch.tensor(w), reduction=reduction
+            ),
+            x,
+        )
         ours = sigmoid_bce_with_logits(x, t, weights=w, reduction=reduction)
         assert ours[0] == pytest.approx(ref[0], rel=1e-12)
         np.testing.assert_allclose(ours[1], ref[1], rtol=1e-10, atol=1e-15)
@@ -286,8 +300,9 @@ def test_smooth_l1_matches_torch_including_kinks(beta):
     target = np.zeros(9)
     pred = np.array([-2.0, -beta, -0.05, 0.0, 0.05, beta, 2.0, 0.3, -0.7])
     for reduction in ("mean", "sum"):
-        ref = torch_loss_and_grad(torch, lambda p: F.smooth_l1_loss(
-            p, torch.tensor(target), beta=beta, reduction=reduction), pred)
+        ref = torch_loss_and_grad(
+            torch, lambda p: F.smooth_l1_loss(p, torch.tensor(target), beta=beta, reduction=reduction), pred
+        )
         ours = smooth_l1(pred, target, beta=beta, reduction=reduction)
         assert ours[0] == pytest.approx(ref[0], rel=1e-12)
         np.testing.assert_allclose(ours[1], ref[1], rtol=1e-12, atol=1e-15)
@@ -300,8 +315,11 @@ def test_mask_losses_match_torch():
     logits, labels, targets = mask_case(R=4, K=3, M=6, seed=17)
     lt = torch.tensor(labels)
     # torchvision's maskrcnn_loss, given already-gathered targets
-    ref = torch_loss_and_grad(torch, lambda z: F.binary_cross_entropy_with_logits(
-        z[torch.arange(len(labels)), lt], torch.tensor(targets)), logits)
+    ref = torch_loss_and_grad(
+        torch,
+        lambda z: F.binary_cross_entropy_with_logits(z[torch.arange(len(labels)), lt], torch.tensor(targets)),
+        logits,
+    )
     ours = mask_loss(logits, labels, targets)
     assert ours[0] == pytest.approx(ref[0], rel=1e-12)
     np.testing.assert_allclose(ours[1], ref[1], rtol=1e-10, atol=1e-15)

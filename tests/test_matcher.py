@@ -1,4 +1,5 @@
 """Matcher thresholds and low-quality matches; the balanced sampler's counts and seeding."""
+
 import numpy as np
 import pytest
 
@@ -8,8 +9,7 @@ BG, IGNORE = Matcher.BELOW_LOW_THRESHOLD, Matcher.BETWEEN_THRESHOLDS
 
 
 def test_thresholds_are_inclusive_from_below():
-    iou = np.array([[0.7, 0.69, 0.3, 0.29, 0.0, 0.9],
-                    [0.1, 0.1, 0.1, 0.1, 0.0, 0.95]])
+    iou = np.array([[0.7, 0.69, 0.3, 0.29, 0.0, 0.9], [0.1, 0.1, 0.1, 0.1, 0.0, 0.95]])
     m = Matcher(0.7, 0.3, allow_low_quality_matches=False)
     np.testing.assert_array_equal(m(iou), [0, IGNORE, IGNORE, BG, BG, 1])
     assert m(iou).dtype == np.int64
@@ -22,11 +22,13 @@ def test_best_gt_wins_and_first_gt_on_ties():
 
 
 def test_low_quality_matches_include_ties_and_keep_each_prediction_best_gt():
-    iou = np.array([
-        [0.4, 0.4, 0.1, 0.0, 0.0],    # GT 0 best 0.4, reached by predictions 0 and 1 (a tie)
-        [0.0, 0.5, 0.2, 0.0, 0.0],    # GT 1 best 0.5 at prediction 1, which GT 0 also claims
-        [0.0, 0.0, 0.0, 0.9, 0.2],    # GT 2 well matched
-    ])
+    iou = np.array(
+        [
+            [0.4, 0.4, 0.1, 0.0, 0.0],  # GT 0 best 0.4, reached by predictions 0 and 1 (a tie)
+            [0.0, 0.5, 0.2, 0.0, 0.0],  # GT 1 best 0.5 at prediction 1, which GT 0 also claims
+            [0.0, 0.0, 0.0, 0.9, 0.2],  # GT 2 well matched
+        ]
+    )
     np.testing.assert_array_equal(Matcher(0.7, 0.3, False)(iou), [IGNORE, IGNORE, BG, 2, BG])
     # prediction 1's own best GT is 1 (0.5 > 0.4), so it points at GT 1 as in torchvision
     np.testing.assert_array_equal(Matcher(0.7, 0.3, True)(iou), [0, 1, BG, 2, BG])
@@ -57,13 +59,16 @@ def labels_with(rng, num_pos, num_neg, num_ignore, pos_value=1):
     return labels[rng.permutation(labels.size)]
 
 
-@pytest.mark.parametrize("num_pos, num_neg, expect_pos, expect_neg", [
-    (10, 1000, 10, 246),    # few positives: negatives fill the batch
-    (500, 1000, 128, 128),  # the positive fraction caps the positives
-    (500, 20, 128, 20),     # few negatives: the batch stays short
-    (0, 1000, 0, 256),      # an image without objects
-    (0, 0, 0, 0),
-])
+@pytest.mark.parametrize(
+    "num_pos, num_neg, expect_pos, expect_neg",
+    [
+        (10, 1000, 10, 246),  # few positives: negatives fill the batch
+        (500, 1000, 128, 128),  # the positive fraction caps the positives
+        (500, 20, 128, 20),  # few negatives: the batch stays short
+        (0, 1000, 0, 256),  # an image without objects
+        (0, 0, 0, 0),
+    ],
+)
 def test_sampler_counts(num_pos, num_neg, expect_pos, expect_neg):
     rng = np.random.default_rng(0)
     labels = labels_with(rng, num_pos, num_neg, 300)

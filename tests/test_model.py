@@ -1,4 +1,5 @@
 """The whole model: finite-difference check of the full backward, over-fitting, options, bad input."""
+
 import numpy as np
 import pytest
 
@@ -9,12 +10,27 @@ from tinymrcnn.model.mask_rcnn import LOSS_NAMES
 
 
 def tiny_config(**kw):
-    base = dict(block="basic", blocks_per_stage=(1, 1, 1, 1), stem_channels=4, stage_channels=(4, 8, 8, 8),
-                norm="group", group_norm_groups=2, fpn_channels=4,
-                anchor_sizes=(8, 16, 32, 64, 128),
-                rpn_pre_nms_top_n_train=40, rpn_post_nms_top_n_train=16, rpn_batch_size_per_image=32,
-                box_batch_size_per_image=12, box_positive_fraction=0.5, box_representation_size=8,
-                box_roi_size=3, mask_roi_size=4, mask_num_convs=1, mask_channels=4, dtype="float64")
+    base = dict(
+        block="basic",
+        blocks_per_stage=(1, 1, 1, 1),
+        stem_channels=4,
+        stage_channels=(4, 8, 8, 8),
+        norm="group",
+        group_norm_groups=2,
+        fpn_channels=4,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        rpn_pre_nms_top_n_train=40,
+        rpn_post_nms_top_n_train=16,
+        rpn_batch_size_per_image=32,
+        box_batch_size_per_image=12,
+        box_positive_fraction=0.5,
+        box_representation_size=8,
+        box_roi_size=3,
+        mask_roi_size=4,
+        mask_num_convs=1,
+        mask_channels=4,
+        dtype="float64",
+    )
     base.update(kw)
     return MaskRCNNConfig.shapes(**base)
 
@@ -34,7 +50,7 @@ def toy_batch(n=2, size=64, seed=0, dtype=np.float64):
             if j == 0:
                 m = (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r)
             else:
-                m = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
+                m = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
             for prev in masks:
                 m &= ~prev.astype(bool)
             if m.sum() < 20:
@@ -45,8 +61,9 @@ def toy_batch(n=2, size=64, seed=0, dtype=np.float64):
             labels.append(1 + j)
             masks.append(m.astype(np.uint8))
         images.append(img)
-        targets.append({"boxes": np.array(boxes, dtype), "labels": np.array(labels, np.int64),
-                        "masks": np.stack(masks)})
+        targets.append(
+            {"boxes": np.array(boxes, dtype), "labels": np.array(labels, np.int64), "masks": np.stack(masks)}
+        )
     return images, targets
 
 
@@ -77,8 +94,10 @@ def fd_batch():
     """Two 64-px images whose objects span P2..P5 at a canonical size of 16 px: a 6-px square
     and a 14-px disc, a 26-px square and a 46 x 40 rectangle."""
     yy, xx = np.mgrid[0:64, 0:64] + 0.5
-    shapes = [[(1, (xx > 8) & (xx < 14) & (yy > 8) & (yy < 14)), (2, (xx - 40) ** 2 + (yy - 40) ** 2 < 49)],
-              [(1, (xx > 4) & (xx < 30) & (yy > 34) & (yy < 60)), (3, (xx > 14) & (xx < 60) & (yy > 2) & (yy < 30))]]
+    shapes = [
+        [(1, (xx > 8) & (xx < 14) & (yy > 8) & (yy < 14)), (2, (xx - 40) ** 2 + (yy - 40) ** 2 < 49)],
+        [(1, (xx > 4) & (xx < 30) & (yy > 34) & (yy < 60)), (3, (xx > 14) & (xx < 60) & (yy > 2) & (yy < 30))],
+    ]
     rng = np.random.default_rng(0)
     images, targets = [], []
     for objects in shapes:
@@ -91,8 +110,13 @@ def fd_batch():
             masks.append(m)
         boxes = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] for ys, xs in (np.nonzero(m) for m in masks)]
         images.append(img)
-        targets.append({"boxes": np.array(boxes, np.float64), "labels": np.array([c for c, _ in objects]),
-                        "masks": np.stack(masks).astype(np.uint8)})
+        targets.append(
+            {
+                "boxes": np.array(boxes, np.float64),
+                "labels": np.array([c for c, _ in objects]),
+                "masks": np.stack(masks).astype(np.uint8),
+            }
+        )
     return images, targets
 
 
@@ -110,7 +134,7 @@ def whole_model_check(model, images, targets, mutate_fpn_grads=None):
         p.data = p.data + 0.1 * rng.standard_normal(p.data.shape)
 
     def loss():
-        model.rng = np.random.default_rng(11)          # the same samples every call
+        model.rng = np.random.default_rng(11)  # the same samples every call
         return sum(model.forward_train(images, targets).values())
 
     if mutate_fpn_grads is not None:
@@ -157,8 +181,9 @@ def test_whole_model_backward_matches_finite_differences(frozen_proposals):
 def test_whole_model_check_catches_a_wrong_wiring(frozen_proposals):
     # drop dP6 and triple dP5: every stage is right on its own, the model's wiring is not
     images, targets = fd_batch()
-    worst, _ = whole_model_check(MaskRCNN(fd_config(), seed=3), images, targets,
-                                 lambda g: g[:3] + [3 * g[3], np.zeros_like(g[4])])
+    worst, _ = whole_model_check(
+        MaskRCNN(fd_config(), seed=3), images, targets, lambda g: g[:3] + [3 * g[3], np.zeros_like(g[4])]
+    )
     bad = {k for k, v in worst.items() if v > 1e-5}
     assert "backbone.fpn.layer_blocks.3.weight" in bad and "backbone.fpn.inner_blocks.3.weight" in bad, bad
 
@@ -166,8 +191,11 @@ def test_whole_model_check_catches_a_wrong_wiring(frozen_proposals):
 def test_losses_have_torchvision_names_and_are_finite_without_objects():
     model = MaskRCNN(tiny_config(dtype="float32"), seed=0)
     images, targets = toy_batch(2, dtype=np.float32)
-    targets[1] = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
-                  "masks": np.zeros((0, 64, 64), np.uint8)}
+    targets[1] = {
+        "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros(0, np.int64),
+        "masks": np.zeros((0, 64, 64), np.uint8),
+    }
     losses = model.forward_train(images, targets)
     assert tuple(losses) == LOSS_NAMES
     assert all(np.isfinite(v) for v in losses.values())
@@ -205,7 +233,7 @@ def test_mask_batch_size_per_image_caps_the_mask_branch():
         model.backward()
         assert np.isfinite(losses["loss_mask"])
         other_losses[cap] = {k: v for k, v in losses.items() if k != "loss_mask"}
-    assert len(rois[None]) > 4 and len(rois[2]) == 4          # 2 images x at most 2 positives
+    assert len(rois[None]) > 4 and len(rois[2]) == 4  # 2 images x at most 2 positives
     assert {tuple(r) for r in rois[2]} <= {tuple(r) for r in rois[None]}
     # the cap is drawn after every other sample: the other losses do not change
     assert other_losses[None] == other_losses[2]
@@ -266,6 +294,7 @@ def test_checkpoint_round_trip_and_corrupt_file(tmp_path):
         MaskRCNN.load(str(bad))
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     import zipfile
+
     with zipfile.ZipFile(tmp_path / "evil.npz", "w") as z:
         z.write(tmp_path / "obj.npy", "x.npy")
     with pytest.raises(ValueError, match="refusing checkpoint|not a tinymrcnn checkpoint"):
@@ -275,6 +304,7 @@ def test_checkpoint_round_trip_and_corrupt_file(tmp_path):
 def test_overfits_two_images_and_recovers_the_masks():
     from tinymrcnn.data.shapes import ShapesDataset
     from tinymrcnn.optim import AdamW
+
     ds = ShapesDataset(2, seed=123)
     images, targets = zip(*[ds[i] for i in range(2)])
     model = MaskRCNN(MaskRCNNConfig.shapes(), seed=0)

@@ -13,6 +13,7 @@ The other tests need no simulator: asking for "cuda" without a GPU or without
 numba.cuda gives one clear RuntimeError when the runtime session starts, and
 the config field is validated and saved.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,23 +31,45 @@ CASES = {
     "max_legacy_batch1": (dict(roi_align_mode="max", roi_aligned=False, roi_sampling_ratio=0), 1, True),
 }
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
-GPU_FUNCS = ("conv2d_forward_cuda", "conv2d_backward_cuda", "conv_transpose2d_forward_cuda",
-             "conv_transpose2d_backward_cuda", "roi_align_forward_cuda", "roi_align_backward_cuda")
-RTOL = 1e-4   # float32: the GPU kernels sum in another order than the CPU's BLAS
+GPU_FUNCS = (
+    "conv2d_forward_cuda",
+    "conv2d_backward_cuda",
+    "conv_transpose2d_forward_cuda",
+    "conv_transpose2d_backward_cuda",
+    "roi_align_forward_cuda",
+    "roi_align_backward_cuda",
+)
+RTOL = 1e-4  # float32: the GPU kernels sum in another order than the CPU's BLAS
 
 
 def tiny_config(**overrides):
     """The shapes preset shrunk until the simulator runs a training step in seconds."""
     from tinymrcnn import MaskRCNNConfig
+
     cfg = dict(
-        image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25),
-        block="basic", blocks_per_stage=(1, 1, 1, 1), stem_channels=2, stage_channels=(4, 4, 8, 8),
-        norm="group", group_norm_groups=1, fpn_channels=4,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.25, 0.25, 0.25),
+        block="basic",
+        blocks_per_stage=(1, 1, 1, 1),
+        stem_channels=2,
+        stage_channels=(4, 4, 8, 8),
+        norm="group",
+        group_norm_groups=1,
+        fpn_channels=4,
         anchor_sizes=(8, 16, 32, 64, 128),
-        rpn_pre_nms_top_n_train=30, rpn_pre_nms_top_n_test=30,
-        rpn_post_nms_top_n_train=12, rpn_post_nms_top_n_test=12, rpn_batch_size_per_image=32,
-        box_roi_size=2, mask_roi_size=3, box_batch_size_per_image=8, box_representation_size=8,
-        mask_num_convs=1, mask_channels=4, box_detections_per_img=4, box_score_thresh=0.0,
+        rpn_pre_nms_top_n_train=30,
+        rpn_pre_nms_top_n_test=30,
+        rpn_post_nms_top_n_train=12,
+        rpn_post_nms_top_n_test=12,
+        rpn_batch_size_per_image=32,
+        box_roi_size=2,
+        mask_roi_size=3,
+        box_batch_size_per_image=8,
+        box_representation_size=8,
+        mask_num_convs=1,
+        mask_channels=4,
+        box_detections_per_img=4,
+        box_score_thresh=0.0,
     )
     cfg.update(overrides)
     return MaskRCNNConfig(**cfg)
@@ -54,18 +77,20 @@ def tiny_config(**overrides):
 
 def tiny_batch(n):
     from tinymrcnn.data.shapes import ShapesDataset
+
     ds = ShapesDataset(n, image_size=32, seed=3)
     items = [ds[i] for i in range(n)]
-    return ([img for img, _ in items],
-            [{k: t[k] for k in ("boxes", "labels", "masks")} for _, t in items])
+    return ([img for img, _ in items], [{k: t[k] for k in ("boxes", "labels", "masks")} for _, t in items])
 
 
 # ---------------------------------------------------------------------------
 # The child process: both devices, every case, on the simulator.
 
+
 def _count_gpu_calls(counts):
     """Wrap the GPU host functions (looked up at call time by the layers) to count calls."""
     from tinymrcnn.kernels.cuda import conv, roi_align
+
     for mod in (conv, roi_align):
         for name in GPU_FUNCS:
             if hasattr(mod, name):
@@ -74,6 +99,7 @@ def _count_gpu_calls(counts):
                 def counted(*a, _f=f, _name=name, **k):
                     counts[_name] = counts.get(_name, 0) + 1
                     return _f(*a, **k)
+
                 setattr(mod, name, counted)
 
 
@@ -92,6 +118,7 @@ def _unzero(model):
 def _child_main(out_path):
     from tinymrcnn import MaskRCNN, runtime
     from tinymrcnn.kernels.cuda.device import is_simulator
+
     assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and is_simulator()
     # The simulator's threads hand the GIL to each other at every syncthreads;
     # Python's default 5 ms switch interval makes that ~8x slower.
@@ -106,7 +133,7 @@ def _child_main(out_path):
             counts.clear()
             model = MaskRCNN(tiny_config(device=device, **overrides), seed=0)
             _unzero(model)
-            with runtime.session(model.config):           # the ops run on config.device inside
+            with runtime.session(model.config):  # the ops run on config.device inside
                 losses = runtime.compute_gradients(model, images, targets)
                 preds = model.predict(images) if predict else []
             for name in LOSS_NAMES:
@@ -126,8 +153,14 @@ def sim(tmp_path_factory):
     out_path = tmp_path_factory.mktemp("model_cudasim") / "out.npz"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__, "--simulate", str(out_path)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--simulate", str(out_path)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, f"simulator run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     with np.load(out_path) as f:
         return dict(f)
@@ -136,8 +169,11 @@ def sim(tmp_path_factory):
 def _pairs(sim, case, kind):
     """[(name, cpu value, cuda value)] of one kind of result (loss, grad, pred..., calls)."""
     cpu = f"{case}/cpu/{kind}"
-    return [(k[len(cpu):].lstrip("/"), sim[k], sim[f"{case}/cuda/{k[len(case) + 5:]}"])
-            for k in sorted(sim) if k.startswith(cpu)]
+    return [
+        (k[len(cpu) :].lstrip("/"), sim[k], sim[f"{case}/cuda/{k[len(case) + 5 :]}"])
+        for k in sorted(sim)
+        if k.startswith(cpu)
+    ]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -185,11 +221,12 @@ def test_predict_matches_cpu(sim, case):
         np.testing.assert_array_equal(gpu_labels, cpu_labels)
         np.testing.assert_allclose(got["scores"][1], got["scores"][0], rtol=RTOL, atol=1e-6)
         np.testing.assert_allclose(got["boxes"][1], got["boxes"][0], rtol=0, atol=RTOL * 32)  # 32 px
-        np.testing.assert_allclose(got["masks"][1], got["masks"][0], rtol=0, atol=RTOL)       # in [0, 1]
+        np.testing.assert_allclose(got["masks"][1], got["masks"][0], rtol=0, atol=RTOL)  # in [0, 1]
 
 
 # ---------------------------------------------------------------------------
 # No GPU, no numba.cuda, bad settings: one clear message, checked without the simulator.
+
 
 def _no_sim_env():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
@@ -199,14 +236,13 @@ def _no_sim_env():
 
 def _gpu_present():
     code = "from tinymrcnn.kernels.cuda.device import cuda_available; print(cuda_available())"
-    run = subprocess.run([sys.executable, "-c", code], env=_no_sim_env(), capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], env=_no_sim_env(), capture_output=True, text=True, timeout=300)
     return run.stdout.strip() == "True"
 
 
 NO_GPU_SCRIPT = f"""
 import sys
-sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+sys.path.insert(0, {os.path.join(REPO, "tests")!r})
 from test_model_cuda import tiny_config
 from tinymrcnn import runtime
 with runtime.session(tiny_config(device="cuda")):
@@ -217,8 +253,9 @@ with runtime.session(tiny_config(device="cuda")):
 def test_cuda_without_a_gpu_fails_when_the_session_starts_with_one_message():
     if _gpu_present():
         pytest.skip("this machine has a GPU")
-    run = subprocess.run([sys.executable, "-c", NO_GPU_SCRIPT], env=_no_sim_env(), cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", NO_GPU_SCRIPT], env=_no_sim_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode != 0
     err = run.stderr
     last = err.strip().splitlines()[-1]
@@ -232,7 +269,8 @@ def test_cuda_without_a_gpu_fails_when_the_session_starts_with_one_message():
 
 def test_cuda_without_numba_cuda_names_the_install_command(monkeypatch):
     from tinymrcnn import kernels, runtime
-    monkeypatch.setitem(sys.modules, "numba.cuda", None)   # `import numba.cuda` now fails
+
+    monkeypatch.setitem(sys.modules, "numba.cuda", None)  # `import numba.cuda` now fails
     with pytest.raises(RuntimeError, match=r'pip install "tinymrcnn\[cuda\]"') as e:
         with runtime.session(tiny_config(device="cuda")):
             pass
@@ -242,23 +280,27 @@ def test_cuda_without_numba_cuda_names_the_install_command(monkeypatch):
 
 
 def test_cpu_model_never_imports_numba_cuda():
-    code = ("import sys\n"
-            f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-            "from test_model_cuda import tiny_config\n"
-            "from tinymrcnn import MaskRCNN\n"
-            "from test_model_cuda import tiny_batch\n"
-            "from tinymrcnn import runtime\n"
-            "m = MaskRCNN(tiny_config())\n"
-            "with runtime.session(m.config):\n"
-            "    runtime.compute_gradients(m, *tiny_batch(1))\n"
-            "assert 'numba.cuda' not in sys.modules, 'numba.cuda was imported'\n")
-    run = subprocess.run([sys.executable, "-c", code], env=_no_sim_env(), cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+        "from test_model_cuda import tiny_config\n"
+        "from tinymrcnn import MaskRCNN\n"
+        "from test_model_cuda import tiny_batch\n"
+        "from tinymrcnn import runtime\n"
+        "m = MaskRCNN(tiny_config())\n"
+        "with runtime.session(m.config):\n"
+        "    runtime.compute_gradients(m, *tiny_batch(1))\n"
+        "assert 'numba.cuda' not in sys.modules, 'numba.cuda was imported'\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=_no_sim_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
 
 
 def test_device_field_is_validated_and_saved():
     from tinymrcnn import MaskRCNNConfig
+
     assert MaskRCNNConfig().device == "cpu" and MaskRCNNConfig.shapes().device == "cpu"
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'gpu'"):
         MaskRCNNConfig(device="gpu")
@@ -268,6 +310,7 @@ def test_device_field_is_validated_and_saved():
     assert MaskRCNNConfig.from_json(cfg.to_json()) == cfg
     # checkpoints written before the field existed load as "cpu"
     import json
+
     raw = json.loads(MaskRCNNConfig.shapes().to_json())
     del raw["device"]
     assert MaskRCNNConfig.from_json(json.dumps(raw)).device == "cpu"
@@ -275,6 +318,7 @@ def test_device_field_is_validated_and_saved():
 
 def test_load_can_override_the_saved_device(tmp_path):
     from tinymrcnn import MaskRCNN
+
     path = str(tmp_path / "m.npz")
     MaskRCNN(tiny_config(), seed=0).save(path)
     m = MaskRCNN.load(path, device="cpu")
@@ -285,10 +329,12 @@ def test_load_can_override_the_saved_device(tmp_path):
 
 def test_cli_device_flag():
     from tinymrcnn.cli import build_parser
+
     p = build_parser()
     assert p.parse_args(["predict", "--checkpoint", "c.npz", "a.png", "--out", "o"]).device is None
-    assert p.parse_args(["predict", "--checkpoint", "c.npz", "a.png", "--out", "o",
-                         "--device", "cuda"]).device == "cuda"
+    assert (
+        p.parse_args(["predict", "--checkpoint", "c.npz", "a.png", "--out", "o", "--device", "cuda"]).device == "cuda"
+    )
     assert p.parse_args(["evaluate", "--checkpoint", "c.npz", "--device", "cpu"]).device == "cpu"
     assert p.parse_args(["train", "--out", "r", "--device", "cuda"]).device == "cuda"
     with pytest.raises(SystemExit):

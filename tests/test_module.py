@@ -1,4 +1,5 @@
 """The layer protocol: cache stack, parameter accumulation, state dicts."""
+
 import numpy as np
 import pytest
 
@@ -80,8 +81,8 @@ def test_check_module_on_sequential():
 
 def test_gradcheck_detects_a_wrong_backward():
     x = np.random.default_rng(1).standard_normal(5)
-    good = gradcheck(lambda x: x ** 2, [x], lambda g: [2 * x * g])
-    bad = gradcheck(lambda x: x ** 2, [x], lambda g: [x * g])
+    good = gradcheck(lambda x: x**2, [x], lambda g: [2 * x * g])
+    bad = gradcheck(lambda x: x**2, [x], lambda g: [x * g])
     assert good[0] < 1e-8
     assert bad[0] > 0.1
 

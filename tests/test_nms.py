@@ -1,4 +1,5 @@
 """NMS: the Numba kernel against the readable reference, and the semantics on hand-built cases."""
+
 import numpy as np
 import pytest
 
@@ -9,12 +10,12 @@ from tinymrcnn.ops.nms import batched_nms_reference, nms_reference
 def random_set(rng, dtype):
     """A small random box set with the awkward cases mixed in: ties, duplicates, zero areas."""
     n = int(rng.integers(0, 25))
-    xy = rng.integers(0, 12, (n, 2)).astype(np.float64)          # a small integer grid: many exact IoUs
-    wh = rng.integers(0, 6, (n, 2)).astype(np.float64)           # 0 gives zero-area boxes
+    xy = rng.integers(0, 12, (n, 2)).astype(np.float64)  # a small integer grid: many exact IoUs
+    wh = rng.integers(0, 6, (n, 2)).astype(np.float64)  # 0 gives zero-area boxes
     if rng.random() < 0.5:
         xy, wh = xy + rng.random((n, 2)), wh + rng.random((n, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1)
-    if n > 1 and rng.random() < 0.5:                              # identical boxes
+    if n > 1 and rng.random() < 0.5:  # identical boxes
         boxes[rng.integers(0, n, n // 3)] = boxes[rng.integers(0, n)]
     scores = rng.integers(0, 4, n).astype(np.float64) if rng.random() < 0.5 else rng.random(n)  # ties
     return boxes.astype(dtype), scores.astype(dtype)
@@ -30,8 +31,11 @@ def test_nms_equals_reference_on_2000_random_sets():
         assert keep.dtype == np.int64
         np.testing.assert_array_equal(keep, nms_reference(boxes, scores, thr), err_msg=f"trial {trial}")
         idxs = rng.integers(0, 3, boxes.shape[0])
-        np.testing.assert_array_equal(batched_nms(boxes, scores, idxs, thr),
-                                      batched_nms_reference(boxes, scores, idxs, thr), err_msg=f"trial {trial}")
+        np.testing.assert_array_equal(
+            batched_nms(boxes, scores, idxs, thr),
+            batched_nms_reference(boxes, scores, idxs, thr),
+            err_msg=f"trial {trial}",
+        )
 
 
 def test_reference_is_the_greedy_definition():
@@ -56,16 +60,20 @@ def test_reference_is_the_greedy_definition():
 
 
 def test_known_outcome_and_strict_threshold():
-    boxes = np.array([[0, 0, 10, 10],     # 0: best
-                      [1, 0, 11, 10],     # 1: IoU 90/110 = 0.818 with 0 -> dropped
-                      [20, 20, 30, 30],   # 2: disjoint -> kept
-                      [0, 0, 10, 5]],     # 3: IoU exactly 0.5 with 0
-                     np.float32)
+    boxes = np.array(
+        [
+            [0, 0, 10, 10],  # 0: best
+            [1, 0, 11, 10],  # 1: IoU 90/110 = 0.818 with 0 -> dropped
+            [20, 20, 30, 30],  # 2: disjoint -> kept
+            [0, 0, 10, 5],
+        ],  # 3: IoU exactly 0.5 with 0
+        np.float32,
+    )
     scores = np.array([0.9, 0.8, 0.3, 0.5], np.float32)
     np.testing.assert_array_equal(nms(boxes, scores, 0.7), [0, 3, 2])
-    np.testing.assert_array_equal(nms(boxes, scores, 0.5), [0, 3, 2])      # 0.5 > 0.5 is false: kept
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5), [0, 3, 2])  # 0.5 > 0.5 is false: kept
     np.testing.assert_array_equal(nms(boxes, scores, 0.49), [0, 2])
-    np.testing.assert_array_equal(nms(boxes, scores, 1.0), [0, 1, 3, 2])   # nothing exceeds IoU 1
+    np.testing.assert_array_equal(nms(boxes, scores, 1.0), [0, 1, 3, 2])  # nothing exceeds IoU 1
     np.testing.assert_array_equal(nms(boxes, scores, 0.0), [0, 2])
 
 
@@ -92,23 +100,29 @@ def test_batched_nms_suppresses_only_within_a_group():
 
 
 def test_empty_input():
-    for f in (lambda b, s: nms(b, s, 0.5), lambda b, s: nms_reference(b, s, 0.5),
-              lambda b, s: batched_nms(b, s, np.zeros(0, np.int64), 0.5)):
+    for f in (
+        lambda b, s: nms(b, s, 0.5),
+        lambda b, s: nms_reference(b, s, 0.5),
+        lambda b, s: batched_nms(b, s, np.zeros(0, np.int64), 0.5),
+    ):
         keep = f(np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
         assert keep.shape == (0,) and keep.dtype == np.int64
 
 
-@pytest.mark.parametrize("args", [
-    (np.array([[0, 0, np.nan, 1.0]]), np.ones(1), 0.5),
-    (np.zeros((2, 4)), np.array([0.5, np.nan]), 0.5),
-    (np.zeros((2, 3)), np.ones(2), 0.5),
-    (np.zeros((2, 4)), np.ones(3), 0.5),
-    (np.zeros((2, 4)), np.ones((2, 1)), 0.5),
-    (np.array([[2.0, 0, 1, 1]]), np.ones(1), 0.5),
-    (np.zeros((2, 4)), np.ones(2), float("nan")),
-    (np.zeros((2, 4)), np.ones(2), 1.5),
-    (np.zeros((2, 4)), np.ones(2), -0.1),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (np.array([[0, 0, np.nan, 1.0]]), np.ones(1), 0.5),
+        (np.zeros((2, 4)), np.array([0.5, np.nan]), 0.5),
+        (np.zeros((2, 3)), np.ones(2), 0.5),
+        (np.zeros((2, 4)), np.ones(3), 0.5),
+        (np.zeros((2, 4)), np.ones((2, 1)), 0.5),
+        (np.array([[2.0, 0, 1, 1]]), np.ones(1), 0.5),
+        (np.zeros((2, 4)), np.ones(2), float("nan")),
+        (np.zeros((2, 4)), np.ones(2), 1.5),
+        (np.zeros((2, 4)), np.ones(2), -0.1),
+    ],
+)
 def test_bad_input_raises_value_error(args):
     with pytest.raises(ValueError):
         nms(*args)
@@ -127,6 +141,7 @@ def test_kernel_threshold_rounding_keeps_the_strict_comparison_exact():
     """The kernel compares a float32 IoU with the threshold rounded down to float32; that must
     decide exactly as comparing with the float64 threshold (as the reference and torchvision do)."""
     from tinymrcnn.ops.nms import _kernel_threshold
+
     rng = np.random.default_rng(0)
     for thr in np.concatenate([[0.3, 0.5, 0.7, 0.1, 1.0, 0.0], rng.random(200)]):
         t32 = _kernel_threshold(float(thr), np.dtype(np.float32))

@@ -11,6 +11,7 @@ The kernel is this interpreter: a temporary kernel spec, found through
 notebooks import the tinymrcnn that the tests import, whatever ``python``
 means on the PATH.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ pytest.importorskip("ipykernel")
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 KERNEL_NAME = "tinymrcnn-tests"
-CELL_TIMEOUT_S = 600          # the longest cell trains a model; a hung cell fails instead of blocking CI
+CELL_TIMEOUT_S = 600  # the longest cell trains a model; a hung cell fails instead of blocking CI
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,11 @@ def notebook_env(tmp_path_factory):
     jupyter_path = tmp_path_factory.mktemp("jupyter")
     spec_dir = jupyter_path / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "tinymrcnn tests", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "tinymrcnn tests",
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINYMRCNN_NOTEBOOK_SMALL", "1")
@@ -49,8 +53,13 @@ def notebook_env(tmp_path_factory):
 
 
 def execute(nb, timeout=CELL_TIMEOUT_S):
-    client = nbclient.NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=timeout, startup_timeout=180,
-                                     resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = nbclient.NotebookClient(
+        nb,
+        kernel_name=KERNEL_NAME,
+        timeout=timeout,
+        startup_timeout=180,
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
     client.execute()
     return nb
 
@@ -75,10 +84,13 @@ def test_notebook_is_stored_without_outputs(path):
 @pytest.mark.slow
 def test_kernel_is_this_interpreter(notebook_env):
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("import os, sys, tinymrcnn\n"
-                                          "print(sys.prefix)\nprint(os.environ['TINYMRCNN_NOTEBOOK_SMALL'])")]
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "import os, sys, tinymrcnn\nprint(sys.prefix)\nprint(os.environ['TINYMRCNN_NOTEBOOK_SMALL'])"
+        )
+    ]
     out = execute(nb, timeout=120).cells[0].outputs[0]["text"].split("\n")
-    assert out[0] == sys.prefix                      # the same environment (venv) as the tests
+    assert out[0] == sys.prefix  # the same environment (venv) as the tests
     assert out[1] == "1"
 
 

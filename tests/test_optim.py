@@ -1,4 +1,5 @@
 """Optimizers, schedules and gradient clipping: hand formulas, torch step by step (optional)."""
+
 import io
 import math
 
@@ -15,8 +16,7 @@ def rng(seed=0):
 
 def make_params(seed=0, dtype=np.float64):
     r = rng(seed)
-    return [Parameter(r.standard_normal((3, 4)).astype(dtype)),
-            Parameter(r.standard_normal(5).astype(dtype))]
+    return [Parameter(r.standard_normal((3, 4)).astype(dtype)), Parameter(r.standard_normal(5).astype(dtype))]
 
 
 def quadratic_grads(params, centres):
@@ -26,12 +26,15 @@ def quadratic_grads(params, centres):
     return sum(float(((p.data - c) ** 2).sum()) / 2 for p, c in zip(params, centres))
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.0),
-    lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=True),
-    lambda ps: Adam(ps, lr=0.05),
-    lambda ps: AdamW(ps, lr=0.05, weight_decay=0.0),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.0),
+        lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=True),
+        lambda ps: Adam(ps, lr=0.05),
+        lambda ps: AdamW(ps, lr=0.05, weight_decay=0.0),
+    ],
+)
 def test_optimizers_minimise_a_quadratic(make_opt):
     params = make_params()
     centres = [rng(1).standard_normal(p.shape) for p in params]
@@ -50,7 +53,7 @@ def test_sgd_steps_by_hand():
     g1, g2 = np.array([0.3, 0.4]), np.array([-0.1, 0.2])
     p.grad[...] = g1
     opt.step()
-    d1 = g1 + 0.01 * np.array([1.0, -2.0])                # buf = d1 on the first step
+    d1 = g1 + 0.01 * np.array([1.0, -2.0])  # buf = d1 on the first step
     x1 = np.array([1.0, -2.0]) - 0.1 * d1
     np.testing.assert_allclose(p.data, x1, rtol=1e-15)
     p.grad[...] = g2
@@ -72,11 +75,11 @@ def test_first_adam_step_is_lr_times_sign():
 def test_adamw_decays_the_weight_not_the_gradient():
     p = Parameter(np.array([2.0]))
     opt = AdamW([p], lr=0.1, weight_decay=0.5)
-    p.grad[...] = 0.0                                     # no gradient: only the decay acts
+    p.grad[...] = 0.0  # no gradient: only the decay acts
     opt.step()
     np.testing.assert_allclose(p.data, [2.0 * (1 - 0.1 * 0.5)])
     q = Parameter(np.array([2.0]))
-    Adam([q], lr=0.1, weight_decay=0.5).step()            # L2: g = 0.5 * 2 -> a full Adam step
+    Adam([q], lr=0.1, weight_decay=0.5).step()  # L2: g = 0.5 * 2 -> a full Adam step
     np.testing.assert_allclose(q.data, [2.0 - 0.1], rtol=1e-7)
 
 
@@ -94,11 +97,14 @@ def test_frozen_parameters_are_skipped():
         assert all(not k.endswith(".1") for k in opt.state_dict())
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4),
-    lambda ps: Adam(ps, lr=0.01, weight_decay=1e-3),
-    lambda ps: AdamW(ps, lr=0.01),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4),
+        lambda ps: Adam(ps, lr=0.01, weight_decay=1e-3),
+        lambda ps: AdamW(ps, lr=0.01),
+    ],
+)
 def test_state_dict_round_trip_through_npz_resumes_exactly(make_opt):
     def grads(params, t):
         for i, p in enumerate(params):
@@ -116,7 +122,7 @@ def test_state_dict_round_trip_through_npz_resumes_exactly(make_opt):
         grads(part, t)
         opt.step()
     buf = io.BytesIO()
-    np.savez(buf, **opt.state_dict())                     # plain arrays: no pickle needed
+    np.savez(buf, **opt.state_dict())  # plain arrays: no pickle needed
     buf.seek(0)
     with np.load(buf, allow_pickle=False) as f:
         saved = dict(f)
@@ -166,26 +172,25 @@ def test_clip_grad_norm():
     params = make_params()
     for p in params:
         p.grad[...] = rng(3).standard_normal(p.shape)
-    total = math.sqrt(sum(float((p.grad ** 2).sum()) for p in params))
+    total = math.sqrt(sum(float((p.grad**2).sum()) for p in params))
     before = [p.grad.copy() for p in params]
     assert clip_grad_norm(params, total * 2) == pytest.approx(total)
     for p, b in zip(params, before):
-        np.testing.assert_array_equal(p.grad, b)                  # under the limit: untouched
+        np.testing.assert_array_equal(p.grad, b)  # under the limit: untouched
     assert clip_grad_norm(params, 1.0) == pytest.approx(total)
-    new = math.sqrt(sum(float((p.grad ** 2).sum()) for p in params))
+    new = math.sqrt(sum(float((p.grad**2).sum()) for p in params))
     assert new == pytest.approx(1.0, rel=1e-5)
 
 
 def test_warmup_multistep_schedule():
-    s = WarmupMultiStep(base_lr=0.02, warmup_iters=10, warmup_factor=0.001, milestones=(50, 80),
-                        gamma=0.1)
+    s = WarmupMultiStep(base_lr=0.02, warmup_iters=10, warmup_factor=0.001, milestones=(50, 80), gamma=0.1)
     assert s.lr_at(0) == pytest.approx(0.02 * 0.001)
     assert s.lr_at(5) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
     assert s.lr_at(10) == pytest.approx(0.02)
     assert s.lr_at(49) == pytest.approx(0.02)
     assert s.lr_at(50) == pytest.approx(0.002)
     assert s.lr_at(80) == pytest.approx(0.0002)
-    assert WarmupMultiStep(0.1).lr_at(0) == 0.1          # no warm-up, no milestones
+    assert WarmupMultiStep(0.1).lr_at(0) == 0.1  # no warm-up, no milestones
     with pytest.raises(ValueError, match="increasing"):
         WarmupMultiStep(0.1, milestones=(5, 3))
 
@@ -194,7 +199,7 @@ def test_warmup_cosine_schedule():
     s = WarmupCosine(base_lr=1.0, warmup_iters=10, total_iters=110, min_lr=0.1)
     assert s.lr_at(0) == pytest.approx(0.001)
     assert s.lr_at(10) == pytest.approx(1.0)
-    assert s.lr_at(60) == pytest.approx(0.55)             # half-way: the mean of 1 and 0.1
+    assert s.lr_at(60) == pytest.approx(0.55)  # half-way: the mean of 1 and 0.1
     assert s.lr_at(110) == pytest.approx(0.1)
     assert s.lr_at(500) == pytest.approx(0.1)
     lrs = [s.lr_at(t) for t in range(10, 111)]
@@ -206,11 +211,11 @@ def test_warmup_cosine_schedule():
 def test_warmup_cosine_on_the_clock():
     # total_iters=None: the caller says how far the decay is (u), e.g. elapsed / budget
     s = WarmupCosine(base_lr=1.0, warmup_iters=10, total_iters=None, min_lr=0.1)
-    assert s.lr_at(0, progress=0.7) == pytest.approx(0.001)   # warm-up still counts steps
+    assert s.lr_at(0, progress=0.7) == pytest.approx(0.001)  # warm-up still counts steps
     assert s.lr_at(40, progress=0.0) == pytest.approx(1.0)
     assert s.lr_at(40, progress=0.5) == pytest.approx(0.55)
     assert s.lr_at(40, progress=1.0) == pytest.approx(0.1)
-    assert s.lr_at(40, progress=3.0) == pytest.approx(0.1)    # past the budget: min_lr
+    assert s.lr_at(40, progress=3.0) == pytest.approx(0.1)  # past the budget: min_lr
     with pytest.raises(ValueError, match="progress"):
         s.lr_at(40)
     stepwise = WarmupCosine(base_lr=1.0, warmup_iters=10, total_iters=110, min_lr=0.1)
@@ -272,11 +277,14 @@ def test_clip_grad_norm_matches_torch():
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
-@pytest.mark.parametrize("make", [
-    lambda ps: Adam(ps, lr=0.01, weight_decay=1e-2),
-    lambda ps: AdamW(ps, lr=0.01, weight_decay=1e-1),
-    lambda ps: Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: Adam(ps, lr=0.01, weight_decay=1e-2),
+        lambda ps: AdamW(ps, lr=0.01, weight_decay=1e-1),
+        lambda ps: Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6),
+    ],
+)
 def test_fused_adam_step_equals_the_numpy_reference(make, dtype, tol):
     rng = np.random.default_rng(5)
     shapes = [(3, 4), (7,), (2, 3, 5, 5), (1,)]
@@ -301,6 +309,7 @@ def test_fused_adam_step_equals_the_numpy_reference(make, dtype, tol):
 @pytest.mark.parametrize("n", [0, 1, 7, 100003])
 def test_sum_of_squares_equals_numpy(dtype, n):
     from tinymrcnn.kernels.cpu.optim import sum_of_squares
+
     g = np.random.default_rng(n).standard_normal(n).astype(dtype)
     expected = float(np.sum(np.square(g, dtype=np.float64)))
     assert sum_of_squares(g) == pytest.approx(expected, rel=1e-12, abs=0.0)

@@ -1,4 +1,5 @@
 """Data-parallel training (tinymrcnn/parallel.py): the averaged gradient, exact resume, failures."""
+
 import numpy as np
 import pytest
 from test_train import cfg, small_model_config
@@ -10,7 +11,7 @@ from tinymrcnn.train import load_batch, make_datasets, step_seeds, train
 
 def test_resolve_workers_and_shards():
     assert resolve_workers(3, 4) == 3
-    assert resolve_workers(8, 4) == 4                 # at most one worker per image
+    assert resolve_workers(8, 4) == 4  # at most one worker per image
     assert 1 <= resolve_workers(0, 4) <= 4
     with pytest.raises(ValueError, match="workers must be >= 0"):
         resolve_workers(-1, 4)
@@ -64,7 +65,7 @@ def test_pool_gradient_is_the_mean_of_the_shard_gradients(tmp_path):
     for k in l0:
         np.testing.assert_allclose(own[k], l0[k], rtol=1e-5)
         np.testing.assert_allclose(theirs[k], l1[k], rtol=1e-5)
-    assert any(abs(l0[k] - l1[k]) > 1e-3 for k in l0)        # the shards really differ
+    assert any(abs(l0[k] - l1[k]) > 1e-3 for k in l0)  # the shards really differ
     for (name, _), a, b, c_ in zip(model.named_parameters(), averaged, g0, g1):
         expected = (b + c_) / 2
         scale = max(np.abs(expected).max(), 1e-12)
@@ -73,8 +74,7 @@ def test_pool_gradient_is_the_mean_of_the_shard_gradients(tmp_path):
 
 def test_data_parallel_resume_continues_exactly(tmp_path):
     full = train(cfg(tmp_path, "full", iters=4, workers=2), small_model_config(), progress=False)
-    train(cfg(tmp_path, "split", iters=2, workers=2, checkpoint_every=2), small_model_config(),
-          progress=False)
+    train(cfg(tmp_path, "split", iters=2, workers=2, checkpoint_every=2), small_model_config(), progress=False)
     resumed = train(cfg(tmp_path, "split", iters=4, workers=2), resume=True, progress=False)
     a = [r["loss"] for r in full["history"][2:]]
     b = [r["loss"] for r in resumed["history"]]

@@ -1,4 +1,5 @@
 """LevelMapper and MultiScaleRoIAlign: level assignment, RoI order, per-level backward."""
+
 import numpy as np
 import pytest
 
@@ -14,9 +15,22 @@ def square(side, x=0.0, y=0.0):
 
 def test_level_mapper_follows_the_fpn_formula():
     m = LevelMapper()
-    boxes = np.array([square(224), square(112), square(111.9), square(448), square(447.9),
-                      square(56), square(1000), square(10), [0, 0, 448, 112],
-                      [5, 5, 5, 5], [0, 0, np.nan, 3], [0, 0, -20, 30]])
+    boxes = np.array(
+        [
+            square(224),
+            square(112),
+            square(111.9),
+            square(448),
+            square(447.9),
+            square(56),
+            square(1000),
+            square(10),
+            [0, 0, 448, 112],
+            [5, 5, 5, 5],
+            [0, 0, np.nan, 3],
+            [0, 0, -20, 30],
+        ]
+    )
     # 224 -> P4; half -> P3; just under half -> P2; double -> P5; clamped to [2, 5];
     # 448 x 112 has sqrt(area) 224 -> P4; zero, NaN or negative area -> P2
     np.testing.assert_array_equal(m(boxes), [4, 3, 2, 5, 4, 2, 5, 2, 4, 2, 2, 2])
@@ -52,9 +66,9 @@ def test_forward_pools_each_roi_from_its_level_in_roi_order(op, mode):
     assert out.shape == (len(rois), 3, 4, 3)
     for i, (roi, k) in enumerate(zip(rois, levels)):
         if op == "roi_pool":
-            want = roi_pool(feats[k - 2], roi[None], (4, 3), 2.0 ** -k)
+            want = roi_pool(feats[k - 2], roi[None], (4, 3), 2.0**-k)
         else:
-            want = roi_align(feats[k - 2], roi[None], (4, 3), 2.0 ** -k, 2, True, mode)
+            want = roi_align(feats[k - 2], roi[None], (4, 3), 2.0**-k, 2, True, mode)
         np.testing.assert_allclose(out[i], want[0], rtol=1e-12)
 
 
@@ -72,7 +86,7 @@ def test_backward_matches_finite_differences_on_every_level(op, mode):
     levels = pooler.map_levels(rois)
     for lvl, (f, d) in enumerate(zip(feats, grads)):
         if lvl + 2 not in levels:
-            assert not d.any()                       # no RoI on this level: zeros
+            assert not d.any()  # no RoI on this level: zeros
             continue
 
         def loss():
@@ -80,7 +94,7 @@ def test_backward_matches_finite_differences_on_every_level(op, mode):
             pooler.clear_cache()
             return float(np.sum(y * g))
 
-        num = numerical_gradient(loss, f, h=1e-3)   # piecewise linear: no truncation error
+        num = numerical_gradient(loss, f, h=1e-3)  # piecewise linear: no truncation error
         assert relative_error(d, num) < 1e-7
 
 
@@ -95,7 +109,7 @@ def test_backward_equals_per_level_roi_align_backward():
     levels = pooler.map_levels(rois)
     for k, (f, d) in enumerate(zip(feats, grads), start=2):
         sel = levels == k
-        want = roi_align_backward(dy[sel], f, rois[sel], 7, 2.0 ** -k, 2)
+        want = roi_align_backward(dy[sel], f, rois[sel], 7, 2.0**-k, 2)
         np.testing.assert_allclose(d, want, rtol=1e-6, atol=1e-6)
         assert d.dtype == np.float32
 
@@ -106,7 +120,7 @@ def test_prepared_features_and_zero_rois():
     rois = mixed_rois(rng).astype(np.float32)
     pooler = MultiScaleRoIAlign(7, 2)
     a = pooler(feats, rois)
-    b = pooler(pooler.prepare(feats), rois)     # laid out once, shared by two poolers
+    b = pooler(pooler.prepare(feats), rois)  # laid out once, shared by two poolers
     np.testing.assert_array_equal(a, b)
     ga, gb = pooler.backward(np.ones_like(b)), pooler.backward(np.ones_like(a))
     for x, y in zip(ga, gb):
@@ -126,6 +140,6 @@ def test_eval_mode_keeps_no_cache_and_bad_input():
     with pytest.raises(ValueError, match="4 feature maps"):
         pooler(feats[:3], mixed_rois(rng))
     with pytest.raises(ValueError, match="batch index"):
-        pooler(feats, np.array([[2, 0, 0, 10, 10.]]))
+        pooler(feats, np.array([[2, 0, 0, 10, 10.0]]))
     with pytest.raises(ValueError, match="op must be"):
         MultiScaleRoIAlign(op="roi_warp")

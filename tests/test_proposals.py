@@ -1,5 +1,6 @@
 """The proposal layer (step by step on a hand-built case, and against a per-level re-derivation)
 and the anchor target layer."""
+
 import numpy as np
 import pytest
 from scipy.special import expit
@@ -12,16 +13,24 @@ from tinymrcnn.ops.nms import nms_reference
 
 
 def hand_case():
-    level0 = np.array([[0, 0, 10, 10],          # A0 logit 3.0: the best box
-                       [1, 0, 11, 10],          # A1 logit 2.0: IoU 0.82 with A0 -> NMS drops it
-                       [20, 20, 20.0005, 30],   # A2 logit 1.5: width 5e-4 < 1e-3 -> removed as small
-                       [30, 30, 40, 40],        # A3 logit 0.0: probability 0.5 < 0.55 -> score threshold
-                       [35, 35, 60, 60],        # A4 logit 0.5: clipped to the 50 x 50 image
-                       [5, 5, 15, 15]],         # A5 logit -5: not in the top 5 of its level
-                      np.float32)
-    level1 = np.array([[0, 0, 10, 10],          # B0 logit 1.0: same box as A0 but another level: kept
-                       [0, 1, 10, 11]],         # B1 logit 0.8: IoU 0.82 with B0 -> NMS drops it
-                      np.float32)
+    level0 = np.array(
+        [
+            [0, 0, 10, 10],  # A0 logit 3.0: the best box
+            [1, 0, 11, 10],  # A1 logit 2.0: IoU 0.82 with A0 -> NMS drops it
+            [20, 20, 20.0005, 30],  # A2 logit 1.5: width 5e-4 < 1e-3 -> removed as small
+            [30, 30, 40, 40],  # A3 logit 0.0: probability 0.5 < 0.55 -> score threshold
+            [35, 35, 60, 60],  # A4 logit 0.5: clipped to the 50 x 50 image
+            [5, 5, 15, 15],
+        ],  # A5 logit -5: not in the top 5 of its level
+        np.float32,
+    )
+    level1 = np.array(
+        [
+            [0, 0, 10, 10],  # B0 logit 1.0: same box as A0 but another level: kept
+            [0, 1, 10, 11],
+        ],  # B1 logit 0.8: IoU 0.82 with B0 -> NMS drops it
+        np.float32,
+    )
     logits = [np.array([[3.0, 2.0, 1.5, 0.0, 0.5, -5.0]], np.float32), np.array([[1.0, 0.8]], np.float32)]
     deltas = [np.zeros((1, 6, 4), np.float32), np.zeros((1, 2, 4), np.float32)]
     return logits, deltas, [level0, level1]
@@ -29,12 +38,27 @@ def hand_case():
 
 def test_hand_built_case_step_by_step():
     logits, deltas, anchors = hand_case()
-    boxes, scores, records = generate_proposals(logits, deltas, anchors, [(50, 50)], pre_nms_top_n=5,
-                                                post_nms_top_n=2, nms_thresh=0.7, score_thresh=0.55,
-                                                trace=True)
+    boxes, scores, records = generate_proposals(
+        logits,
+        deltas,
+        anchors,
+        [(50, 50)],
+        pre_nms_top_n=5,
+        post_nms_top_n=2,
+        nms_thresh=0.7,
+        score_thresh=0.55,
+        trace=True,
+    )
     rec = records[0]
-    assert rec["counts"] == {"topk": 7, "decoded": 7, "clipped": 7, "remove_small": 6,
-                             "score_thresh": 5, "nms": 3, "final": 2}
+    assert rec["counts"] == {
+        "topk": 7,
+        "decoded": 7,
+        "clipped": 7,
+        "remove_small": 6,
+        "score_thresh": 5,
+        "nms": 3,
+        "final": 2,
+    }
     assert rec["num_anchors_per_level"] == [6, 2]
     # top-k keeps the level order, best first within a level; anchor_index runs over both levels
     np.testing.assert_array_equal(rec["topk"]["anchor_index"], [0, 1, 2, 4, 3, 6, 7])
@@ -63,8 +87,7 @@ def test_defaults_keep_everything_but_the_small_and_the_overlapping():
     assert (np.diff(scores[0]) <= 0).all()
 
 
-def proposals_by_hand(logits, deltas, anchors, size, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh,
-                      min_size):
+def proposals_by_hand(logits, deltas, anchors, size, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size):
     """One level at a time with the reference NMS, then a stable sort over the levels."""
     boxes, scores = [], []
     coder = BoxCoder()
@@ -93,26 +116,27 @@ def test_random_batch_equals_per_level_derivation(dtype):
     args = dict(pre_nms_top_n=100, post_nms_top_n=60, nms_thresh=0.6, score_thresh=0.2, min_size=3.0)
     boxes, scores, records = generate_proposals(logits, deltas, anchors, sizes, **args, trace=True)
     for i in range(2):
-        exp_boxes, exp_scores = proposals_by_hand([o[i] for o in logits], [d[i] for d in deltas],
-                                                  [a.astype(dtype) for a in anchors], sizes[i], **args)
+        exp_boxes, exp_scores = proposals_by_hand(
+            [o[i] for o in logits], [d[i] for d in deltas], [a.astype(dtype) for a in anchors], sizes[i], **args
+        )
         np.testing.assert_array_equal(boxes[i], exp_boxes)
         np.testing.assert_array_equal(scores[i], exp_scores)
         assert boxes[i].dtype == dtype
         rec = records[i]
         counts = [rec["counts"][s] for s in PROPOSAL_STAGES]
         assert counts[0] == 100 + 100 + 48 and counts == sorted(counts, reverse=True)
-        assert counts[-1] == 60 and counts[-3] > counts[-2] > 60   # every filter bites here
+        assert counts[-1] == 60 and counts[-3] > counts[-2] > 60  # every filter bites here
         np.testing.assert_array_equal(rec["topk"]["boxes"], np.concatenate(anchors)[rec["topk"]["anchor_index"]])
         assert boxes[i][:, 2].max() <= sizes[i][1] and boxes[i][:, 3].max() <= sizes[i][0]
 
 
 def test_proposals_bad_input():
     logits, deltas, anchors = hand_case()
-    with pytest.raises(ValueError):   # deltas of the wrong length
+    with pytest.raises(ValueError):  # deltas of the wrong length
         generate_proposals(logits, [deltas[0][:, :5], deltas[1]], anchors, [(50, 50)], 10, 10)
-    with pytest.raises(ValueError):   # two image sizes for a batch of one
+    with pytest.raises(ValueError):  # two image sizes for a batch of one
         generate_proposals(logits, deltas, anchors, [(50, 50)] * 2, 10, 10)
-    with pytest.raises(ValueError):   # NaN logits
+    with pytest.raises(ValueError):  # NaN logits
         generate_proposals([np.full((1, 6), np.nan), logits[1]], deltas, anchors, [(50, 50)], 10, 10)
     with pytest.raises(ValueError):
         generate_proposals(logits, deltas, anchors, [(50, 50)], -1, 10)
@@ -125,13 +149,17 @@ def rpn_layers():
 
 
 def test_assign_rpn_targets_hand_case():
-    anchors = np.array([[0, 0, 10, 10],        # IoU 1 with GT 0 -> positive
-                        [0, 0, 10, 9],         # IoU 0.9 -> positive
-                        [0, 0, 10, 5],         # IoU 0.5 -> ignored
-                        [50, 50, 60, 60],      # IoU 0 -> negative
-                        [100, 100, 110, 110],  # IoU 0.25 with GT 1, its best -> low-quality positive
-                        [115, 115, 125, 125]],  # IoU 25/475 with GT 1 -> negative
-                       np.float32)
+    anchors = np.array(
+        [
+            [0, 0, 10, 10],  # IoU 1 with GT 0 -> positive
+            [0, 0, 10, 9],  # IoU 0.9 -> positive
+            [0, 0, 10, 5],  # IoU 0.5 -> ignored
+            [50, 50, 60, 60],  # IoU 0 -> negative
+            [100, 100, 110, 110],  # IoU 0.25 with GT 1, its best -> low-quality positive
+            [115, 115, 125, 125],
+        ],  # IoU 25/475 with GT 1 -> negative
+        np.float32,
+    )
     gt = np.array([[0, 0, 10, 10], [100, 100, 120, 120]], np.float32)
     labels, targets = assign_rpn_targets(anchors, gt, *rpn_layers(), rng=np.random.default_rng(0))
     np.testing.assert_array_equal(labels, [1, 1, -1, 0, 1, 0])
@@ -147,7 +175,7 @@ def test_assign_rpn_targets_samples_at_most_256_and_half_positive():
     gen = AnchorGenerator(sizes=((16,),), aspect_ratios=((0.5, 1.0, 2.0),))
     (anchors,) = gen.anchors_per_level((128, 128), [(32, 32)])
     gt = np.array([[10, 10, 40, 30], [60, 60, 100, 120], [0, 0, 128, 128]], np.float32)
-    gt = np.concatenate([gt] + [gt + 2 * k for k in range(1, 30)])   # many overlapping GT: many positives
+    gt = np.concatenate([gt] + [gt + 2 * k for k in range(1, 30)])  # many overlapping GT: many positives
     labels, targets = assign_rpn_targets(anchors, gt, *rpn_layers(), rng=rng)
     assert (labels == 1).sum() == 128 and (labels == 0).sum() == 128
     assert (targets[labels != 1] == 0).all() and (targets[labels == 1] != 0).any()
@@ -155,8 +183,9 @@ def test_assign_rpn_targets_samples_at_most_256_and_half_positive():
     np.testing.assert_array_equal(labels, again)
 
 
-@pytest.mark.parametrize("gt", [np.zeros((0, 4), np.float32),
-                                np.array([[5, 5, 5, 20], [30, 30, 30, 30]], np.float32)])  # zero-area GT
+@pytest.mark.parametrize(
+    "gt", [np.zeros((0, 4), np.float32), np.array([[5, 5, 5, 20], [30, 30, 30, 30]], np.float32)]
+)  # zero-area GT
 def test_assign_rpn_targets_without_usable_gt_gives_only_negatives(gt):
     (anchors,) = AnchorGenerator(((16,),), ((1.0,),)).anchors_per_level((128, 128), [(32, 32)])
     labels, targets = assign_rpn_targets(anchors, gt, *rpn_layers(), rng=np.random.default_rng(0))
@@ -167,15 +196,13 @@ def test_assign_rpn_targets_without_usable_gt_gives_only_negatives(gt):
 def test_assign_rpn_targets_rejects_inverted_gt():
     anchors = np.array([[0, 0, 10, 10]], np.float32)
     with pytest.raises(ValueError):
-        assign_rpn_targets(anchors, np.array([[10, 0, 0, 10]], np.float32), *rpn_layers(),
-                           rng=np.random.default_rng(0))
+        assign_rpn_targets(anchors, np.array([[10, 0, 0, 10]], np.float32), *rpn_layers(), rng=np.random.default_rng(0))
 
 
 def test_trace_only_when_asked_and_the_same_proposals():
     logits, deltas, anchors = hand_case()
     boxes, scores, records = generate_proposals(logits, deltas, anchors, [(50, 50)], 4, 3)
-    traced_boxes, traced_scores, traced = generate_proposals(logits, deltas, anchors, [(50, 50)], 4, 3,
-                                                             trace=True)
+    traced_boxes, traced_scores, traced = generate_proposals(logits, deltas, anchors, [(50, 50)], 4, 3, trace=True)
     assert records is None and traced[0]["counts"]["final"] == len(boxes[0]) > 0
     np.testing.assert_array_equal(boxes[0], traced_boxes[0])
     np.testing.assert_array_equal(scores[0], traced_scores[0])

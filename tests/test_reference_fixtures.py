@@ -9,6 +9,7 @@ tinymrcnn against those files with the live tests' tolerances, and
 test_fixtures_are_up_to_date rebuilds the files in memory where torch is
 installed, so they cannot drift from the script.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,6 +59,7 @@ from tinymrcnn.optim import SGD, Adam, AdamW, WarmupMultiStep, clip_grad_norm
 #   roi_align_backward(dy, x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode) -> dx
 # Once they have them, each body becomes the one direct call.
 
+
 def roi_pool_y(x, rois, output_size, spatial_scale):
     return roi_pool(x, rois, output_size, spatial_scale)
 
@@ -71,6 +73,7 @@ def roi_align_dx(dy, x, rois, output_size, spatial_scale, sampling_ratio, aligne
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> dict:
@@ -94,8 +97,8 @@ def test_fixture_files_are_small_and_need_no_pickle():
     total = 0
     for name in ref.FAMILIES:
         total += ref.path_of(name).stat().st_size
-        assert load(name), name                              # np.load(allow_pickle=False) read it
-    assert total < 2 * 2 ** 20
+        assert load(name), name  # np.load(allow_pickle=False) read it
+    assert total < 2 * 2**20
 
 
 def test_fixture_cases_are_the_live_tests_cases():
@@ -103,6 +106,7 @@ def test_fixture_cases_are_the_live_tests_cases():
     import test_conv
     import test_layers
     import test_optim
+
     assert ref.CONV_CASES == test_conv.TORCH_CASES
     assert ref.POOL_CASES == test_layers.POOL_CASES
     assert ref.UPSAMPLE_CASES[:5] == [c for c in test_layers.UPSAMPLE_CASES if len(c[0]) == 4]
@@ -128,6 +132,7 @@ def test_conv(op, case):
 
 # ----------------------------------------------------------------------------- max pooling, with ties
 
+
 @pytest.mark.parametrize("inputs", ["normal", "ties"])
 @pytest.mark.parametrize("case", range(len(ref.POOL_CASES)))
 def test_maxpool(case, inputs):
@@ -142,6 +147,7 @@ def test_maxpool(case, inputs):
 
 
 # ----------------------------------------------------------------------------- norms
+
 
 def test_batchnorm():
     d = load("norms")
@@ -158,13 +164,13 @@ def test_batchnorm():
         np.testing.assert_allclose(dx, d[f"{key}.dx"], rtol=1e-9, atol=1e-10)
         np.testing.assert_allclose(ours.weight.grad, d[f"{key}.dweight"], rtol=1e-10)
         np.testing.assert_allclose(ours.bias.grad, d[f"{key}.dbias"], rtol=1e-10)
-    sd = {k[len("batchnorm.state."):]: v for k, v in d.items() if k.startswith("batchnorm.state.")}
+    sd = {k[len("batchnorm.state.") :]: v for k, v in d.items() if k.startswith("batchnorm.state.")}
     assert set(sd) == set(ours.state_dict())
     for k, v in sd.items():
         np.testing.assert_allclose(ours.state_dict()[k], v, rtol=1e-12)
     ours.eval()
     np.testing.assert_allclose(ours(d["batchnorm.eval.x"]), d["batchnorm.eval.y"], rtol=1e-10, atol=1e-12)
-    BatchNorm2d(C).load_state_dict(sd)                  # torch's state dict loads unchanged
+    BatchNorm2d(C).load_state_dict(sd)  # torch's state dict loads unchanged
 
 
 @pytest.mark.parametrize("case", range(len(ref.GROUPNORM_CASES)))
@@ -194,21 +200,27 @@ def test_frozen_batchnorm():
 
 # ----------------------------------------------------------------------------- upsample, linear
 
+
 @pytest.mark.parametrize("case", range(len(ref.UPSAMPLE_CASES)))
 def test_upsample_nearest(case):
     d = load("layers")
     key = f"upsample.{case}"
     x, size = d[f"{key}.x"], tuple(int(v) for v in d[f"{key}.size"])
-    assert x.dtype == np.float32                        # torch's float32 index rule
+    assert x.dtype == np.float32  # torch's float32 index rule
     np.testing.assert_array_equal(upsample_nearest(x, size), d[f"{key}.y"])
-    np.testing.assert_allclose(upsample_nearest_backward(d[f"{key}.dy"], x.shape), d[f"{key}.dx"],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upsample_nearest_backward(d[f"{key}.dy"], x.shape), d[f"{key}.dx"], rtol=1e-5, atol=1e-5)
 
 
 def test_upsample_index_rule_for_many_sizes():
     d = load("layers")
-    pieces = iter(np.split(d["index_rule.index"], np.cumsum(
-        [o for _ in range(int(d["index_rule.max_in"])) for o in range(1, int(d["index_rule.max_out"]) + 1)])[:-1]))
+    pieces = iter(
+        np.split(
+            d["index_rule.index"],
+            np.cumsum(
+                [o for _ in range(int(d["index_rule.max_in"])) for o in range(1, int(d["index_rule.max_out"]) + 1)]
+            )[:-1],
+        )
+    )
     for i in range(1, int(d["index_rule.max_in"]) + 1):
         for o in range(1, int(d["index_rule.max_out"]) + 1):
             np.testing.assert_array_equal(nearest_source_index(i, o), next(pieces), err_msg=f"in={i}, out={o}")
@@ -228,6 +240,7 @@ def test_linear():
 
 # ----------------------------------------------------------------------------- losses
 
+
 def check_loss(ours, d, key, grad_rtol=1e-10):
     assert ours[0] == pytest.approx(float(d[f"{key}.loss"]), rel=1e-12)
     np.testing.assert_allclose(ours[1], d[f"{key}.grad"], rtol=grad_rtol, atol=1e-15)
@@ -237,15 +250,21 @@ def check_loss(ours, d, key, grad_rtol=1e-10):
 def test_cross_entropy(reduction):
     d = load("losses")
     y, cw = d["cross_entropy.y"], d["cross_entropy.class_weight"]
-    check_loss(softmax_cross_entropy(d["cross_entropy.z"], y, weights=cw[np.where(y >= 0, y, 0)],
-                                     reduction=reduction), d, f"cross_entropy.{reduction}")
+    check_loss(
+        softmax_cross_entropy(d["cross_entropy.z"], y, weights=cw[np.where(y >= 0, y, 0)], reduction=reduction),
+        d,
+        f"cross_entropy.{reduction}",
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_bce(reduction):
     d = load("losses")
-    check_loss(sigmoid_bce_with_logits(d["bce.x"], d["bce.target"], weights=d["bce.weight"], reduction=reduction),
-               d, f"bce.{reduction}")
+    check_loss(
+        sigmoid_bce_with_logits(d["bce.x"], d["bce.target"], weights=d["bce.weight"], reduction=reduction),
+        d,
+        f"bce.{reduction}",
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -253,8 +272,12 @@ def test_bce(reduction):
 def test_smooth_l1_including_kinks(case, reduction):
     d = load("losses")
     key = f"smooth_l1.{case}"
-    check_loss(smooth_l1(d[f"{key}.pred"], d[f"{key}.target"], beta=float(d[f"{key}.beta"]), reduction=reduction),
-               d, f"{key}.{reduction}", grad_rtol=1e-12)
+    check_loss(
+        smooth_l1(d[f"{key}.pred"], d[f"{key}.target"], beta=float(d[f"{key}.beta"]), reduction=reduction),
+        d,
+        f"{key}.{reduction}",
+        grad_rtol=1e-12,
+    )
 
 
 def test_mask_losses():
@@ -266,8 +289,10 @@ def test_mask_losses():
 
 # ----------------------------------------------------------------------------- optimizers
 
-@pytest.mark.parametrize("case", range(len(ref.OPTIM_CASES)),
-                         ids=[name + str(i) for i, (name, _) in enumerate(ref.OPTIM_CASES)])
+
+@pytest.mark.parametrize(
+    "case", range(len(ref.OPTIM_CASES)), ids=[name + str(i) for i, (name, _) in enumerate(ref.OPTIM_CASES)]
+)
 def test_optimizer_step_by_step(case):
     d = load("optim")
     key = str(case)
@@ -279,14 +304,15 @@ def test_optimizer_step_by_step(case):
     opt = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}[str(d[f"{key}.name"])](params, **kw)
     sched = WarmupMultiStep(kw["lr"], warmup_iters=3, warmup_factor=0.1, milestones=(5,))
     for t, lr in enumerate(d[f"{key}.lr"]):
-        assert lr == pytest.approx(sched.lr_at(t), rel=1e-15)       # the live test's schedule
+        assert lr == pytest.approx(sched.lr_at(t), rel=1e-15)  # the live test's schedule
         opt.lr = float(lr)
         for i, p in enumerate(params):
             p.grad[...] = d[f"{key}.p{i}.grads"][t]
         opt.step()
         for i, p in enumerate(params):
-            np.testing.assert_allclose(p.data, d[f"{key}.p{i}.after"][t], rtol=1e-12, atol=1e-14,
-                                       err_msg=f"step {t}, parameter {i}")
+            np.testing.assert_allclose(
+                p.data, d[f"{key}.p{i}.after"][t], rtol=1e-12, atol=1e-14, err_msg=f"step {t}, parameter {i}"
+            )
 
 
 def test_clip_grad_norm():
@@ -301,6 +327,7 @@ def test_clip_grad_norm():
 
 
 # ----------------------------------------------------------------------------- boxes, anchors, resize
+
 
 def test_box_iou_and_coder():
     d = load("boxes")
@@ -321,8 +348,13 @@ def test_anchors():
 def test_resize():
     d = load("resize")
     masks = d["masks"]
-    target = {"boxes": masks_to_boxes(masks), "labels": np.arange(1, len(masks) + 1), "masks": masks,
-              "area": masks.sum(axis=(1, 2)).astype(np.float32), "image_id": 7}
+    target = {
+        "boxes": masks_to_boxes(masks),
+        "labels": np.arange(1, len(masks) + 1),
+        "masks": masks,
+        "area": masks.sum(axis=(1, 2)).astype(np.float32),
+        "image_id": 7,
+    }
     for i in range(len(ref.RESIZE_SIZES)):
         image, t = resize(d["x"], target, tuple(int(v) for v in d[f"{i}.size"]))
         # positions in float64 here, float32 in torch: values in [0, 1] may differ by one float32 ulp of ~50
@@ -332,14 +364,16 @@ def test_resize():
 
 # ----------------------------------------------------------------------------- RoIAlign, RoIPool
 
-@pytest.mark.parametrize("case", range(len(ref.ROI_ALIGN_SETTINGS)),
-                         ids=[f"aligned={a}-sampling={s}" for a, s in ref.ROI_ALIGN_SETTINGS])
+
+@pytest.mark.parametrize(
+    "case", range(len(ref.ROI_ALIGN_SETTINGS)), ids=[f"aligned={a}-sampling={s}" for a, s in ref.ROI_ALIGN_SETTINGS]
+)
 def test_roi_align(case):
     d = load("roi_align")
     x, rois = d["x"], d["rois"]
     size, scale = tuple(int(v) for v in d["output_size"]), float(d["spatial_scale"])
     aligned, sampling = bool(d[f"{case}.aligned"]), int(d[f"{case}.sampling_ratio"])
-    assert x.dtype == np.float64 and len(rois) > 10          # outside, straddling, zero-size, inverted, huge
+    assert x.dtype == np.float64 and len(rois) > 10  # outside, straddling, zero-size, inverted, huge
     y = roi_align(x, rois, size, scale, sampling, aligned)
     np.testing.assert_allclose(y, d[f"{case}.y"], rtol=1e-10, atol=1e-10)
     dx = roi_align_dx(d[f"{case}.dy"], x, rois, size, scale, sampling, aligned, "avg")
@@ -347,8 +381,9 @@ def test_roi_align(case):
     empty = np.zeros((0, 5))
     y0 = roi_align(x, empty, size, scale, sampling, aligned)
     assert y0.shape == d[f"{case}.empty_y"].shape == (0, x.shape[1]) + size
-    np.testing.assert_array_equal(roi_align_dx(y0, x, empty, size, scale, sampling, aligned, "avg"),
-                                  d[f"{case}.empty_dx"])
+    np.testing.assert_array_equal(
+        roi_align_dx(y0, x, empty, size, scale, sampling, aligned, "avg"), d[f"{case}.empty_dx"]
+    )
 
 
 def test_roi_pool():
@@ -366,10 +401,10 @@ def test_roi_pool():
 
 # ----------------------------------------------------------------------------- NMS
 
+
 def test_nms_and_batched_nms():
     d = load("nms")
-    pieces = {f: ragged(d, f) for f in ("boxes64", "scores64", "boxes32", "scores32", "idxs", "keep",
-                                        "keep_batched")}
+    pieces = {f: ragged(d, f) for f in ("boxes64", "scores64", "boxes32", "scores32", "idxs", "keep", "keep_batched")}
     assert len(d["threshold"]) == len(ref.nms_cases())
     for i, (thr, is32) in enumerate(zip(d["threshold"], d["float32"])):
         bits = "32" if is32 else "64"
@@ -379,11 +414,13 @@ def test_nms_and_batched_nms():
         assert keep.dtype == np.int64
         np.testing.assert_array_equal(keep, pieces["keep"][i], err_msg=msg)
         np.testing.assert_array_equal(nms_reference(boxes, scores, float(thr)), pieces["keep"][i], err_msg=msg)
-        np.testing.assert_array_equal(batched_nms(boxes, scores, pieces["idxs"][i], float(thr)),
-                                      pieces["keep_batched"][i], err_msg=msg)
+        np.testing.assert_array_equal(
+            batched_nms(boxes, scores, pieces["idxs"][i], float(thr)), pieces["keep_batched"][i], err_msg=msg
+        )
 
 
 # ----------------------------------------------------------------------------- the files are current
+
 
 @pytest.mark.torch
 @pytest.mark.parametrize("name", list(ref.FAMILIES))
@@ -397,7 +434,7 @@ def test_fixtures_are_up_to_date(name):
     for k in stored:
         a, b = fresh[k], stored[k]
         assert (a.dtype, a.shape) == (b.dtype, b.shape), k
-        if a.dtype.kind == "f":                  # another torch build may round the last bit differently
+        if a.dtype.kind == "f":  # another torch build may round the last bit differently
             assert rel(a, b) <= (1e-6 if a.dtype == np.float32 else 1e-12), k
         else:
             np.testing.assert_array_equal(a, b, err_msg=k)

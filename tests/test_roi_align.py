@@ -1,4 +1,5 @@
 """RoIAlign: known answers, Numba kernel vs readable reference, gradients, bad input."""
+
 import numpy as np
 import pytest
 from optional_torch import import_torch, import_torchvision_ops
@@ -29,8 +30,7 @@ KNOWN = {
 @pytest.mark.parametrize("fn", [roi_align, roi_align_reference], ids=["numba", "reference"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_detectron2_known_answer(fn, aligned, dtype):
-    out = fn(ARANGE.astype(dtype), BOX.astype(dtype), (4, 4), spatial_scale=1.0, sampling_ratio=0,
-             aligned=aligned)
+    out = fn(ARANGE.astype(dtype), BOX.astype(dtype), (4, 4), spatial_scale=1.0, sampling_ratio=0, aligned=aligned)
     assert out.shape == (1, 1, 4, 4) and out.dtype == dtype
     np.testing.assert_allclose(out[0, 0], KNOWN[aligned], rtol=1e-6)
 
@@ -55,16 +55,16 @@ def random_case(rng, dtype, n=2, c=3, h=9, w=11, k=24):
     xy = rng.uniform(-4, 2 * w, (k, 2))
     wh = rng.uniform(0.5, 2 * h, (k, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1)
-    boxes[0] = [4, 4, 10, 12]                 # inside
-    boxes[1] = [-6, -6, 8, 8]                 # straddling the top-left corner
+    boxes[0] = [4, 4, 10, 12]  # inside
+    boxes[1] = [-6, -6, 8, 8]  # straddling the top-left corner
     boxes[2] = [2 * w - 4, 2 * h - 4, 2 * w + 10, 2 * h + 10]  # straddling bottom-right
-    boxes[3] = [-40, -40, -20, -20]           # wholly outside
-    boxes[4] = [5, 5, 5.05, 5.02]             # tiny
-    boxes[5] = [-50, -50, 200, 250]           # huge
-    boxes[6] = [6, 6, 6, 6]                   # zero size
-    boxes[7] = [9, 9, 3, 4]                   # inverted
-    boxes[8] = [2 * w + 4, 2, 2 * w + 9, 8]   # wholly right of the map
-    boxes[9] = [2, 2 * h + 1, 8, 2 * h + 3]   # wholly below it
+    boxes[3] = [-40, -40, -20, -20]  # wholly outside
+    boxes[4] = [5, 5, 5.05, 5.02]  # tiny
+    boxes[5] = [-50, -50, 200, 250]  # huge
+    boxes[6] = [6, 6, 6, 6]  # zero size
+    boxes[7] = [9, 9, 3, 4]  # inverted
+    boxes[8] = [2 * w + 4, 2, 2 * w + 9, 8]  # wholly right of the map
+    boxes[9] = [2, 2 * h + 1, 8, 2 * h + 3]  # wholly below it
     rois = np.concatenate([b[:, None], boxes], axis=1).astype(dtype)
     return x, rois, scale
 
@@ -75,7 +75,7 @@ CASES = [(m, a, s) for m in ("avg", "max") for a in (False, True) for s in (2, 0
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("mode,aligned,sampling", CASES)
 def test_numba_matches_reference(dtype, mode, aligned, sampling):
-    rng = np.random.default_rng(100 + CASES.index((mode, aligned, sampling)))    # the same data in every run
+    rng = np.random.default_rng(100 + CASES.index((mode, aligned, sampling)))  # the same data in every run
     x, rois, scale = random_case(rng, dtype)
     out_size = (3, 4)
     y = roi_align(x, rois, out_size, scale, sampling, aligned, mode)
@@ -101,12 +101,14 @@ def test_prepared_maps_give_the_same_numbers_and_are_reusable():
     assert maps[0].shape == x.shape and roi_feature_maps(maps) is maps
     zeros = np.zeros(len(rois), np.int64)
     for size in (2, (3, 5)):
-        np.testing.assert_array_equal(roi_align_levels(maps, rois, zeros, [scale], size, 2),
-                                      roi_align(x, rois, size, scale, 2))
+        np.testing.assert_array_equal(
+            roi_align_levels(maps, rois, zeros, [scale], size, 2), roi_align(x, rois, size, scale, 2)
+        )
     dy = rng.standard_normal((len(rois), 3, 2, 2)).astype(np.float32)
     np.testing.assert_array_equal(
         roi_align_levels_backward(dy, maps, rois, zeros, [scale], 2, 2, mode="max")[0],
-        roi_align_backward(dy, x, rois, 2, scale, 2, mode="max"))
+        roi_align_backward(dy, x, rois, 2, scale, 2, mode="max"),
+    )
 
 
 def test_empty_rois_and_batch_index():
@@ -143,11 +145,15 @@ def test_backward_is_race_free_with_many_overlapping_rois():
 def test_avg_backward_finite_differences(aligned, sampling):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 2, 7, 8))
-    rois = np.array([[0, 1.3, 0.7, 9.1, 11.6], [1, -3, -2, 6, 5.5], [1, 10, 9, 17, 15.2],
-                     [0, 4, 4, 4.3, 4.9]])
+    rois = np.array([[0, 1.3, 0.7, 9.1, 11.6], [1, -3, -2, 6, 5.5], [1, 10, 9, 17, 15.2], [0, 4, 4, 4.3, 4.9]])
     kw = dict(spatial_scale=0.6, sampling_ratio=sampling, aligned=aligned)
-    err = gradcheck(lambda x: roi_align(x, rois, (3, 2), **kw), [x],
-                    lambda g: [roi_align_backward(g, x, rois, (3, 2), **kw)], h=1e-4, max_checks=None)
+    err = gradcheck(
+        lambda x: roi_align(x, rois, (3, 2), **kw),
+        [x],
+        lambda g: [roi_align_backward(g, x, rois, (3, 2), **kw)],
+        h=1e-4,
+        max_checks=None,
+    )
     assert err[0] < 1e-7
 
 
@@ -157,9 +163,13 @@ def test_max_backward_finite_differences_away_from_ties():
     x = rng.permutation(2 * 2 * 7 * 8).reshape(2, 2, 7, 8) * 0.1
     rois = np.array([[0, 1.3, 0.7, 9.1, 11.6], [1, 2, 1, 6, 5.5], [1, 0.2, 0.4, 7.7, 6.1]])
     kw = dict(spatial_scale=0.6, sampling_ratio=2, aligned=True, mode="max")
-    err = gradcheck(lambda x: roi_align(x, rois, (3, 2), **kw), [x],
-                    lambda g: [roi_align_backward(g, x, rois, (3, 2), **kw)], h=1e-4,
-                    max_checks=None)
+    err = gradcheck(
+        lambda x: roi_align(x, rois, (3, 2), **kw),
+        [x],
+        lambda g: [roi_align_backward(g, x, rois, (3, 2), **kw)],
+        h=1e-4,
+        max_checks=None,
+    )
     assert err[0] < 1e-7
 
 
@@ -168,7 +178,7 @@ def test_no_gradient_reaches_pixels_no_sample_reads():
     rois = np.array([[0, 2, 2, 4, 4]], float)
     dx = roi_align_backward(np.ones((1, 1, 2, 2)), x, rois, 2, 1.0, 2, aligned=True)
     assert dx[0, 0, 5:].sum() == 0 and dx[0, 0, :, 5:].sum() == 0
-    np.testing.assert_allclose(dx.sum(), 4.0)          # avg: weights / count sum to 1 per bin
+    np.testing.assert_allclose(dx.sum(), 4.0)  # avg: weights / count sum to 1 per bin
 
 
 # --- bad input --------------------------------------------------------------------
@@ -218,12 +228,13 @@ def test_bad_input_is_a_clear_value_error():
 @pytest.mark.torch
 def test_matches_torchvision_when_installed():
     torch = import_torch()
-    tv_ops = import_torchvision_ops()           # skips when torchvision is installed but broken too
+    tv_ops = import_torchvision_ops()  # skips when torchvision is installed but broken too
     rng = np.random.default_rng(4)
     x, rois, scale = random_case(rng, np.float64)
     for aligned in (False, True):
         for sampling in (2, 0):
             ours = roi_align(x, rois, (3, 4), scale, sampling, aligned)
-            theirs = tv_ops.roi_align(torch.from_numpy(x), torch.from_numpy(rois), (3, 4), scale,
-                                      sampling, aligned).numpy()
+            theirs = tv_ops.roi_align(
+                torch.from_numpy(x), torch.from_numpy(rois), (3, 4), scale, sampling, aligned
+            ).numpy()
             np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-10)

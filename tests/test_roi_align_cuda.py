@@ -6,6 +6,7 @@ subprocess: the simulator cannot leak into other test modules, whatever
 order pytest runs them in. Inputs are tiny (the simulator runs every GPU
 thread as a Python thread).
 """
+
 import os
 import subprocess
 import sys
@@ -54,20 +55,20 @@ def test_cuda_kernels_match_the_cpu_kernel_on_the_simulator():
     pytest.importorskip("numba")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=900)
+    run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all ok" in run.stdout
 
 
 def test_cpu_path_never_imports_the_cuda_kernels():
-    code = ("import sys, numpy as np\n"
-            "from tinymrcnn.ops.roi_align import roi_align\n"
-            "from tinymrcnn.model.poolers import MultiScaleRoIAlign\n"
-            "roi_align(np.ones((1, 1, 4, 4)), np.array([[0, 0, 0, 2, 2.]]), 2)\n"
-            "assert 'tinymrcnn.kernels.cuda.roi_align' not in sys.modules\n")
+    code = (
+        "import sys, numpy as np\n"
+        "from tinymrcnn.ops.roi_align import roi_align\n"
+        "from tinymrcnn.model.poolers import MultiScaleRoIAlign\n"
+        "roi_align(np.ones((1, 1, 4, 4)), np.array([[0, 0, 0, 2, 2.]]), 2)\n"
+        "assert 'tinymrcnn.kernels.cuda.roi_align' not in sys.modules\n"
+    )
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

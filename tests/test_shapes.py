@@ -1,4 +1,5 @@
 """ShapesDataset: determinism, splits, occlusion-aware masks, tight boxes."""
+
 import hashlib
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_heldout_split_never_overlaps_train():
     assert len(heldout) == 200 and heldout.split == "val"
     val = {_digest(heldout[i][0]) for i in range(len(heldout))}
     assert len(val) == 200
-    for seed in (0, 1):                       # whatever seed training uses
+    for seed in (0, 1):  # whatever seed training uses
         train = ShapesDataset(400, seed=seed, split="train")
         assert not val & {_digest(train[i][0]) for i in range(len(train))}
 
@@ -62,7 +63,7 @@ def test_masks_are_the_visible_parts_and_boxes_are_tight(difficulty, size):
         # later shapes hide earlier ones: the visible masks never overlap
         assert masks.sum(axis=0).max() <= 1
         # every pixel of a mask shows that shape's single colour, every other pixel the background
-        pixels = image.reshape(3, -1).T                                 # (H*W, 3)
+        pixels = image.reshape(3, -1).T  # (H*W, 3)
         background = ~masks.any(axis=0).ravel()
         assert len(np.unique(pixels[background], axis=0)) == 1
         colours = [np.unique(pixels[m.ravel()], axis=0) for m in masks]
@@ -72,8 +73,8 @@ def test_masks_are_the_visible_parts_and_boxes_are_tight(difficulty, size):
             np.testing.assert_array_equal(box, mask_to_box(m))
             assert box[2] > box[0] and box[3] > box[1]
             x1, y1, x2, y2 = box.astype(int)
-            assert m[y1:y2, x1:x2].sum() == m.sum()                    # nothing outside the box
-            assert m[y1, x1:x2].any() and m[y2 - 1, x1:x2].any()      # ... and no slack
+            assert m[y1:y2, x1:x2].sum() == m.sum()  # nothing outside the box
+            assert m[y1, x1:x2].any() and m[y2 - 1, x1:x2].any()  # ... and no slack
             assert m[y1:y2, x1].any() and m[y1:y2, x2 - 1].any()
         # no shape is (nearly) hidden
         assert t["area"].min() >= (40 if difficulty == "hard" else 100) * (size / 128) ** 2 * 0.25
@@ -92,14 +93,15 @@ def test_occlusion_is_exercised():
 
 def test_shape_geometry_follows_the_spec():
     from tinymrcnn.data.shapes import draw_shape
+
     sq = draw_shape(1, 64.0, 64.0, 20.0, 128)
     assert sq.sum() == 40 * 40 and mask_to_box(sq).tolist() == [44, 44, 84, 84]
     circle = draw_shape(2, 64.0, 64.0, 20.0, 128)
-    assert abs(circle.sum() - np.pi * 20 ** 2) < 2 * np.pi * 20          # within one perimeter
+    assert abs(circle.sum() - np.pi * 20**2) < 2 * np.pi * 20  # within one perimeter
     tri = draw_shape(3, 64.0, 64.0, 20.0, 128)
     half_base = 20 / np.sin(np.pi / 3)
     assert abs(tri.sum() - 2 * half_base * 40 / 2) < 2 * (2 * half_base + 2 * 45)
-    assert tri[44:50].sum() < tri[78:84].sum()                          # apex up
+    assert tri[44:50].sum() < tri[78:84].sum()  # apex up
 
 
 def test_hard_variant_has_more_and_smaller_objects():

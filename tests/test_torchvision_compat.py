@@ -16,6 +16,7 @@ Three groups, from no dependency to the full reference:
    outputs, anchors and proposals (the same boxes), box head outputs for the
    same proposals, mask logits for the same boxes, and the final detections.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from tinymrcnn import torchvision_compat as tvc
 from tinymrcnn.config import MaskRCNNConfig
 from tinymrcnn.model.mask_rcnn import MaskRCNN
 
-REL_TOL = 1e-4          # float32 stages vs torch (the issue's bound)
+REL_TOL = 1e-4  # float32 stages vs torch (the issue's bound)
 
 
 def rel_err(a, b) -> float:
@@ -62,7 +63,7 @@ TORCHVISION_SAMPLE = {
     "roi_heads.mask_predictor.conv5_mask.weight": (256, 256, 2, 2),
     "roi_heads.mask_predictor.mask_fcn_logits.weight": (91, 256, 1, 1),
 }
-TORCHVISION_NUM_ENTRIES = 307   # 265 ResNet-50 body (FrozenBN: 4 buffers each) + 16 FPN + 6 RPN + 8 box + 12 mask
+TORCHVISION_NUM_ENTRIES = 307  # 265 ResNet-50 body (FrozenBN: 4 buffers each) + 16 FPN + 6 RPN + 8 box + 12 mask
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -108,14 +109,20 @@ def test_every_preset_entry_has_its_torchvision_name(preset):
 
 def test_legacy_names():
     assert tvc.torchvision_names("backbone.fpn.inner_blocks.2.weight") == (
-        "backbone.fpn.inner_blocks.2.0.weight", "backbone.fpn.inner_blocks.2.weight")
+        "backbone.fpn.inner_blocks.2.0.weight",
+        "backbone.fpn.inner_blocks.2.weight",
+    )
     assert tvc.torchvision_names("rpn.head.conv.bias") == ("rpn.head.conv.0.0.bias", "rpn.head.conv.bias")
     assert tvc.torchvision_names("roi_heads.mask_head.mask_fcn4.weight") == (
-        "roi_heads.mask_head.3.0.weight", "roi_heads.mask_head.mask_fcn4.weight")
+        "roi_heads.mask_head.3.0.weight",
+        "roi_heads.mask_head.mask_fcn4.weight",
+    )
     assert tvc.torchvision_names("roi_heads.mask_head.conv5_mask.weight") == (
-        "roi_heads.mask_predictor.conv5_mask.weight",)
+        "roi_heads.mask_predictor.conv5_mask.weight",
+    )
     assert tvc.torchvision_names("backbone.body.layer3.4.bn2.running_mean") == (
-        "backbone.body.layer3.4.bn2.running_mean",)
+        "backbone.body.layer3.4.bn2.running_mean",
+    )
     with pytest.raises(ValueError, match="no torchvision counterpart"):
         tvc.torchvision_names("backbone.body.layer1.0.gn1.weight")
 
@@ -127,7 +134,7 @@ def test_round_trip(preset, tiny_state, legacy):
     if legacy:
         assert "rpn.head.conv.weight" in tv and "roi_heads.mask_head.mask_fcn1.weight" in tv
     back = tvc._convert_into(model, tv, bn_eps=1e-5)
-    assert list(back) == list(tiny_state)                      # tinymrcnn's order
+    assert list(back) == list(tiny_state)  # tinymrcnn's order
     for k, v in tiny_state.items():
         assert back[k].dtype == np.float32
         np.testing.assert_array_equal(back[k], v, err_msg=k)
@@ -139,9 +146,11 @@ def test_mixed_spellings_module_prefix_and_bn_counters(preset, tiny_state):
     tv = tvc.to_torchvision_state_dict(tiny_state, bn_eps=1e-5)
     old = tvc.to_torchvision_state_dict(tiny_state, bn_eps=1e-5, legacy_names=True)
     mixed = dict(tv)
-    for new_name, old_name in (("rpn.head.conv.0.0.weight", "rpn.head.conv.weight"),
-                               ("backbone.fpn.layer_blocks.1.0.bias", "backbone.fpn.layer_blocks.1.bias"),
-                               ("roi_heads.mask_head.2.0.weight", "roi_heads.mask_head.mask_fcn3.weight")):
+    for new_name, old_name in (
+        ("rpn.head.conv.0.0.weight", "rpn.head.conv.weight"),
+        ("backbone.fpn.layer_blocks.1.0.bias", "backbone.fpn.layer_blocks.1.bias"),
+        ("roi_heads.mask_head.2.0.weight", "roi_heads.mask_head.mask_fcn3.weight"),
+    ):
         mixed[old_name] = mixed.pop(new_name)
         assert old_name in old
     mixed["backbone.body.bn1.num_batches_tracked"] = np.array(7)
@@ -158,7 +167,7 @@ def test_errors_list_missing_unexpected_duplicated_and_mis_shaped(preset, tiny_s
     del tv["backbone.body.layer2.1.conv2.weight"]
     del tv["roi_heads.mask_predictor.mask_fcn_logits.bias"]
     tv["roi_heads.box_head.fc8.weight"] = np.zeros((3, 3), np.float32)
-    tv["rpn.head.conv.weight"] = tv["rpn.head.conv.0.0.weight"]          # the same entry spelled twice
+    tv["rpn.head.conv.weight"] = tv["rpn.head.conv.0.0.weight"]  # the same entry spelled twice
     tv["rpn.head.bbox_pred.weight"] = np.zeros((15, 256, 1, 1), np.float32)
     with pytest.raises(ValueError) as info:
         tvc._convert_into(model, tv, bn_eps=1e-5)
@@ -195,18 +204,19 @@ def test_bn_eps_is_folded_into_the_weight(preset, tiny_state):
     """eps=0 (the pretrained COCO weights) becomes tinymrcnn's eps=1e-5 with the same scale."""
     model, _ = preset
     tv = tvc.to_torchvision_state_dict(tiny_state, bn_eps=1e-5)
-    tv["backbone.body.bn1.running_var"] = np.full(64, 1e-4, np.float32)    # where eps matters
+    tv["backbone.body.bn1.running_var"] = np.full(64, 1e-4, np.float32)  # where eps matters
     back = tvc._convert_into(model, tv, bn_eps=0.0)
     for prefix in ("backbone.body.bn1.", "backbone.body.layer4.2.bn3.", "backbone.body.layer1.0.downsample.1."):
         w, rv = tv[prefix + "weight"], tv[prefix + "running_var"]
-        want = w.astype(np.float64) / np.sqrt(rv.astype(np.float64))            # torchvision's scale, eps 0
+        want = w.astype(np.float64) / np.sqrt(rv.astype(np.float64))  # torchvision's scale, eps 0
         got = back[prefix + "weight"].astype(np.float64) / np.sqrt(back[prefix + "running_var"] + 1e-5)
         np.testing.assert_allclose(got, want, rtol=1e-6)
         for stat in ("bias", "running_mean", "running_var"):
             np.testing.assert_array_equal(back[prefix + stat], tv[prefix + stat])
     assert not np.array_equal(back["backbone.body.bn1.weight"], tv["backbone.body.bn1.weight"])
-    np.testing.assert_array_equal(back["backbone.fpn.inner_blocks.0.weight"],
-                                  tv["backbone.fpn.inner_blocks.0.0.weight"])        # not a BN: untouched
+    np.testing.assert_array_equal(
+        back["backbone.fpn.inner_blocks.0.weight"], tv["backbone.fpn.inner_blocks.0.0.weight"]
+    )  # not a BN: untouched
     # the export folds back: exported for eps=0 gives the original weights
     again = tvc.to_torchvision_state_dict(back, bn_eps=0.0)
     np.testing.assert_allclose(again["backbone.body.bn1.weight"], tv["backbone.body.bn1.weight"], rtol=1e-6)
@@ -224,11 +234,13 @@ def test_model_from_torchvision_with_other_class_count_and_predict(tiny_state):
     """A 3-class torchvision state dict -> a 3-class preset model that runs end to end."""
     rng = np.random.default_rng(3)
     tv = tvc.to_torchvision_state_dict(tiny_state, bn_eps=1e-5)
-    for name, shape in (("roi_heads.box_predictor.cls_score.weight", (3, 1024)),
-                        ("roi_heads.box_predictor.bbox_pred.weight", (12, 1024)),
-                        ("roi_heads.mask_predictor.mask_fcn_logits.weight", (3, 256, 1, 1))):
+    for name, shape in (
+        ("roi_heads.box_predictor.cls_score.weight", (3, 1024)),
+        ("roi_heads.box_predictor.bbox_pred.weight", (12, 1024)),
+        ("roi_heads.mask_predictor.mask_fcn_logits.weight", (3, 256, 1, 1)),
+    ):
         tv[name] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-    tv["roi_heads.box_predictor.cls_score.bias"] = np.array([0.0, 6.0, 5.0], np.float32)   # confident detections
+    tv["roi_heads.box_predictor.cls_score.bias"] = np.array([0.0, 6.0, 5.0], np.float32)  # confident detections
     tv["roi_heads.box_predictor.bbox_pred.bias"] = np.zeros(12, np.float32)
     tv["roi_heads.mask_predictor.mask_fcn_logits.bias"] = np.zeros(3, np.float32)
     cfg = small_config(tv)
@@ -236,8 +248,9 @@ def test_model_from_torchvision_with_other_class_count_and_predict(tiny_state):
     model = tvc.model_from_torchvision(tv, config=cfg, bn_eps=1e-5)
     state = model.state_dict()
     np.testing.assert_array_equal(state["rpn.head.conv.weight"], tv["rpn.head.conv.0.0.weight"])
-    np.testing.assert_array_equal(state["roi_heads.mask_head.conv5_mask.bias"],
-                                  tv["roi_heads.mask_predictor.conv5_mask.bias"])
+    np.testing.assert_array_equal(
+        state["roi_heads.mask_head.conv5_mask.bias"], tv["roi_heads.mask_predictor.conv5_mask.bias"]
+    )
     img = np.random.default_rng(0).uniform(0, 1, (3, 48, 72)).astype(np.float32)
     (pred,) = model.predict([img])
     n = len(pred["boxes"])
@@ -264,6 +277,7 @@ def convert_parser():
 
 def write_png(path, h, w, seed=0):
     import matplotlib.image as mpimg
+
     rgb = np.random.default_rng(seed).uniform(0, 1, (h, w, 3))
     mpimg.imsave(path, rgb)
 
@@ -271,19 +285,40 @@ def write_png(path, h, w, seed=0):
 def test_convert_command_then_predict(tiny_state, tmp_path, capsys):
     """docs/torchvision.md's steps 2 and 3 on a synthetic state dict saved as .npz (no torch needed)."""
     from tinymrcnn import cli
+
     tv = tvc.to_torchvision_state_dict(tiny_state, bn_eps=0.0)
     np.savez(tmp_path / "tv.npz", **tv)
-    args = convert_parser().parse_args(["convert-torchvision", str(tmp_path / "tv.npz"), str(tmp_path / "m.npz"),
-                                        "--min-size", "64", "--max-size", "96"])
+    args = convert_parser().parse_args(
+        [
+            "convert-torchvision",
+            str(tmp_path / "tv.npz"),
+            str(tmp_path / "m.npz"),
+            "--min-size",
+            "64",
+            "--max-size",
+            "96",
+        ]
+    )
     args.func(args)
     assert "next: tinymrcnn predict --checkpoint" in capsys.readouterr().out
     loaded = MaskRCNN.load(str(tmp_path / "m.npz"))
     assert loaded.config.min_size == 64 and loaded.config.class_names[1] == "person"
     for k, v in loaded.state_dict().items():
-        np.testing.assert_allclose(v, tiny_state[k], rtol=2e-7, atol=0, err_msg=k)   # eps folded back and forth
+        np.testing.assert_allclose(v, tiny_state[k], rtol=2e-7, atol=0, err_msg=k)  # eps folded back and forth
     write_png(tmp_path / "photo.png", 50, 70)
-    assert cli.main(["predict", "--checkpoint", str(tmp_path / "m.npz"), str(tmp_path / "photo.png"),
-                     "--out", str(tmp_path / "out")]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "m.npz"),
+                str(tmp_path / "photo.png"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "out" / "photo_pred.png").exists()
 
 
@@ -297,6 +332,7 @@ def test_convert_command_reports_bad_input(tmp_path):
 
 def test_cli_wires_convert_torchvision():
     from tinymrcnn import cli
+
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if "convert-torchvision" not in sub.choices:
@@ -308,8 +344,9 @@ def test_model_from_torchvision(tiny_state):
     tv = tvc.to_torchvision_state_dict(tiny_state, bn_eps=1e-5)
     model = tvc.model_from_torchvision(tv, config=small_config(tv))
     assert model.config.min_size == 64
-    np.testing.assert_array_equal(model.state_dict()["roi_heads.box_head.fc6.weight"],
-                                  tv["roi_heads.box_head.fc6.weight"])
+    np.testing.assert_array_equal(
+        model.state_dict()["roi_heads.box_head.fc6.weight"], tv["roi_heads.box_head.fc6.weight"]
+    )
 
 
 # ----------------------------------------------------------------------------- 2. torch only
@@ -317,8 +354,9 @@ def test_convert_checkpoint_reads_pth(tiny_state, tmp_path):
     torch = pytest.importorskip("torch")
     tv = tvc.to_torchvision_state_dict(tiny_state, bn_eps=1e-5)
     torch.save({k: torch.from_numpy(v) for k, v in tv.items()}, tmp_path / "plain.pth")
-    model = tvc.convert_checkpoint(str(tmp_path / "plain.pth"), str(tmp_path / "m.npz"), bn_eps=1e-5,
-                                   min_size=64, max_size=96)
+    model = tvc.convert_checkpoint(
+        str(tmp_path / "plain.pth"), str(tmp_path / "m.npz"), bn_eps=1e-5, min_size=64, max_size=96
+    )
     assert model.config.min_size == 64
     loaded = MaskRCNN.load(str(tmp_path / "m.npz")).state_dict()
     for k, v in tiny_state.items():
@@ -337,6 +375,7 @@ def torch_ref(preset, tiny_state):
     """The preset loaded with random weights, and the torch.nn.functional re-statement of it."""
     pytest.importorskip("torch")
     from torch_reference import TorchReference
+
     model, _ = preset
     model.load_state_dict(tiny_state)
     model.eval()
@@ -345,16 +384,20 @@ def torch_ref(preset, tiny_state):
 
 def test_backbone_fpn_matches_torch_functional(torch_ref):
     import torch
+
     model, ref = torch_ref
     x = np.random.default_rng(0).standard_normal((1, 3, 96, 160)).astype(np.float32)
     ours = model.backbone(x)
     with torch.no_grad():
         theirs = ref.backbone_fpn(torch.from_numpy(x))
-    assert [o.shape for o in ours] == [tuple(t.shape) for t in theirs] == [
-        (1, 256, 24, 40), (1, 256, 12, 20), (1, 256, 6, 10), (1, 256, 3, 5), (1, 256, 2, 3)]
+    assert (
+        [o.shape for o in ours]
+        == [tuple(t.shape) for t in theirs]
+        == [(1, 256, 24, 40), (1, 256, 12, 20), (1, 256, 6, 10), (1, 256, 3, 5), (1, 256, 2, 3)]
+    )
     for level, (a, b) in enumerate(zip(ours, theirs)):
         assert rel_err(a, b.numpy()) <= REL_TOL, f"P{level + 2}"
-    for level, p in enumerate(theirs):                     # RPN head on every level, same input
+    for level, p in enumerate(theirs):  # RPN head on every level, same input
         la, da = model.rpn.head(p.numpy())
         with torch.no_grad():
             lb, db = ref.rpn_head(p)
@@ -363,6 +406,7 @@ def test_backbone_fpn_matches_torch_functional(torch_ref):
 
 def test_box_and_mask_heads_match_torch_functional(torch_ref):
     import torch
+
     model, ref = torch_ref
     rng = np.random.default_rng(1)
     box_feats = np.maximum(rng.standard_normal((5, 256, 7, 7)), 0).astype(np.float32)
@@ -386,12 +430,12 @@ def import_torchvision():
         import torchvision
         from torchvision.models.detection import maskrcnn_resnet50_fpn  # noqa: F401
         from torchvision.ops import nms, roi_align  # noqa: F401
-    except Exception as e:              # ImportError, or RuntimeError from the C ops' registration
+    except Exception as e:  # ImportError, or RuntimeError from the C ops' registration
         pytest.skip(f"torchvision is not importable here: {type(e).__name__}: {e}")
     return torchvision
 
 
-TV_MIN, TV_MAX = 256, 400          # small inputs keep the ResNet-50 comparison at a few seconds
+TV_MIN, TV_MAX = 256, 400  # small inputs keep the ResNet-50 comparison at a few seconds
 
 
 @pytest.fixture(scope="module")
@@ -407,6 +451,7 @@ def tv_pair():
     import_torchvision()
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
+
     torch.manual_seed(0)
     tvm = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=TV_MIN, max_size=TV_MAX)
     gen = torch.Generator().manual_seed(1)
@@ -424,18 +469,19 @@ def tv_pair():
         tvm.roi_heads.box_predictor.bbox_pred.weight.normal_(0.0, 0.01, generator=gen)
     tvm.eval()
     state = {k: v.detach().numpy().copy() for k, v in tvm.state_dict().items()}
-    model = tvc.model_from_torchvision(state, config=tvc.default_config(state, min_size=TV_MIN, max_size=TV_MAX),
-                                       bn_eps=1e-5)
+    model = tvc.model_from_torchvision(
+        state, config=tvc.default_config(state, min_size=TV_MIN, max_size=TV_MAX), bn_eps=1e-5
+    )
     model.eval()
     rng = np.random.default_rng(5)
-    images = [rng.uniform(0, 1, (3, 200, 300)).astype(np.float32),
-              rng.uniform(0, 1, (3, 240, 180)).astype(np.float32)]
+    images = [rng.uniform(0, 1, (3, 200, 300)).astype(np.float32), rng.uniform(0, 1, (3, 240, 180)).astype(np.float32)]
     return tvm, model, state, images
 
 
 def test_tv_state_dict_names_and_export_load_into_torchvision(tv_pair):
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
+
     tvm, model, state, _ = tv_pair
     real = {k: v.shape for k, v in state.items() if not k.endswith("num_batches_tracked")}
     exported = tvc.to_torchvision_state_dict(model, bn_eps=1e-5)
@@ -445,7 +491,7 @@ def test_tv_state_dict_names_and_export_load_into_torchvision(tv_pair):
         sd = tvc.to_torchvision_state_dict(model, bn_eps=1e-5, legacy_names=legacy)
         result = fresh.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
         assert not result.unexpected_keys
-        assert all(k.endswith("num_batches_tracked") for k in result.missing_keys)   # BatchNorm2d's counters
+        assert all(k.endswith("num_batches_tracked") for k in result.missing_keys)  # BatchNorm2d's counters
         for k, v in fresh.state_dict().items():
             if not k.endswith("num_batches_tracked"):
                 np.testing.assert_array_equal(v.numpy(), state[k], err_msg=k)
@@ -453,6 +499,7 @@ def test_tv_state_dict_names_and_export_load_into_torchvision(tv_pair):
 
 def tv_batch(tvm, images):
     import torch
+
     with torch.no_grad():
         return tvm.transform([torch.from_numpy(i) for i in images])[0]
 
@@ -465,13 +512,14 @@ def test_tv_transform(tv_pair):
     assert x.shape == tuple(il.tensors.shape) == (2, 3, 352, 384)
     # tinymrcnn computes the resize's sampling positions in float64, torch in float32: for a
     # ratio like 240 / 341 they differ in the 7th digit, hence not bit-equal pixels.
-    assert rel_err(x[0], il.tensors[0].numpy()) <= 1e-6           # 200 / 256: an exact ratio
+    assert rel_err(x[0], il.tensors[0].numpy()) <= 1e-6  # 200 / 256: an exact ratio
     assert rel_err(x, il.tensors.numpy()) <= REL_TOL
 
 
 @pytest.fixture(scope="module")
 def tv_features(tv_pair):
     import torch
+
     tvm, model, _, images = tv_pair
     il = tv_batch(tvm, images)
     with torch.no_grad():
@@ -499,6 +547,7 @@ def test_tv_pretrained_bn_eps(tv_pair, tv_features):
     import copy
 
     import torch
+
     tvm, _, _, _ = tv_pair
     il, _ = tv_features
     tv0 = copy.deepcopy(tvm)
@@ -507,8 +556,11 @@ def test_tv_pretrained_bn_eps(tv_pair, tv_features):
         for m in tv0.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.eps = 0.0
-        want = tv0.backbone.body.layer1(tv0.backbone.body.maxpool(tv0.backbone.body.relu(
-            tv0.backbone.body.bn1(tv0.backbone.body.conv1(il.tensors))))).numpy()
+        want = tv0.backbone.body.layer1(
+            tv0.backbone.body.maxpool(
+                tv0.backbone.body.relu(tv0.backbone.body.bn1(tv0.backbone.body.conv1(il.tensors)))
+            )
+        ).numpy()
     state = {k: v.detach().numpy().copy() for k, v in tv0.state_dict().items()}
     cfg = tvc.default_config(state, min_size=TV_MIN, max_size=TV_MAX)
     errors = {}
@@ -518,7 +570,7 @@ def test_tv_pretrained_bn_eps(tv_pair, tv_features):
         got = body.layer1(body.maxpool(body.relu(body.bn1(x))))
         errors[eps] = rel_err(got, want)
     assert errors[0.0] <= REL_TOL
-    assert errors[1e-5] > 100 * REL_TOL          # the eps matters here: ignoring it would be caught
+    assert errors[1e-5] > 100 * REL_TOL  # the eps matters here: ignoring it would be caught
 
 
 def test_tv_rpn_head_anchors_and_proposals(tv_pair, tv_features):
@@ -526,6 +578,7 @@ def test_tv_rpn_head_anchors_and_proposals(tv_pair, tv_features):
 
     from tinymrcnn.model.proposals import generate_proposals
     from tinymrcnn.model.rpn import flatten_head_outputs
+
     tvm, model, _, _ = tv_pair
     il, feats = tv_features
     with torch.no_grad():
@@ -544,9 +597,18 @@ def test_tv_rpn_head_anchors_and_proposals(tv_pair, tv_features):
     np.testing.assert_array_equal(np.concatenate(anchors), tv_anchors[0].numpy())
     c = model.config
     # (a) tinymrcnn's proposal layer on torchvision's own head outputs: the same boxes, in the same order
-    props, _, _ = generate_proposals(flat_l, flat_d, anchors, il.image_sizes, c.rpn_pre_nms_top_n_test,
-                                     c.rpn_post_nms_top_n_test, c.rpn_nms_thresh, c.rpn_score_thresh,
-                                     c.rpn_min_size, model.rpn.box_coder)
+    props, _, _ = generate_proposals(
+        flat_l,
+        flat_d,
+        anchors,
+        il.image_sizes,
+        c.rpn_pre_nms_top_n_test,
+        c.rpn_post_nms_top_n_test,
+        c.rpn_nms_thresh,
+        c.rpn_score_thresh,
+        c.rpn_min_size,
+        model.rpn.box_coder,
+    )
     for a, b in zip(props, tv_props):
         assert a.shape == tuple(b.shape)
         np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-3)
@@ -554,14 +616,15 @@ def test_tv_rpn_head_anchors_and_proposals(tv_pair, tv_features):
     # torchvision's by float rounding (~1e-6 relative), so proposals whose scores tie to that
     # precision may swap places, or swap in and out at the top-1000 cut; nothing else may differ.
     from torchvision.models.detection.rpn import concat_box_prediction_layers
+
     with torch.no_grad():
         obj, dl = concat_box_prediction_layers(list(tv_logits), list(tv_deltas))
         decoded = tvm.rpn.box_coder.decode(dl, tv_anchors).view(len(tv_anchors), -1, 4)
         per_level = [o[0].numel() for o in tv_logits]
         tv_boxes, tv_scores = tvm.rpn.filter_proposals(decoded, obj, il.image_sizes, per_level)
     for a, b in zip(tv_boxes, tv_props):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())       # the same steps as tvm.rpn
-    ours, info = model.rpn.eval()(feats_np, il.image_sizes, il.tensors.shape[-2:])   # test-time top-n
+        np.testing.assert_array_equal(a.numpy(), b.numpy())  # the same steps as tvm.rpn
+    ours, info = model.rpn.eval()(feats_np, il.image_sizes, il.tensors.shape[-2:])  # test-time top-n
     for a, sa, b, sb in zip(ours, info["proposal_scores"], tv_boxes, tv_scores):
         assert a.shape == tuple(b.shape)
         match_detections(a, sa, b.numpy(), sb.numpy(), atol=1e-3, score_tol=1e-5)
@@ -574,7 +637,7 @@ def match_detections(a, sa, b, sb, atol, score_tol, max_shift=3, max_unmatched=3
     same order up to swaps of near neighbours, except at most ``max_unmatched`` boxes at the
     end of either list whose scores tie the last kept score to ``score_tol`` (a top-N cut).
     """
-    dist = np.abs(a[:, None, :] - b[None, :, :]).max(axis=2)          # (n, m)
+    dist = np.abs(a[:, None, :] - b[None, :, :]).max(axis=2)  # (n, m)
     ia = np.flatnonzero(dist.min(axis=1) <= atol)
     ib = dist[ia].argmin(axis=1)
     assert len(np.unique(ib)) == len(ib), "two boxes matched the same counterpart"
@@ -586,12 +649,14 @@ def match_detections(a, sa, b, sb, atol, score_tol, max_shift=3, max_unmatched=3
 
 
 def _rois(boxes):
-    return np.concatenate([np.concatenate([np.full((len(b), 1), i, np.float32), b], 1)
-                           for i, b in enumerate(boxes)]).astype(np.float32)
+    return np.concatenate(
+        [np.concatenate([np.full((len(b), 1), i, np.float32), b], 1) for i, b in enumerate(boxes)]
+    ).astype(np.float32)
 
 
 def test_tv_box_head_on_the_same_proposals(tv_pair, tv_features):
     import torch
+
     tvm, model, _, _ = tv_pair
     il, feats = tv_features
     fdict = dict(zip("0123", feats[:4]), pool=feats[4])
@@ -618,6 +683,7 @@ def test_tv_box_head_on_the_same_proposals(tv_pair, tv_features):
 
 def test_tv_mask_head_on_the_same_boxes(tv_pair, tv_features):
     import torch
+
     tvm, model, _, _ = tv_pair
     il, feats = tv_features
     fdict = dict(zip("0123", feats[:4]), pool=feats[4])
@@ -635,6 +701,7 @@ def test_tv_mask_head_on_the_same_boxes(tv_pair, tv_features):
 
 def test_tv_final_detections(tv_pair):
     import torch
+
     tvm, model, _, images = tv_pair
     with torch.no_grad():
         theirs = tvm([torch.from_numpy(i) for i in images])
@@ -643,8 +710,9 @@ def test_tv_final_detections(tv_pair):
         n = len(b["boxes"])
         assert n > 0, "the fixture should produce detections"
         assert len(a["boxes"]) == n, f"image {i}: {len(a['boxes'])} detections, torchvision {n}"
-        ia, ib = match_detections(a["boxes"], a["scores"], b["boxes"].numpy(), b["scores"].numpy(),
-                                  atol=1e-2, score_tol=1e-5)
+        ia, ib = match_detections(
+            a["boxes"], a["scores"], b["boxes"].numpy(), b["scores"].numpy(), atol=1e-2, score_tol=1e-5
+        )
         np.testing.assert_array_equal(a["labels"][ia], b["labels"].numpy()[ib])
         np.testing.assert_allclose(a["scores"][ia], b["scores"].numpy()[ib], rtol=1e-4, atol=1e-6)
         masks_b = b["masks"][:, 0].numpy()
@@ -656,18 +724,31 @@ def test_tv_docs_steps(tmp_path, monkeypatch, capsys):
     """docs/torchvision.md step by step, with weights=None where the docs download the pretrained ones."""
     import_torchvision()
     import os
+
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "torchvision.md")).read()
     snippets = re.findall(r'python -c "\n(.*?)\n"', doc, flags=re.S)
     assert len(snippets) == 2 and all("weights='DEFAULT'" in code for code in snippets)
     monkeypatch.chdir(tmp_path)
-    for code in snippets:                                       # step 1: .pth and .npz
+    for code in snippets:  # step 1: .pth and .npz
         exec(code.replace("weights='DEFAULT'", "weights=None, weights_backbone=None"), {})
     for saved in ("maskrcnn_resnet50_fpn_coco.pth", "maskrcnn_resnet50_fpn_coco.npz"):
-        args = convert_parser().parse_args(["convert-torchvision", saved, "coco_r50_fpn.npz", "--bn-eps", "1e-5",
-                                            "--min-size", "64", "--max-size", "96"])   # step 2
+        args = convert_parser().parse_args(
+            [
+                "convert-torchvision",
+                saved,
+                "coco_r50_fpn.npz",
+                "--bn-eps",
+                "1e-5",
+                "--min-size",
+                "64",
+                "--max-size",
+                "96",
+            ]
+        )  # step 2
         args.func(args)
         assert "coco_r50_fpn.npz" in capsys.readouterr().out
     write_png(tmp_path / "photo.png", 60, 80)
     from tinymrcnn import cli
+
     assert cli.main(["predict", "--checkpoint", "coco_r50_fpn.npz", "photo.png", "--out", "out/"]) == 0  # step 3
     assert (tmp_path / "out" / "photo_pred.png").exists()

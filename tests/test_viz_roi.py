@@ -1,4 +1,5 @@
 """The RoI pooling vs RoIAlign example of docs/walkthrough.md, computed and drawn."""
+
 import numpy as np
 import pytest
 
@@ -7,11 +8,11 @@ from tinymrcnn.viz.roi import BLOG_BOX, blog_roi_numbers, blog_sample_points, ro
 
 
 def test_the_worked_examples_numbers():
-    nb = blog_roi_numbers()                            # 145 x 200 RoI, stride 32, 3 x 3 output
+    nb = blog_roi_numbers()  # 145 x 200 RoI, stride 32, 3 x 3 output
     assert nb["roi_size"] == (145, 200)
     assert round(nb["projected"][0], 2) == 4.53 and nb["projected"][1] == 6.25
-    assert nb["cells"] == (4, 6)                       # first quantisation
-    assert nb["bin_stride"] == (1, 2)                  # second: floor(4/3) x floor(6/3)
+    assert nb["cells"] == (4, 6)  # first quantisation
+    assert nb["bin_stride"] == (1, 2)  # second: floor(4/3) x floor(6/3)
     r0, c0 = nb["origin"]
     # the 4th row of the 4 x 6 region is never pooled (the figure's sky-blue row)
     assert nb["never_read"] == [(r0 + 3, c0 + j) for j in range(6)]
@@ -24,7 +25,7 @@ def test_thirds_and_implementation_points_differ():
     ys_blog, xs_blog = blog_sample_points()
     ys_code, xs_code, count = roi_sample_points(BLOG_BOX, 3, 1 / 32, 2, aligned=True)
     bin_h = 145 / 32 / 3
-    np.testing.assert_allclose(ys_blog[0] - 64 / 32, [bin_h / 3, 2 * bin_h / 3])      # thirds
+    np.testing.assert_allclose(ys_blog[0] - 64 / 32, [bin_h / 3, 2 * bin_h / 3])  # thirds
     np.testing.assert_allclose(ys_code[0] + 0.5 - 64 / 32, [bin_h / 4, 3 * bin_h / 4])  # (i+.5)/2
     assert count == 4
 

@@ -14,6 +14,7 @@ where torch is installed but torchvision is not:
 RoIAlign, anchors, proposals and NMS are not here: they need torchvision's ops.
 Only imported by code that has already checked that torch is installed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,7 @@ import torch.nn.functional as F
 class TorchReference:
     """Holds the weights as torch tensors; every method takes and returns torch tensors."""
 
-    def __init__(self, state: dict, blocks_per_stage=(3, 4, 6, 3), mask_num_convs: int = 4,
-                 bn_eps: float = 1e-5):
+    def __init__(self, state: dict, blocks_per_stage=(3, 4, 6, 3), mask_num_convs: int = 4, bn_eps: float = 1e-5):
         self.w = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
         self.blocks_per_stage = tuple(blocks_per_stage)
         self.mask_num_convs = mask_num_convs
@@ -68,8 +68,7 @@ class TorchReference:
         for k in range(n - 2, -1, -1):
             lateral = F.conv2d(feats[k], w[f"{p}inner_blocks.{k}.weight"], w[f"{p}inner_blocks.{k}.bias"])
             last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
-            outs.insert(0, F.conv2d(last, w[f"{p}layer_blocks.{k}.weight"], w[f"{p}layer_blocks.{k}.bias"],
-                                    padding=1))
+            outs.insert(0, F.conv2d(last, w[f"{p}layer_blocks.{k}.weight"], w[f"{p}layer_blocks.{k}.bias"], padding=1))
         outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2, padding=0))
         return outs
 
@@ -80,8 +79,10 @@ class TorchReference:
     def rpn_head(self, p):
         w = self.w
         t = F.relu(F.conv2d(p, w["rpn.head.conv.weight"], w["rpn.head.conv.bias"], padding=1))
-        return (F.conv2d(t, w["rpn.head.cls_logits.weight"], w["rpn.head.cls_logits.bias"]),
-                F.conv2d(t, w["rpn.head.bbox_pred.weight"], w["rpn.head.bbox_pred.bias"]))
+        return (
+            F.conv2d(t, w["rpn.head.cls_logits.weight"], w["rpn.head.cls_logits.bias"]),
+            F.conv2d(t, w["rpn.head.bbox_pred.weight"], w["rpn.head.bbox_pred.bias"]),
+        )
 
     def box_head(self, feats):
         """(R, 256, 7, 7) -> class logits (R, K), box regression (R, 4K)."""
@@ -89,8 +90,10 @@ class TorchReference:
         h = feats.flatten(start_dim=1)
         h = F.relu(F.linear(h, w[p + "box_head.fc6.weight"], w[p + "box_head.fc6.bias"]))
         h = F.relu(F.linear(h, w[p + "box_head.fc7.weight"], w[p + "box_head.fc7.bias"]))
-        return (F.linear(h, w[p + "box_predictor.cls_score.weight"], w[p + "box_predictor.cls_score.bias"]),
-                F.linear(h, w[p + "box_predictor.bbox_pred.weight"], w[p + "box_predictor.bbox_pred.bias"]))
+        return (
+            F.linear(h, w[p + "box_predictor.cls_score.weight"], w[p + "box_predictor.cls_score.bias"]),
+            F.linear(h, w[p + "box_predictor.bbox_pred.weight"], w[p + "box_predictor.bbox_pred.bias"]),
+        )
 
     def mask_head(self, feats):
         """(R, 256, 14, 14) -> mask logits (R, K, 28, 28)."""

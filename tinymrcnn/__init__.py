@@ -3,6 +3,7 @@
 The pipeline follows the data: transform -> backbone -> FPN -> RPN (anchors,
 head, proposals) -> RoI ops -> box and mask heads -> losses / post-processing.
 """
+
 from .gradcheck import gradcheck
 
 __version__ = "0.1.0"
@@ -14,5 +15,6 @@ def __getattr__(name):
     if name in ("MaskRCNN", "MaskRCNNConfig", "binarize_masks"):
         from .config import MaskRCNNConfig
         from .model.mask_rcnn import MaskRCNN, binarize_masks
+
         return {"MaskRCNN": MaskRCNN, "MaskRCNNConfig": MaskRCNNConfig, "binarize_masks": binarize_masks}[name]
     raise AttributeError(f"module 'tinymrcnn' has no attribute {name!r}")

@@ -12,6 +12,7 @@ process killed outright (``kill -9``, power loss) is removed by
 :func:`remove_stale_temp_files` when the next training run starts. Every file
 gets the permissions an ordinary ``open()`` would give it (0666 less the umask).
 """
+
 from __future__ import annotations
 
 import glob
@@ -96,12 +97,14 @@ def load_npz(path: str) -> tuple[dict, dict]:
     data is never loaded: unpickling can run arbitrary code.
     """
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder; give the checkpoint file inside it (e.g. {os.path.join(path, 'checkpoint.npz')})")
+        raise ValueError(
+            f"{path} is a folder; give the checkpoint file inside it (e.g. {os.path.join(path, 'checkpoint.npz')})"
+        )
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
-    if head[:2] != b"PK":                       # every .npz is a zip archive
+    if head[:2] != b"PK":  # every .npz is a zip archive
         what = "it is empty" if not head else "it is not a .npz archive"
         raise ValueError(f"{path} is not a checkpoint: {what} (corrupt, or a different kind of file)")
     arrays, meta = {}, {}
@@ -111,19 +114,21 @@ def load_npz(path: str) -> tuple[dict, dict]:
                 try:
                     value = z[name]
                 except ValueError as e:
-                    if "pickle" in str(e):       # numpy: an object array needs allow_pickle
-                        raise ValueError(f"{path} is not a tinymrcnn checkpoint: entry {name!r} holds pickled "
-                                         "Python objects, which are never loaded (unpickling can run code)") from None
+                    if "pickle" in str(e):  # numpy: an object array needs allow_pickle
+                        raise ValueError(
+                            f"{path} is not a tinymrcnn checkpoint: entry {name!r} holds pickled "
+                            "Python objects, which are never loaded (unpickling can run code)"
+                        ) from None
                     raise ValueError(f"corrupt checkpoint {path}: entry {name!r} is unreadable ({e})") from None
                 if name.startswith(JSON_PREFIX):
                     try:
-                        meta[name[len(JSON_PREFIX):]] = json.loads(value.tobytes().decode("utf-8"))
+                        meta[name[len(JSON_PREFIX) :]] = json.loads(value.tobytes().decode("utf-8"))
                     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        raise ValueError(f"corrupt checkpoint {path}: unreadable metadata "
-                                         f"{name[len(JSON_PREFIX):]!r} ({e})") from None
+                        raise ValueError(
+                            f"corrupt checkpoint {path}: unreadable metadata {name[len(JSON_PREFIX) :]!r} ({e})"
+                        ) from None
                 else:
                     arrays[name] = value
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
         raise ValueError(f"corrupt checkpoint {path} (truncated or damaged: {e})") from None
     return arrays, meta
-

@@ -4,6 +4,7 @@ Bad input must fail early with a message that names the problem, never
 deep inside a Numba kernel. Each helper raises ValueError (TypeError for
 non-arrays) and returns the array unchanged on success.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,22 +62,23 @@ def check_rois(rois, num_images: int, name: str = "rois") -> np.ndarray:
     if not isinstance(rois, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(rois).__name__}")
     if rois.ndim != 2 or rois.shape[1] != 5:
-        raise ValueError(f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], "
-                         f"got {rois.shape}")
+        raise ValueError(f"{name} must have shape (K, 5) [batch_index, x1, y1, x2, y2], got {rois.shape}")
     if not (np.issubdtype(rois.dtype, np.floating) or np.issubdtype(rois.dtype, np.integer)):
         raise ValueError(f"{name} must be a float or integer array, got {rois.dtype}")
     r = np.ascontiguousarray(rois, dtype=np.float64)
     b = r[:, 0]
-    bad = ~((b >= 0) & (b < num_images) & (b == np.floor(b)))       # NaN fails too
+    bad = ~((b >= 0) & (b < num_images) & (b == np.floor(b)))  # NaN fails too
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}[{i}, 0] = {rois[i, 0]!r} is not a batch index in "
-                         f"[0, {num_images}) ({int(bad.sum())} bad row(s))")
+        raise ValueError(
+            f"{name}[{i}, 0] = {rois[i, 0]!r} is not a batch index in [0, {num_images}) ({int(bad.sum())} bad row(s))"
+        )
     finite = np.isfinite(r[:, 1:]).all(axis=1)
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
-        raise ValueError(f"{name} contains {int((~finite).sum())} non-finite value(s) (NaN or inf): "
-                         f"row {i} = {rois[i].tolist()}")
+        raise ValueError(
+            f"{name} contains {int((~finite).sum())} non-finite value(s) (NaN or inf): row {i} = {rois[i].tolist()}"
+        )
     return r
 
 

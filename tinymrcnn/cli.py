@@ -17,6 +17,7 @@ failure exits with status 1 and one line; ``--debug`` (or TINYMRCNN_DEBUG=1)
 shows the Python traceback instead. Ctrl-C during training saves a checkpoint
 at the current step and exits with status 130 (SIGTERM: 143).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,21 +43,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-WORKERS_HELP = ("data-parallel training processes, each on a share of every batch "
-                "(default 0: one per CPU core, at most one per image)")
+WORKERS_HELP = (
+    "data-parallel training processes, each on a share of every batch "
+    "(default 0: one per CPU core, at most one per image)"
+)
 
 
 # TrainConfig field -> the train command's flag (argument dest = field name unless listed)
-TRAIN_FLAGS = {"iters": "--iters", "minutes": "--minutes", "batch_size": "--batch-size", "lr": "--lr",
-               "seed": "--seed", "workers": "--workers", "eval_every": "--eval-every",
-               "checkpoint_every": "--checkpoint-every", "num_train_images": "--train-images",
-               "num_val_images": "--val-images", "dataset": "--dataset"}
+TRAIN_FLAGS = {
+    "iters": "--iters",
+    "minutes": "--minutes",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "seed": "--seed",
+    "workers": "--workers",
+    "eval_every": "--eval-every",
+    "checkpoint_every": "--checkpoint-every",
+    "num_train_images": "--train-images",
+    "num_val_images": "--val-images",
+    "dataset": "--dataset",
+}
 _DEST = {"num_train_images": "train_images", "num_val_images": "val_images"}
 PRESETS = ("shapes", "torchvision_r50_fpn")
 
 
 def _model_config(name: str, device: str | None = None):
     from .config import MaskRCNNConfig
+
     presets = {"shapes": MaskRCNNConfig.shapes, "torchvision_r50_fpn": MaskRCNNConfig.torchvision_r50_fpn}
     if name not in presets:
         raise UsageError(f"argument --config: unknown preset {name!r}; choose one of {', '.join(presets)}")
@@ -68,20 +81,24 @@ def _flag_error(e) -> UsageError:
     flag = TRAIN_FLAGS.get(e.field)
     msg = str(e)
     if flag and msg.startswith(e.field + " "):
-        msg = msg[len(e.field) + 1:]
+        msg = msg[len(e.field) + 1 :]
     return UsageError(f"argument {flag}: {msg}" if flag else msg)
 
 
 def _check_workers(workers: int):
     from .parallel import available_cores
+
     cores = available_cores()
     if workers > cores:
-        raise UsageError(f"argument --workers: {workers} workers on {cores} CPU core(s) would share the cores "
-                         f"and run slower; use at most {cores} (0: one per core)")
+        raise UsageError(
+            f"argument --workers: {workers} workers on {cores} CPU core(s) would share the cores "
+            f"and run slower; use at most {cores} (0: one per core)"
+        )
 
 
 def _read_checkpoint_meta(path: str, flag: str) -> dict:
     from .checkpoint import load_npz
+
     try:
         _, meta = load_npz(path)
     except (FileNotFoundError, ValueError) as e:
@@ -92,6 +109,7 @@ def _read_checkpoint_meta(path: str, flag: str) -> dict:
 def _load_model(path: str, device: str | None):
     """MaskRCNN.load, with every problem of the file said as one line."""
     from .model.mask_rcnn import MaskRCNN
+
     if not os.path.exists(path):
         raise UsageError(f"argument --checkpoint: no such file: {path}")
     try:
@@ -105,17 +123,20 @@ def _train_config(args):
     from dataclasses import fields
 
     from .train import ConfigError, TrainConfig
+
     given = {f: getattr(args, _DEST.get(f, f)) for f in TRAIN_FLAGS}
     given = {f: v for f, v in given.items() if v is not None}
     if args.resume:
         meta = _read_checkpoint_meta(os.path.join(args.out, "checkpoint.npz"), "--resume")
         state = meta.get("train")
         if not state or "config" not in state:
-            raise UsageError(f"--resume: {os.path.join(args.out, 'checkpoint.npz')} holds no training state "
-                             "(a converted or final model?); start a new run with another --out")
+            raise UsageError(
+                f"--resume: {os.path.join(args.out, 'checkpoint.npz')} holds no training state "
+                "(a converted or final model?); start a new run with another --out"
+            )
         names = {f.name for f in fields(TrainConfig)}
         base = {k: v for k, v in state["config"].items() if k in names}
-        if "iters" in given or "minutes" in given:       # a new length replaces the old one
+        if "iters" in given or "minutes" in given:  # a new length replaces the old one
             base["iters"] = base["minutes"] = None
     else:
         base = {}
@@ -133,7 +154,7 @@ def _train_config(args):
 
 
 def _print_ap_table(ev: dict, file=None):
-    file = sys.stdout if file is None else file          # looked up now, not at import
+    file = sys.stdout if file is None else file  # looked up now, not at import
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     print(f"{'':6s}" + "".join(f"{k:>8s}" for k in keys), file=file)
     for kind in ("mask", "box"):
@@ -143,6 +164,7 @@ def _print_ap_table(ev: dict, file=None):
 def _start_training(cfg, model_config, resume: bool, overwrite: bool):
     """train(), its refusals (run folder, lock, a finished run) said as one line."""
     from .train import ConfigError, RunExistsError, RunLockedError, check_out_dir, train
+
     try:
         check_out_dir(cfg.out_dir, resume, overwrite)
         return train(cfg, model_config, resume=resume, overwrite=overwrite)
@@ -156,12 +178,11 @@ def cmd_train(args):
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it again")
     if args.resume and args.config is not None:
-        raise UsageError("--config cannot be combined with --resume: a resumed run keeps its checkpoint's "
-                         "model config")
+        raise UsageError("--config cannot be combined with --resume: a resumed run keeps its checkpoint's model config")
     if args.resume and args.device is not None:
-        raise UsageError("--device cannot be combined with --resume: a resumed run keeps its "
-                         "checkpoint's device")
+        raise UsageError("--device cannot be combined with --resume: a resumed run keeps its checkpoint's device")
     from .train import check_out_dir
+
     try:
         check_out_dir(args.out, args.resume, args.overwrite)
     except (OSError, ValueError) as e:
@@ -180,11 +201,19 @@ def cmd_demo(args):
     from .model.mask_rcnn import MaskRCNN
     from .train import TrainConfig
     from .viz.detections import plot_predictions_grid
+
     out = args.out
     from .train import ConfigError, check_out_dir
-    cfg = TrainConfig(out_dir=out, minutes=None if args.iters else args.minutes, iters=args.iters,
-                      seed=args.seed, num_val_images=args.val_images, eval_every=args.eval_every,
-                      workers=args.workers)
+
+    cfg = TrainConfig(
+        out_dir=out,
+        minutes=None if args.iters else args.minutes,
+        iters=args.iters,
+        seed=args.seed,
+        num_val_images=args.val_images,
+        eval_every=args.eval_every,
+        workers=args.workers,
+    )
     try:
         cfg.validate()
     except ConfigError as e:
@@ -194,12 +223,16 @@ def cmd_demo(args):
         check_out_dir(out, False, args.overwrite)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
-    print(f"tinymrcnn demo: training the shapes preset from scratch for "
-          f"{f'{args.iters} steps' if args.iters else f'{args.minutes:g} minutes'} "
-          f"(batch {cfg.batch_size}, 128x128 images), then evaluating on {cfg.num_val_images} held-out images.")
+    print(
+        f"tinymrcnn demo: training the shapes preset from scratch for "
+        f"{f'{args.iters} steps' if args.iters else f'{args.minutes:g} minutes'} "
+        f"(batch {cfg.batch_size}, 128x128 images), then evaluating on {cfg.num_val_images} held-out images."
+    )
     summary = _start_training(cfg, _model_config("shapes"), False, args.overwrite)
-    print(f"\ntrained {summary['step']} steps in {summary['elapsed_s'] / 60:.1f} min; "
-          f"held-out COCO AP ({cfg.num_val_images} images):")
+    print(
+        f"\ntrained {summary['step']} steps in {summary['elapsed_s'] / 60:.1f} min; "
+        f"held-out COCO AP ({cfg.num_val_images} images):"
+    )
     _print_ap_table(summary["eval"])
     model = MaskRCNN.load(summary["checkpoint"])
     val = ShapesDataset.heldout(cfg.num_val_images)
@@ -208,8 +241,9 @@ def cmd_demo(args):
     with runtime.session(model.config):
         preds = model.predict([img for img, _ in items])
     grid = os.path.join(out, "predictions.png")
-    plot_predictions_grid([img for img, _ in items], preds, grid, class_names=model.config.class_names,
-                          targets=[t for _, t in items])
+    plot_predictions_grid(
+        [img for img, _ in items], preds, grid, class_names=model.config.class_names, targets=[t for _, t in items]
+    )
     print("\nfiles:")
     for name in ("predictions.png", "loss_curve.png", "ap_curve.png", "checkpoint.npz", "metrics.jsonl"):
         p = os.path.join(out, name)
@@ -221,9 +255,10 @@ def cmd_demo(args):
 def _load_image(path):
     """A (3, H, W) float32 image in [0, 1]; ValueError if the file cannot be read as an image."""
     import matplotlib.image as mpimg
+
     try:
         img = mpimg.imread(path)
-    except (OSError, ValueError, SyntaxError, RuntimeError) as e:   # Pillow/matplotlib raise many kinds
+    except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # Pillow/matplotlib raise many kinds
         raise ValueError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
     if np.issubdtype(img.dtype, np.integer):
         img = img.astype(np.float32) / float(np.iinfo(img.dtype).max)
@@ -231,7 +266,7 @@ def _load_image(path):
         img = img[..., None]
     if img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"{path}: not a 2-D image (shape {img.shape})")
-    if img.shape[-1] < 3:                       # grey, or grey + alpha
+    if img.shape[-1] < 3:  # grey, or grey + alpha
         img = np.repeat(img[..., :1], 3, axis=-1)
     img = img[..., :3]
     return np.ascontiguousarray(img.transpose(2, 0, 1).astype(np.float32))
@@ -239,6 +274,7 @@ def _load_image(path):
 
 def cmd_evaluate(args):
     from .train import evaluate_model
+
     if args.images and not args.coco:
         raise UsageError("--images needs --coco ANN.json (without --coco, evaluate uses the held-out shapes)")
     if args.coco and not args.images:
@@ -253,12 +289,14 @@ def cmd_evaluate(args):
     model = _load_model(args.checkpoint, args.device)
     if args.coco:
         from .data.coco import CocoDataset
+
         try:
             ds = CocoDataset(args.coco, args.images)
         except (ValueError, OSError) as e:
             raise UsageError(f"argument --coco: {e}") from None
     else:
         from .data.shapes import ShapesDataset
+
         ds = ShapesDataset.heldout(args.num_images)
     with warnings.catch_warnings(record=True) as caught, runtime.session(model.config):
         warnings.simplefilter("always")
@@ -269,7 +307,7 @@ def cmd_evaluate(args):
     return ev
 
 
-PREDICT_MAX_SIZE = 1333        # torchvision's cap on the long side
+PREDICT_MAX_SIZE = 1333  # torchvision's cap on the long side
 
 
 def _fit_for_prediction(img, config, max_size, path):
@@ -287,6 +325,7 @@ def _fit_for_prediction(img, config, max_size, path):
     if max(h, w) <= limit:
         return img
     from .ops.resize import interpolate_bilinear
+
     s = limit / max(h, w)
     size = (max(int(h * s), 1), max(int(w * s), 1))
     print(f"{path}: {w}x{h} shrunk to {size[1]}x{size[0]} (long side at most {limit}; --max-size)")
@@ -295,6 +334,7 @@ def _fit_for_prediction(img, config, max_size, path):
 
 def cmd_predict(args):
     from .viz.detections import save_prediction_image
+
     if not 0.0 <= args.score_thresh <= 1.0:
         raise UsageError(f"argument --score-thresh: must be in [0, 1] (a detection score), got {args.score_thresh}")
     missing = [p for p in args.images if not os.path.isfile(p)]
@@ -312,30 +352,36 @@ def cmd_predict(args):
             img = _fit_for_prediction(_load_image(path), model.config, args.max_size, path)
             with runtime.session(model.config):
                 pred = model.predict([img])[0]
-        except ValueError as e:                  # unreadable, or refused by the model's input checks
+        except ValueError as e:  # unreadable, or refused by the model's input checks
             print(f"tinymrcnn predict: error: {path}: {e}", file=sys.stderr)
             failed.append(path)
             continue
         dst = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_pred.png")
-        save_prediction_image(img, pred, dst, class_names=model.config.class_names,
-                              score_thresh=args.score_thresh)
+        save_prediction_image(img, pred, dst, class_names=model.config.class_names, score_thresh=args.score_thresh)
         print(f"{path}: {int((pred['scores'] >= args.score_thresh).sum())} detections -> {dst}")
     if failed:
-        raise UsageError(f"{len(failed)} of {len(args.images)} image(s) could not be predicted (see above); "
-                         "the others were")
+        raise UsageError(
+            f"{len(failed)} of {len(args.images)} image(s) could not be predicted (see above); the others were"
+        )
 
 
 def _add_device_flag(parser, default: str):
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="where the convolutions and RoIAlign run (MaskRCNNConfig.device; "
-                             f"default: {default}); cuda needs an NVIDIA GPU and tinymrcnn[cuda]")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where the convolutions and RoIAlign run (MaskRCNNConfig.device; "
+        f"default: {default}); cuda needs an NVIDIA GPU and tinymrcnn[cuda]",
+    )
 
 
 def build_parser():
     p = _Parser(prog="tinymrcnn", description="Mask R-CNN from scratch in NumPy + Numba")
-    p.add_argument("--debug", action="store_true",
-                   help="show the Python traceback of an error (also TINYMRCNN_DEBUG=1); "
-                        "may be given anywhere on the line")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an error (also TINYMRCNN_DEBUG=1); may be given anywhere on the line",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train on shapes, evaluate, draw predictions")
@@ -344,18 +390,22 @@ def build_parser():
     d.add_argument("--minutes", type=float, default=8.0, help="training time budget (default 8)")
     d.add_argument("--iters", type=int, default=None, help="train this many steps instead of a time budget")
     d.add_argument("--val-images", type=int, default=200)
-    d.add_argument("--eval-every", type=int, default=500,
-                   help="steps between evaluations, for the AP curve (0: only at the end)")
+    d.add_argument(
+        "--eval-every", type=int, default=500, help="steps between evaluations, for the AP curve (0: only at the end)"
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=0, help=WORKERS_HELP)
     d.set_defaults(func=cmd_demo)
 
     # (None: not given; a new run then takes TrainConfig's default, a resumed one its own setting)
-    t = sub.add_parser("train", help="train a model",
-                       description="Train a model into --out. A folder that already holds a run is refused "
-                                   "unless --resume (continue it with its own settings; flags given override "
-                                   "them) or --overwrite (start again). Ctrl-C saves a checkpoint at the "
-                                   "current step.")
+    t = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model into --out. A folder that already holds a run is refused "
+        "unless --resume (continue it with its own settings; flags given override "
+        "them) or --overwrite (start again). Ctrl-C saves a checkpoint at the "
+        "current step.",
+    )
     t.add_argument("--config", default=None, choices=PRESETS, help="model preset (default shapes)")
     t.add_argument("--out", required=True)
     t.add_argument("--minutes", type=float, default=None, help="training time budget (default 10)")
@@ -388,15 +438,21 @@ def build_parser():
     r.add_argument("images", nargs="+")
     r.add_argument("--out", required=True)
     r.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this (0..1)")
-    r.add_argument("--max-size", type=int, default=None,
-                   help="shrink images whose long side is larger (default: the config's max_size, else 1333, "
-                        "for presets that do not resize)")
+    r.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        help="shrink images whose long side is larger (default: the config's max_size, else 1333, "
+        "for presets that do not resize)",
+    )
     _add_device_flag(r, "the checkpoint's")
     r.set_defaults(func=cmd_predict)
 
     from .torchvision_compat import add_convert_parser
+
     add_convert_parser(sub)
     from .course.cli import add_course_parser
+
     add_course_parser(sub)
     return p
 
@@ -404,10 +460,11 @@ def build_parser():
 def _describe(e: BaseException) -> tuple[int, str]:
     """(exit status, one-line message) for an error that reached main()."""
     from .train import NonFiniteLossError
+
     if isinstance(e, UsageError):
         return 2, str(e)
     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
-        return 2, str(e)                         # a path given on the command line, almost always
+        return 2, str(e)  # a path given on the command line, almost always
     if isinstance(e, NonFiniteLossError):
         return 1, str(e)
     if isinstance(e, MemoryError):
@@ -431,11 +488,15 @@ def main(argv=None):
     args, extra = build_parser().parse_known_args(argv)
     prog = f"tinymrcnn {args.command}"
     if extra:
-        hint = (" (evaluation has no randomness: the held-out split is fixed)"
-                if args.command == "evaluate" and "--seed" in extra else f" (see {prog} --help)")
+        hint = (
+            " (evaluation has no randomness: the held-out split is fixed)"
+            if args.command == "evaluate" and "--seed" in extra
+            else f" (see {prog} --help)"
+        )
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}{hint}", file=sys.stderr)
         return 2
     from .train import TrainingInterrupted
+
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -444,8 +505,10 @@ def main(argv=None):
             raise UsageError(f"argument input: no such file: {args.input}")
         args.func(args)
     except TrainingInterrupted as e:
-        print(f"{prog}: interrupted at step {e.step}; checkpoint saved to {e.checkpoint}; "
-              "continue with --resume", file=sys.stderr)
+        print(
+            f"{prog}: interrupted at step {e.step}; checkpoint saved to {e.checkpoint}; continue with --resume",
+            file=sys.stderr,
+        )
         return 128 + e.signum
     except KeyboardInterrupt as e:
         if debug:

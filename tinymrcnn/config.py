@@ -11,6 +11,7 @@ Two presets:
 Field names say which stage uses them (``rpn_*``, ``box_*``, ``mask_*``).
 Where torchvision and detectron2 differ, a field is the switch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,33 +23,33 @@ from dataclasses import dataclass
 @dataclass
 class MaskRCNNConfig:
     # ---- classes --------------------------------------------------------
-    num_classes: int = 4                      # including background (label 0)
+    num_classes: int = 4  # including background (label 0)
     class_names: tuple = ("background", "square", "circle", "triangle")
 
     # ---- input transform (docs/semantics.md#input-transform) -----------------
-    min_size: int | None = None               # resize short side to this; None keeps the size
-    max_size: int | None = None               # cap on the long side (torchvision: 1333)
+    min_size: int | None = None  # resize short side to this; None keeps the size
+    max_size: int | None = None  # cap on the long side (torchvision: 1333)
     image_mean: tuple = (0.485, 0.456, 0.406)
     image_std: tuple = (0.229, 0.224, 0.225)
-    size_divisible: int = 32                  # zero-pad H and W up to a multiple of this
+    size_divisible: int = 32  # zero-pad H and W up to a multiple of this
 
     # ---- backbone (docs/semantics.md#backbone-and-fpn) ------------------------
-    block: str = "basic"                      # "basic" (ResNet-18/34) or "bottleneck" (ResNet-50+)
-    blocks_per_stage: tuple = (2, 2, 2, 2)    # layer1..layer4
+    block: str = "basic"  # "basic" (ResNet-18/34) or "bottleneck" (ResNet-50+)
+    blocks_per_stage: tuple = (2, 2, 2, 2)  # layer1..layer4
     stem_channels: int = 64
-    stage_channels: tuple = (64, 128, 256, 512)   # output channels of C2..C5
-    norm: str = "group"                       # "group", "batch" or "frozen_bn"
-    group_norm_groups: int = 32               # capped so every group has >= 4 channels
-    frozen_stages: int = 0                    # 0: train all; 1: freeze stem; k: stem + layer1..k-1
+    stage_channels: tuple = (64, 128, 256, 512)  # output channels of C2..C5
+    norm: str = "group"  # "group", "batch" or "frozen_bn"
+    group_norm_groups: int = 32  # capped so every group has >= 4 channels
+    frozen_stages: int = 0  # 0: train all; 1: freeze stem; k: stem + layer1..k-1
     stem_maxpool: bool = True
 
     # ---- FPN -------------------------------------------------------------
     fpn_channels: int = 256
 
     # ---- anchors (docs/semantics.md#anchors) -----------------------------------
-    anchor_sizes: tuple = (32, 64, 128, 256, 512)     # one per level P2..P6
-    aspect_ratios: tuple = (0.5, 1.0, 2.0)            # h / w
-    anchor_cell_centered: bool = False                # torchvision: False (centres at cell corners)
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)  # one per level P2..P6
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)  # h / w
+    anchor_cell_centered: bool = False  # torchvision: False (centres at cell corners)
 
     # ---- RPN (docs/semantics.md#proposal-layer) ----------------------------
     rpn_pre_nms_top_n_train: int = 2000
@@ -65,10 +66,10 @@ class MaskRCNNConfig:
     rpn_smooth_l1_beta: float = 1.0 / 9
 
     # ---- RoI feature extraction (docs/semantics.md#roialign) -------------------
-    roi_op: str = "roi_align"                 # "roi_align" or "roi_pool" (Table 2c ablation)
-    roi_align_mode: str = "avg"               # "avg" or "max" (docs/semantics.md#roialign)
-    roi_aligned: bool = False                 # half-pixel offset (detectron2: True)
-    roi_sampling_ratio: int = 2               # <= 0: adaptive ceil(roi / bins)
+    roi_op: str = "roi_align"  # "roi_align" or "roi_pool" (Table 2c ablation)
+    roi_align_mode: str = "avg"  # "avg" or "max" (docs/semantics.md#roialign)
+    roi_aligned: bool = False  # half-pixel offset (detectron2: True)
+    roi_sampling_ratio: int = 2  # <= 0: adaptive ceil(roi / bins)
     canonical_scale: float = 224.0
     canonical_level: int = 4
     box_roi_size: int = 7
@@ -80,8 +81,8 @@ class MaskRCNNConfig:
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
     box_coder_weights: tuple = (10.0, 10.0, 5.0, 5.0)
-    box_representation_size: int = 1024       # TwoMLPHead width
-    box_smooth_l1_beta: float = 1.0 / 9       # 0 gives plain L1 (detectron2)
+    box_representation_size: int = 1024  # TwoMLPHead width
+    box_smooth_l1_beta: float = 1.0 / 9  # 0 gives plain L1 (detectron2)
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
@@ -90,9 +91,9 @@ class MaskRCNNConfig:
     # ---- mask head (docs/semantics.md#mask-head) --------------------------------
     mask_num_convs: int = 4
     mask_channels: int = 256
-    mask_target_mode: str = "soft"            # "soft" (torchvision) or "threshold" (detectron2)
-    mask_target_aligned: bool = False         # RoIAlign of GT masks: torchvision False
-    mask_loss_type: str = "sigmoid"           # "sigmoid" (per class) or "softmax" (Table 2b)
+    mask_target_mode: str = "soft"  # "soft" (torchvision) or "threshold" (detectron2)
+    mask_target_aligned: bool = False  # RoIAlign of GT masks: torchvision False
+    mask_loss_type: str = "sigmoid"  # "sigmoid" (per class) or "softmax" (Table 2b)
     # The mask branch trains on every positive RoI (None, as torchvision), or on
     # at most this many per image, drawn at random: neighbouring positives of one
     # object give nearly the same mask target, and the mask head is the most
@@ -117,12 +118,16 @@ class MaskRCNNConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
+
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"MaskRCNNConfig: {msg}")
+
         need(self.num_classes >= 2, f"num_classes must count background too (>= 2), got {self.num_classes}")
-        need(len(self.class_names) == self.num_classes,
-             f"class_names has {len(self.class_names)} names for num_classes={self.num_classes}")
+        need(
+            len(self.class_names) == self.num_classes,
+            f"class_names has {len(self.class_names)} names for num_classes={self.num_classes}",
+        )
         need(self.block in ("basic", "bottleneck"), f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         need(len(self.blocks_per_stage) == 4, "blocks_per_stage needs 4 entries (layer1..layer4)")
         need(len(self.stage_channels) == 4, "stage_channels needs 4 entries (C2..C5)")
@@ -135,12 +140,16 @@ class MaskRCNNConfig:
         need(self.mask_loss_type in ("sigmoid", "softmax"), f"unknown mask_loss_type {self.mask_loss_type!r}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
         need(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        need(self.device == "cpu" or self.dtype == "float32",
-             f"device='cuda' runs float32 kernels; dtype must be float32, got {self.dtype!r}")
+        need(
+            self.device == "cpu" or self.dtype == "float32",
+            f"device='cuda' runs float32 kernels; dtype must be float32, got {self.dtype!r}",
+        )
         need(self.size_divisible >= 1, "size_divisible must be >= 1")
         need(self.mask_num_convs >= 1, "mask_num_convs must be >= 1")
-        need(self.mask_batch_size_per_image is None or self.mask_batch_size_per_image >= 1,
-             f"mask_batch_size_per_image must be None or >= 1, got {self.mask_batch_size_per_image}")
+        need(
+            self.mask_batch_size_per_image is None or self.mask_batch_size_per_image >= 1,
+            f"mask_batch_size_per_image must be None or >= 1, got {self.mask_batch_size_per_image}",
+        )
 
     # -- presets -----------------------------------------------------------------
     @classmethod
@@ -159,21 +168,34 @@ class MaskRCNNConfig:
         cfg = dict(
             num_classes=4,
             class_names=("background", "square", "circle", "triangle"),
-            min_size=None, max_size=None,
-            image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25),
-            block="basic", blocks_per_stage=(1, 1, 1, 1),
-            stem_channels=32, stage_channels=(32, 64, 128, 256),
-            norm="group", group_norm_groups=8, frozen_stages=0,
+            min_size=None,
+            max_size=None,
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.25, 0.25, 0.25),
+            block="basic",
+            blocks_per_stage=(1, 1, 1, 1),
+            stem_channels=32,
+            stage_channels=(32, 64, 128, 256),
+            norm="group",
+            group_norm_groups=8,
+            frozen_stages=0,
             fpn_channels=64,
             anchor_sizes=(16, 32, 64, 128, 256),
-            rpn_pre_nms_top_n_train=600, rpn_pre_nms_top_n_test=300,
-            rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=100,
+            rpn_pre_nms_top_n_train=600,
+            rpn_pre_nms_top_n_test=300,
+            rpn_post_nms_top_n_train=300,
+            rpn_post_nms_top_n_test=100,
             rpn_batch_size_per_image=128,
-            roi_aligned=True, roi_sampling_ratio=2,
+            roi_aligned=True,
+            roi_sampling_ratio=2,
             canonical_scale=224.0,
-            box_batch_size_per_image=128, box_representation_size=256,
-            mask_num_convs=2, mask_channels=64, mask_batch_size_per_image=8,
-            mask_target_mode="soft", mask_target_aligned=True,
+            box_batch_size_per_image=128,
+            box_representation_size=256,
+            mask_num_convs=2,
+            mask_channels=64,
+            mask_batch_size_per_image=8,
+            mask_target_mode="soft",
+            mask_target_aligned=True,
             box_detections_per_img=20,
         )
         cfg.update(overrides)
@@ -185,16 +207,24 @@ class MaskRCNNConfig:
         cfg = dict(
             num_classes=91,
             class_names=tuple(["background"] + [f"class_{i}" for i in range(1, 91)]),
-            min_size=800, max_size=1333,
-            image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
-            block="bottleneck", blocks_per_stage=(3, 4, 6, 3),
-            stem_channels=64, stage_channels=(256, 512, 1024, 2048),
-            norm="frozen_bn", frozen_stages=2,
+            min_size=800,
+            max_size=1333,
+            image_mean=(0.485, 0.456, 0.406),
+            image_std=(0.229, 0.224, 0.225),
+            block="bottleneck",
+            blocks_per_stage=(3, 4, 6, 3),
+            stem_channels=64,
+            stage_channels=(256, 512, 1024, 2048),
+            norm="frozen_bn",
+            frozen_stages=2,
             fpn_channels=256,
             anchor_sizes=(32, 64, 128, 256, 512),
-            roi_aligned=False, roi_sampling_ratio=2,
-            mask_num_convs=4, mask_channels=256,
-            mask_target_mode="soft", mask_target_aligned=False,
+            roi_aligned=False,
+            roi_sampling_ratio=2,
+            mask_num_convs=4,
+            mask_channels=256,
+            mask_target_mode="soft",
+            mask_target_aligned=False,
         )
         cfg.update(overrides)
         return cls(**cfg)

@@ -32,6 +32,7 @@ What "area" means, as in COCO: for ground truth the annotation's ``area``
 mask's pixel count); for a detection its box's w * h ("bbox") or its
 thresholded mask's pixel count ("segm").
 """
+
 from __future__ import annotations
 
 import warnings
@@ -39,14 +40,14 @@ import warnings
 import numpy as np
 
 # The exact values pycocotools uses (np.linspace rounding included).
-IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)   # (T,) = 10
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)  # (T,) = 10
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, int(np.round((1.0 - 0.0) / 0.01)) + 1)  # (R,) = 101
-AREA_RANGES = {"all": (0.0, 1e10), "small": (0.0, 32.0 ** 2),
-               "medium": (32.0 ** 2, 96.0 ** 2), "large": (96.0 ** 2, 1e10)}
+AREA_RANGES = {"all": (0.0, 1e10), "small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, 1e10)}
 
 
-def coco_evaluate(predictions, dataset, iou_type: str = "segm", max_dets: int = 100,
-                  mask_threshold: float = 0.5) -> dict:
+def coco_evaluate(
+    predictions, dataset, iou_type: str = "segm", max_dets: int = 100, mask_threshold: float = 0.5
+) -> dict:
     """COCO AP of ``predictions`` against ``dataset``'s ground truth.
 
     predictions: one dict per dataset image, in dataset order: boxes (N, 4)
@@ -68,7 +69,7 @@ def coco_evaluate(predictions, dataset, iou_type: str = "segm", max_dets: int = 
     if len(predictions) != len(dataset):
         raise ValueError(f"{len(predictions)} predictions for {len(dataset)} dataset images")
     class_names = getattr(dataset, "class_names", None)
-    if class_names is None:                                       # K = the largest label in the dataset
+    if class_names is None:  # K = the largest label in the dataset
         top = max((int(max(_target(dataset, i)["labels"], default=0)) for i in range(len(dataset))), default=0)
         class_names = tuple(str(k) for k in range(1, top + 1))
     num_classes = len(class_names)
@@ -87,11 +88,12 @@ def coco_evaluate(predictions, dataset, iou_type: str = "segm", max_dets: int = 
             g = np.flatnonzero(gt["labels"] == k + 1)
             if len(d) == 0 and len(g) == 0:
                 continue
-            d = d[np.argsort(-dt["scores"][d], kind="mergesort")][:max_dets]   # by score, stable
+            d = d[np.argsort(-dt["scores"][d], kind="mergesort")][:max_dets]  # by score, stable
             ious = _iou(dt["geometry"][d], gt["geometry"][g], gt["iscrowd"][g], iou_type)  # (D, G)
             for a, area_range in enumerate(areas):
-                per_cell[k][a].append(match_image(ious, dt["scores"][d], dt["area"][d], gt["area"][g],
-                                                  gt["iscrowd"][g], area_range))
+                per_cell[k][a].append(
+                    match_image(ious, dt["scores"][d], dt["area"][d], gt["area"][g], gt["iscrowd"][g], area_range)
+                )
 
     T, R, A = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(areas)
     precision = -np.ones((T, R, num_classes, A))
@@ -106,9 +108,12 @@ def coco_evaluate(predictions, dataset, iou_type: str = "segm", max_dets: int = 
         return float(np.mean(x)) if x.size else -1.0
 
     if num_gt == 0:
-        warnings.warn(f"no ground truth: the {len(dataset)} image(s) hold no (non-crowd) object of the "
-                      f"{num_classes} categories, so every AP is undefined (-1); check the annotation "
-                      "file's category ids and image ids", stacklevel=2)
+        warnings.warn(
+            f"no ground truth: the {len(dataset)} image(s) hold no (non-crowd) object of the "
+            f"{num_classes} categories, so every AP is undefined (-1); check the annotation "
+            "file's category ids and image ids",
+            stacklevel=2,
+        )
     t50, t75 = (int(np.argmin(np.abs(IOU_THRESHOLDS - t))) for t in (0.5, 0.75))
     return {
         "AP": mean_valid(precision[..., 0]),
@@ -147,10 +152,14 @@ def _ground_truth(target: dict, iou_type: str) -> dict:
     return {
         "labels": np.asarray(target["labels"]).astype(np.int64),
         "iscrowd": np.asarray(target.get("iscrowd", np.zeros(n)), dtype=bool),
-        "area": (np.asarray(area, dtype=np.float64) if area is not None
-                 else masks.sum(axis=(-2, -1)).astype(np.float64)),
-        "geometry": (_boxes_xywh(target["boxes"]) if iou_type == "bbox"
-                     else masks.reshape(n, masks.shape[-2] * masks.shape[-1]) != 0),
+        "area": (
+            np.asarray(area, dtype=np.float64) if area is not None else masks.sum(axis=(-2, -1)).astype(np.float64)
+        ),
+        "geometry": (
+            _boxes_xywh(target["boxes"])
+            if iou_type == "bbox"
+            else masks.reshape(n, masks.shape[-2] * masks.shape[-1]) != 0
+        ),
     }
 
 
@@ -172,9 +181,11 @@ def _detections(pred: dict, iou_type: str, mask_threshold: float, image_size, i:
         return {"labels": labels, "scores": scores, "geometry": boxes, "area": boxes[:, 2] * boxes[:, 3]}
     masks = np.asarray(pred["masks"])
     if masks.shape != (n, *image_size):
-        raise ValueError(f"predictions[{i}]: masks must have shape {(n, *image_size)} "
-                         f"(N, H, W at the image's size), got {masks.shape}")
-    masks = masks.reshape(n, masks.shape[1] * masks.shape[2]) > mask_threshold   # (N, H*W) bool
+        raise ValueError(
+            f"predictions[{i}]: masks must have shape {(n, *image_size)} "
+            f"(N, H, W at the image's size), got {masks.shape}"
+        )
+    masks = masks.reshape(n, masks.shape[1] * masks.shape[2]) > mask_threshold  # (N, H*W) bool
     return {"labels": labels, "scores": scores, "geometry": masks, "area": masks.sum(axis=1).astype(np.float64)}
 
 
@@ -196,9 +207,9 @@ def _iou(dt, gt, gt_crowd: np.ndarray, iou_type: str) -> np.ndarray:
 
 def box_iou_xywh(dt: np.ndarray, gt: np.ndarray, gt_crowd: np.ndarray) -> np.ndarray:
     """(D, 4) and (G, 4) boxes as x y w h -> (D, G) IoU (crowd columns: inter / det area)."""
-    dx, dy, dw, dh = (dt[:, j:j + 1] for j in range(4))              # (D, 1) each
-    gx, gy, gw, gh = (gt[None, :, j] for j in range(4))              # (1, G) each
-    iw = np.minimum(dx + dw, gx + gw) - np.maximum(dx, gx)            # (D, G)
+    dx, dy, dw, dh = (dt[:, j : j + 1] for j in range(4))  # (D, 1) each
+    gx, gy, gw, gh = (gt[None, :, j] for j in range(4))  # (1, G) each
+    iw = np.minimum(dx + dw, gx + gw) - np.maximum(dx, gx)  # (D, G)
     ih = np.minimum(dy + dh, gy + gh) - np.maximum(dy, gy)
     inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
     return _ratio(inter, dw * dh, gw * gh, gt_crowd)
@@ -207,24 +218,26 @@ def box_iou_xywh(dt: np.ndarray, gt: np.ndarray, gt_crowd: np.ndarray) -> np.nda
 def mask_iou(dt: np.ndarray, gt: np.ndarray, gt_crowd: np.ndarray) -> np.ndarray:
     """(D, P) and (G, P) flattened bool masks -> (D, G) IoU (crowd columns: inter / det area)."""
     # float32 counts are exact up to 2^24 pixels (a 4096 x 4096 image), float64 beyond
-    ftype = np.float32 if dt.shape[1] < 2 ** 24 else np.float64
-    inter = (dt.astype(ftype) @ gt.astype(ftype).T).astype(np.float64)   # (D, G) pixel counts
-    return _ratio(inter, dt.sum(axis=1)[:, None].astype(np.float64),
-                  gt.sum(axis=1)[None, :].astype(np.float64), gt_crowd)
+    ftype = np.float32 if dt.shape[1] < 2**24 else np.float64
+    inter = (dt.astype(ftype) @ gt.astype(ftype).T).astype(np.float64)  # (D, G) pixel counts
+    return _ratio(
+        inter, dt.sum(axis=1)[:, None].astype(np.float64), gt.sum(axis=1)[None, :].astype(np.float64), gt_crowd
+    )
 
 
 def _ratio(inter, dt_area, gt_area, gt_crowd) -> np.ndarray:
     union = np.where(gt_crowd[None, :], dt_area, dt_area + gt_area - inter)
     out = np.zeros(np.broadcast_shapes(inter.shape, union.shape))
-    np.divide(inter, union, out=out, where=inter > 0)                 # no overlap -> 0
+    np.divide(inter, union, out=out, where=inter > 0)  # no overlap -> 0
     return out
 
 
 # ------------------------------------------------------------ step 2: matching
 
 
-def match_image(ious: np.ndarray, dt_scores: np.ndarray, dt_area: np.ndarray, gt_area: np.ndarray,
-                gt_crowd: np.ndarray, area_range) -> dict:
+def match_image(
+    ious: np.ndarray, dt_scores: np.ndarray, dt_area: np.ndarray, gt_area: np.ndarray, gt_crowd: np.ndarray, area_range
+) -> dict:
     """Greedy matching of one image and category for every IoU threshold (COCOeval.evaluateImg).
 
     ious (D, G) with detections already sorted by decreasing score.
@@ -233,36 +246,40 @@ def match_image(ious: np.ndarray, dt_scores: np.ndarray, dt_area: np.ndarray, gt
     """
     lo, hi = area_range
     gt_ignore = gt_crowd | (gt_area < lo) | (gt_area > hi)
-    order = np.argsort(gt_ignore, kind="mergesort")                   # regular ground truth first
+    order = np.argsort(gt_ignore, kind="mergesort")  # regular ground truth first
     ious, gt_ignore, gt_crowd = ious[:, order], gt_ignore[order], gt_crowd[order]
     num_dt, num_gt = ious.shape
 
-    matched_gt = -np.ones((len(IOU_THRESHOLDS), num_dt), dtype=np.int64)   # (T, D) index into sorted gt
+    matched_gt = -np.ones((len(IOU_THRESHOLDS), num_dt), dtype=np.int64)  # (T, D) index into sorted gt
     for t, threshold in enumerate(IOU_THRESHOLDS):
         threshold = min(threshold, 1 - 1e-10)
         gt_taken = np.zeros(num_gt, dtype=bool)
         candidates = np.flatnonzero(ious.max(axis=1) >= threshold) if num_gt else []
-        for d in candidates:                                          # in score order
+        for d in candidates:  # in score order
             best_iou, best = threshold, -1
             for g in range(num_gt):
                 if gt_taken[g] and not gt_crowd[g]:
-                    continue                                          # taken (crowds never are)
+                    continue  # taken (crowds never are)
                 if best > -1 and not gt_ignore[best] and gt_ignore[g]:
-                    break                                             # keep a regular match over ignored ones
+                    break  # keep a regular match over ignored ones
                 if ious[d, g] < best_iou:
                     continue
-                best_iou, best = ious[d, g], g                        # ties: the later one, as COCOeval
+                best_iou, best = ious[d, g], g  # ties: the later one, as COCOeval
             if best > -1:
                 matched_gt[t, d] = best
                 gt_taken[best] = True
 
     matched = matched_gt > -1
     dt_ignore = np.zeros_like(matched)
-    dt_ignore[matched] = gt_ignore[matched_gt[matched]]                # matched an ignored gt
+    dt_ignore[matched] = gt_ignore[matched_gt[matched]]  # matched an ignored gt
     outside = (dt_area < lo) | (dt_area > hi)
     dt_ignore |= ~matched & outside[None, :]
-    return {"scores": dt_scores, "tp": matched & ~dt_ignore, "fp": ~matched & ~dt_ignore,
-            "n_gt": int(np.count_nonzero(~gt_ignore))}
+    return {
+        "scores": dt_scores,
+        "tp": matched & ~dt_ignore,
+        "fp": ~matched & ~dt_ignore,
+        "n_gt": int(np.count_nonzero(~gt_ignore)),
+    }
 
 
 # ------------------------------------------------------------ step 3: precision and recall
@@ -278,19 +295,19 @@ def precision_recall(images: list) -> tuple[np.ndarray, np.ndarray]:
     if n_gt == 0:
         return -np.ones((T, R)), -np.ones(T)
     scores = np.concatenate([e["scores"] for e in images])
-    order = np.argsort(-scores, kind="mergesort")                     # ties keep image order
+    order = np.argsort(-scores, kind="mergesort")  # ties keep image order
     tp = np.cumsum(np.concatenate([e["tp"] for e in images], axis=1)[:, order], axis=1).astype(np.float64)
     fp = np.cumsum(np.concatenate([e["fp"] for e in images], axis=1)[:, order], axis=1).astype(np.float64)
 
     precision = np.zeros((T, R))
     recall = np.zeros(T)
     for t in range(T):
-        rc = tp[t] / n_gt                                             # (D,)
+        rc = tp[t] / n_gt  # (D,)
         pr = tp[t] / (tp[t] + fp[t] + np.spacing(1))
         if len(rc):
             recall[t] = rc[-1]
-        pr = np.maximum.accumulate(pr[::-1])[::-1]                    # monotone envelope
-        idx = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")     # first point reaching each level
+        pr = np.maximum.accumulate(pr[::-1])[::-1]  # monotone envelope
+        idx = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")  # first point reaching each level
         reached = idx < len(pr)
         precision[t, reached] = pr[idx[reached]]
     return precision, recall

@@ -11,6 +11,7 @@ in float64, whose truncation error is O(h^2). The error measure per element is
 ``|a - n| / max(|a|, |n|, floor)``: relative where values are large, absolute
 near zero, so a correct gradient reaches about 1e-8 with h = 1e-6.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -18,8 +19,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 
-def numerical_gradient(f: Callable[[], float], x: np.ndarray, h: float = 1e-6,
-                       indices: Sequence[tuple] | None = None, richardson: bool = False) -> np.ndarray:
+def numerical_gradient(
+    f: Callable[[], float],
+    x: np.ndarray,
+    h: float = 1e-6,
+    indices: Sequence[tuple] | None = None,
+    richardson: bool = False,
+) -> np.ndarray:
     """Centred-difference gradient of the scalar ``f()`` with respect to ``x``.
 
     ``x`` is perturbed in place and restored. With ``indices`` only those
@@ -66,10 +72,15 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray, floor: float = 1e-
     return float(np.max(np.abs(a - n) / denom))
 
 
-def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
-              backward: Callable[[np.ndarray], Sequence[np.ndarray]],
-              h: float = 1e-6, max_checks: int | None = 200, seed: int = 0,
-              floor: float = 1e-8) -> list[float]:
+def gradcheck(
+    f: Callable[..., np.ndarray],
+    inputs: Sequence[np.ndarray],
+    backward: Callable[[np.ndarray], Sequence[np.ndarray]],
+    h: float = 1e-6,
+    max_checks: int | None = 200,
+    seed: int = 0,
+    floor: float = 1e-8,
+) -> list[float]:
     """Compare a hand-written backward with centred differences.
 
     Args:
@@ -119,10 +130,16 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
     return errors
 
 
-def check_module(module, inputs: Sequence[np.ndarray], h: float = 1e-6,
-                 max_checks: int | None = 200, seed: int = 0,
-                 floor: float = 1e-8, scale_floor: float = 0.0,
-                 richardson: bool = False) -> dict[str, float]:
+def check_module(
+    module,
+    inputs: Sequence[np.ndarray],
+    h: float = 1e-6,
+    max_checks: int | None = 200,
+    seed: int = 0,
+    floor: float = 1e-8,
+    scale_floor: float = 0.0,
+    richardson: bool = False,
+) -> dict[str, float]:
     """Gradient-check a Module's input(s) and every trainable parameter.
 
     The module must already hold float64 parameters (``module.to_dtype``).
@@ -158,8 +175,7 @@ def check_module(module, inputs: Sequence[np.ndarray], h: float = 1e-6,
 
     result = {}
     targets = [(f"input{i}", x, a) for i, (x, a) in enumerate(zip(inputs, dxs))]
-    targets += [(name, p.data, p.grad.copy()) for name, p in module.named_parameters()
-                if p.requires_grad]
+    targets += [(name, p.data, p.grad.copy()) for name, p in module.named_parameters() if p.requires_grad]
     scale = max((float(np.max(np.abs(a))) for _, _, a in targets if np.size(a)), default=0.0)
     floor = max(floor, scale_floor * scale)
     for name, x, a in targets:

@@ -19,6 +19,7 @@ docs/derivations/losses.md. Internally the loss is
 accumulated in float64, so the value does not depend on the input dtype more
 than the inputs themselves do.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -59,8 +60,9 @@ def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     return z - zmax - np.log(np.exp(z - zmax).sum(axis=axis, keepdims=True))
 
 
-def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, weights=None,
-                          ignore_index: int = -1, reduction: str = "mean"):
+def softmax_cross_entropy(
+    logits: np.ndarray, labels: np.ndarray, weights=None, ignore_index: int = -1, reduction: str = "mean"
+):
     """Cross-entropy of softmax(logits) against integer labels.
 
     ``l_i = -log softmax(z_i)[y_i] = logsumexp(z_i) - z_{i, y_i}`` and
@@ -88,26 +90,24 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, weights=None,
     keep = labels != ignore_index
     if ((labels[keep] < 0) | (labels[keep] >= K)).any():
         bad = labels[keep][(labels[keep] < 0) | (labels[keep] >= K)]
-        raise ValueError(f"labels must be in 0..{K - 1} or ignore_index={ignore_index}, "
-                         f"got {bad[:5].tolist()}")
-    w = keep.astype(np.float64) if w is None else w * keep            # (N,), 0 on ignored rows
+        raise ValueError(f"labels must be in 0..{K - 1} or ignore_index={ignore_index}, got {bad[:5].tolist()}")
+    w = keep.astype(np.float64) if w is None else w * keep  # (N,), 0 on ignored rows
     total = w.sum() if reduction == "mean" else 1.0
     grad = np.zeros_like(logits)
     if N == 0 or total == 0:
         return 0.0, grad
     z = logits.astype(np.float64)
-    logp = log_softmax(z, axis=1)                                     # (N, K)
+    logp = log_softmax(z, axis=1)  # (N, K)
     y = np.where(keep, labels, 0)
-    nll = -logp[np.arange(N), y]                                      # (N,)
+    nll = -logp[np.arange(N), y]  # (N,)
     loss = float((w * nll).sum() / total)
-    g = np.exp(logp)                                                  # softmax, (N, K)
+    g = np.exp(logp)  # softmax, (N, K)
     g[np.arange(N), y] -= 1.0
     grad[...] = g * (w / total)[:, None]
     return loss, grad
 
 
-def sigmoid_bce_with_logits(logits: np.ndarray, targets: np.ndarray, weights=None,
-                            reduction: str = "mean"):
+def sigmoid_bce_with_logits(logits: np.ndarray, targets: np.ndarray, weights=None, reduction: str = "mean"):
     """Binary cross-entropy of sigmoid(logits) against targets in [0, 1].
 
     ``l = -t log s(x) - (1 - t) log(1 - s(x))``, written in the stable form
@@ -135,9 +135,9 @@ def sigmoid_bce_with_logits(logits: np.ndarray, targets: np.ndarray, weights=Non
         return 0.0, grad
     x = logits.astype(np.float64)
     t = targets.astype(np.float64)
-    e = np.exp(-np.abs(x))                                    # in (0, 1]
+    e = np.exp(-np.abs(x))  # in (0, 1]
     l = np.maximum(x, 0) - x * t + np.log1p(e)
-    s = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))      # sigmoid(x), stable
+    s = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(x), stable
     g = s - t
     if w is not None:
         l, g = l * w, g * w
@@ -189,8 +189,9 @@ def smooth_l1(pred: np.ndarray, target: np.ndarray, beta: float = 1.0, reduction
     return float(l.sum() / norm), grad
 
 
-def rpn_loss(objectness: np.ndarray, deltas: np.ndarray, labels: np.ndarray, reg_targets: np.ndarray,
-             beta: float = 1.0 / 9):
+def rpn_loss(
+    objectness: np.ndarray, deltas: np.ndarray, labels: np.ndarray, reg_targets: np.ndarray, beta: float = 1.0 / 9
+):
     """The RPN's losses over a batch of images, all anchors of all levels at once.
 
     Objectness: BCE on the sampled anchors (label 1 or 0; -1 is not sampled);
@@ -212,10 +213,8 @@ def rpn_loss(objectness: np.ndarray, deltas: np.ndarray, labels: np.ndarray, reg
     _check_int_array(labels, "labels", objectness.shape)
     sampled, positive = labels >= 0, labels == 1
     num_sampled = max(int(sampled.sum()), 1)
-    obj, d_obj = sigmoid_bce_with_logits(objectness[sampled], labels[sampled].astype(objectness.dtype),
-                                         reduction="sum")
-    box, d_box = smooth_l1(deltas[positive], reg_targets[positive].astype(deltas.dtype), beta=beta,
-                           reduction="sum")
+    obj, d_obj = sigmoid_bce_with_logits(objectness[sampled], labels[sampled].astype(objectness.dtype), reduction="sum")
+    box, d_box = smooth_l1(deltas[positive], reg_targets[positive].astype(deltas.dtype), beta=beta, reduction="sum")
     d_objectness = np.zeros_like(objectness)
     d_objectness[sampled] = d_obj / num_sampled
     d_deltas = np.zeros_like(deltas)
@@ -223,8 +222,13 @@ def rpn_loss(objectness: np.ndarray, deltas: np.ndarray, labels: np.ndarray, reg
     return (obj / num_sampled, box / num_sampled), (d_objectness, d_deltas)
 
 
-def fast_rcnn_loss(class_logits: np.ndarray, box_regression: np.ndarray, labels: np.ndarray,
-                   reg_targets: np.ndarray, beta: float = 1.0 / 9):
+def fast_rcnn_loss(
+    class_logits: np.ndarray,
+    box_regression: np.ndarray,
+    labels: np.ndarray,
+    reg_targets: np.ndarray,
+    beta: float = 1.0 / 9,
+):
     """The box head's losses over the sampled RoIs of a batch.
 
     Classification: softmax cross-entropy, averaged over the R RoIs. Box
@@ -244,9 +248,10 @@ def fast_rcnn_loss(class_logits: np.ndarray, box_regression: np.ndarray, labels:
     check_float_array(box_regression, "box_regression", ndim=2)
     r = max(len(labels), 1)
     pos = np.flatnonzero(labels > 0)
-    cols = 4 * labels[pos][:, None] + np.arange(4)                      # (P, 4): the GT class's deltas
-    box, g = smooth_l1(box_regression[pos[:, None], cols], reg_targets[pos].astype(box_regression.dtype),
-                       beta=beta, reduction="sum")
+    cols = 4 * labels[pos][:, None] + np.arange(4)  # (P, 4): the GT class's deltas
+    box, g = smooth_l1(
+        box_regression[pos[:, None], cols], reg_targets[pos].astype(box_regression.dtype), beta=beta, reduction="sum"
+    )
     d_box = np.zeros_like(box_regression)
     d_box[pos[:, None], cols] = g / r
     return (loss_cls, box / r), (d_cls, d_box)
@@ -258,11 +263,14 @@ def _check_mask_args(mask_logits, labels, mask_targets):
     _check_int_array(labels, "labels", (R,))
     check_float_array(mask_targets, "mask_targets", ndim=3)
     if mask_targets.shape != (R, M1, M2):
-        raise ValueError(f"mask_targets must have shape {(R, M1, M2)} to match mask_logits "
-                         f"{mask_logits.shape}, got {mask_targets.shape}")
+        raise ValueError(
+            f"mask_targets must have shape {(R, M1, M2)} to match mask_logits "
+            f"{mask_logits.shape}, got {mask_targets.shape}"
+        )
     if R and ((labels < 0) | (labels >= K)).any():
-        raise ValueError(f"labels must be channel indices in 0..{K - 1}, got "
-                         f"{labels[(labels < 0) | (labels >= K)][:5].tolist()}")
+        raise ValueError(
+            f"labels must be channel indices in 0..{K - 1}, got {labels[(labels < 0) | (labels >= K)][:5].tolist()}"
+        )
     if R and ((mask_targets < 0) | (mask_targets > 1)).any():
         raise ValueError("mask_targets must lie in [0, 1]")
     return R, K, M1, M2
@@ -296,15 +304,16 @@ def mask_loss(mask_logits: np.ndarray, labels: np.ndarray, mask_targets: np.ndar
     if R == 0:
         return 0.0, grad
     rows = np.arange(R)
-    chosen = mask_logits[rows, labels]                                  # (R, M, M)
+    chosen = mask_logits[rows, labels]  # (R, M, M)
     loss, g = sigmoid_bce_with_logits(chosen, mask_targets, reduction="mean")
     grad[rows, labels] = g
     return loss, grad
     # --- end exercise ---
 
 
-def mask_loss_softmax(mask_logits: np.ndarray, labels: np.ndarray, mask_targets: np.ndarray,
-                      background_channel: int = 0):
+def mask_loss_softmax(
+    mask_logits: np.ndarray, labels: np.ndarray, mask_targets: np.ndarray, background_channel: int = 0
+):
     """The coupled alternative: a per-pixel softmax over the K class channels.
 
     The Mask R-CNN paper (section 4.2, Table 2b, "multinomial vs. independent
@@ -341,12 +350,12 @@ def mask_loss_softmax(mask_logits: np.ndarray, labels: np.ndarray, mask_targets:
     if R == 0:
         return 0.0, grad
     z = mask_logits.astype(np.float64)
-    logp = log_softmax(z, axis=1)                                       # (R, K, M, M)
-    t = mask_targets.astype(np.float64)                                 # (R, M, M)
-    q = np.zeros_like(z)                                                # target distribution
+    logp = log_softmax(z, axis=1)  # (R, K, M, M)
+    t = mask_targets.astype(np.float64)  # (R, M, M)
+    q = np.zeros_like(z)  # target distribution
     rows = np.arange(R)
     q[:, background_channel] = 1.0 - t
-    q[rows, labels] += t                # += : a label equal to the background gets t + (1 - t)
+    q[rows, labels] += t  # += : a label equal to the background gets t + (1 - t)
     n = R * M1 * M2
     loss = float(-(q * logp).sum() / n)
     grad[...] = (np.exp(logp) - q) / n

@@ -17,6 +17,7 @@ momentum buffers, Adam moments, the lr), so ``np.savez`` can store it with
 the model weights and no pickle; buffer names carry the parameter's position
 in the list given to the optimizer.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -88,15 +89,13 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}.load_state_dict: unexpected key {key!r}")
             i = int(idx)
             if i >= len(self.params):
-                raise ValueError(f"{key!r} refers to parameter {i}, but the optimizer has "
-                                 f"{len(self.params)}")
+                raise ValueError(f"{key!r} refers to parameter {i}, but the optimizer has {len(self.params)}")
             if kind == "step":
                 steps[i] = int(value)
                 continue
             value = np.asarray(value)
             if value.shape != self.params[i].data.shape:
-                raise ValueError(f"{key!r}: shape {value.shape} != parameter shape "
-                                 f"{self.params[i].data.shape}")
+                raise ValueError(f"{key!r}: shape {value.shape} != parameter shape {self.params[i].data.shape}")
             bufs[kind][i] = value.astype(self.params[i].data.dtype, copy=True)
         if "lr" in state:
             self.lr = float(state["lr"])
@@ -117,8 +116,7 @@ class SGD(Optimizer):
 
     _buffers = ("momentum_buffer",)
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-                 nesterov: bool = False):
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = False):
         super().__init__(params, lr)
         if momentum < 0 or weight_decay < 0:
             raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}")
@@ -157,8 +155,15 @@ class Adam(Optimizer):
 
     _buffers = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ):
         super().__init__(params, lr)
         b1, b2 = betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
@@ -183,11 +188,22 @@ class Adam(Optimizer):
         for i, p in self.trainable():
             m, v, t = self._moments(i, p)
             wd = self.weight_decay
-            s = p.data.dtype.type                   # the scalars in the weights' dtype
-            adam_update(p.data.reshape(-1), p.grad.reshape(-1), m.reshape(-1), v.reshape(-1),
-                        s(self.lr / (1 - b1 ** t)), s(b1), s(1 - b1), s(b2), s(1 - b2),
-                        s(math.sqrt(1 - b2 ** t)), s(self.eps),
-                        s(1 - self.lr * wd if self.decoupled else 1.0), s(0.0 if self.decoupled else wd))
+            s = p.data.dtype.type  # the scalars in the weights' dtype
+            adam_update(
+                p.data.reshape(-1),
+                p.grad.reshape(-1),
+                m.reshape(-1),
+                v.reshape(-1),
+                s(self.lr / (1 - b1**t)),
+                s(b1),
+                s(1 - b1),
+                s(b2),
+                s(1 - b2),
+                s(math.sqrt(1 - b2**t)),
+                s(self.eps),
+                s(1 - self.lr * wd if self.decoupled else 1.0),
+                s(0.0 if self.decoupled else wd),
+            )
 
     def step_reference(self) -> None:
         """The readable update, one NumPy operation per line of the formula."""
@@ -204,16 +220,15 @@ class Adam(Optimizer):
             m += (1 - b1) * g
             v *= b2
             v += (1 - b2) * g * g
-            step_size = self.lr / (1 - b1 ** t)
-            denom = np.sqrt(v) / math.sqrt(1 - b2 ** t) + self.eps
+            step_size = self.lr / (1 - b1**t)
+            denom = np.sqrt(v) / math.sqrt(1 - b2**t) + self.eps
             p.data -= step_size * m / denom
 
 
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter), torch.optim.AdamW defaults."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, lr, betas, eps, weight_decay, decoupled=True)
 
 
@@ -263,8 +278,9 @@ class WarmupMultiStep(_LinearWarmup):
     ``lr_at(step) = base_lr * warmup(step) * gamma ** (number of milestones <= step)``.
     """
 
-    def __init__(self, base_lr: float, warmup_iters: int = 0, warmup_factor: float = 0.001,
-                 milestones=(), gamma: float = 0.1):
+    def __init__(
+        self, base_lr: float, warmup_iters: int = 0, warmup_factor: float = 0.001, milestones=(), gamma: float = 0.1
+    ):
         super().__init__(base_lr, warmup_iters, warmup_factor)
         milestones = [int(m) for m in milestones]
         if milestones != sorted(milestones):
@@ -287,8 +303,14 @@ class WarmupCosine(_LinearWarmup):
     ``u`` of the decay it has reached itself (elapsed time / budget).
     """
 
-    def __init__(self, base_lr: float, warmup_iters: int, total_iters: int | None, min_lr: float = 0.0,
-                 warmup_factor: float = 0.001):
+    def __init__(
+        self,
+        base_lr: float,
+        warmup_iters: int,
+        total_iters: int | None,
+        min_lr: float = 0.0,
+        warmup_factor: float = 0.001,
+    ):
         super().__init__(base_lr, warmup_iters, warmup_factor)
         if total_iters is not None and total_iters <= warmup_iters:
             raise ValueError(f"total_iters ({total_iters}) must exceed warmup_iters ({warmup_iters})")

@@ -37,6 +37,7 @@ Each worker draws its flips and samples from generators seeded by
 (seed, step, rank), so a run with the same number of workers is reproducible
 and resumes exactly.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,7 +57,7 @@ def available_cores() -> int:
     """CPU cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:                   # not Linux
+    except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
@@ -107,7 +108,7 @@ class FlatView:
         """param.grad <- (param.grad + sum of the other workers' rows) / n_workers."""
         n = len(others) + 1
         for p, a, b in self._slices():
-            g = p.grad.reshape(-1)                   # a view: the gradient is contiguous
+            g = p.grad.reshape(-1)  # a view: the gradient is contiguous
             for o in others:
                 g += o[a:b]
             g *= 1.0 / n
@@ -119,6 +120,7 @@ class _Shared:
 
     def __init__(self, shape, dtype, name=None):
         from multiprocessing import shared_memory
+
         nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
         self.owner = name is None
         self.shm = shared_memory.SharedMemory(create=self.owner, size=nbytes, name=name)
@@ -126,6 +128,7 @@ class _Shared:
             # Only the creator may unlink the block: Python < 3.13 registers an attached
             # block with this process's resource tracker, which would unlink it at exit.
             from multiprocessing import resource_tracker
+
             resource_tracker.unregister(self.shm._name, "shared_memory")
         self.array = np.ndarray(shape, dtype=dtype, buffer=self.shm.buf)
 
@@ -156,7 +159,7 @@ class WorkerPool:
             for rank in range(1, n_workers):
                 self._spawn(rank, model, train_cfg_dict)
             for rank in range(1, n_workers):
-                self._recv(rank)                     # "ready": the replica is built
+                self._recv(rank)  # "ready": the replica is built
         except BaseException:
             self.close()
             raise
@@ -167,14 +170,25 @@ class WorkerPool:
         # the child imports this very package, installed or not
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-        proc = subprocess.Popen([sys.executable, "-m", "tinymrcnn.parallel", str(theirs.fileno())],
-                                pass_fds=(theirs.fileno(),), env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tinymrcnn.parallel", str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env
+        )
         theirs.close()
         conn = Connection(ours.detach())
         self.conns.append(conn)
         self.procs.append(proc)
-        conn.send((rank, self.n, model.config.to_json(), train_cfg_dict, self.params.shm.name,
-                   self.grads.shm.name, self.flat.size, str(self.flat.dtype)))
+        conn.send(
+            (
+                rank,
+                self.n,
+                model.config.to_json(),
+                train_cfg_dict,
+                self.params.shm.name,
+                self.grads.shm.name,
+                self.flat.size,
+                str(self.flat.dtype),
+            )
+        )
 
     def _recv(self, rank: int):
         try:
@@ -235,8 +249,9 @@ def _worker_main(conn):
         from .config import MaskRCNNConfig
         from .data.batches import load_batch, make_datasets, step_seeds
         from .model.mask_rcnn import MaskRCNN
-        numba.set_num_threads(1)                    # one core per worker
-        cfg = SimpleNamespace(**train_cfg_dict)     # the trainer's TrainConfig, as a dict
+
+        numba.set_num_threads(1)  # one core per worker
+        cfg = SimpleNamespace(**train_cfg_dict)  # the trainer's TrainConfig, as a dict
         model = MaskRCNN(MaskRCNNConfig.from_json(config_json), seed=cfg.seed)
         model.train()
         flat = FlatView(model)

@@ -13,6 +13,7 @@ benchmarks and the data-parallel workers (``parallel.py``):
         ...
     print(timer.table())
 """
+
 from __future__ import annotations
 
 import math
@@ -37,6 +38,7 @@ def session(config):
         stack.callback(set_device, previous)
         if config.blas_threads is not None:
             from threadpoolctl import threadpool_limits
+
             stack.enter_context(threadpool_limits(limits=config.blas_threads, user_api="blas"))
         yield
 
@@ -62,9 +64,9 @@ MASK_RCNN_STAGES = (
     ("transform", ("forward",)),
     ("backbone.body", ("forward", "backward")),
     ("backbone.fpn", ("forward", "backward")),
-    ("rpn", ("forward",)),                      # head + anchors + proposal layer
+    ("rpn", ("forward",)),  # head + anchors + proposal layer
     ("rpn.head", ("forward", "backward")),
-    ("rpn", ("loss",)),                         # anchor targets + RPN losses
+    ("rpn", ("loss",)),  # anchor targets + RPN losses
     ("roi_heads", ("forward_train", "forward")),
     ("roi_heads.box_roi_pool", ("forward", "backward")),
     ("roi_heads.box_head", ("forward", "backward")),
@@ -116,6 +118,7 @@ class StageTimer:
         def timed(*args, **kwargs):
             with self.stage(name):
                 return fn(*args, **kwargs)
+
         return timed
 
     def reset(self) -> None:

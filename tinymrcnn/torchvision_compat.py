@@ -41,6 +41,7 @@ built with ``weights=None``).
 
 Torch is imported only inside :func:`convert_checkpoint` (reading a ``.pth``).
 """
+
 from __future__ import annotations
 
 import os
@@ -52,36 +53,126 @@ import numpy as np
 # COCO category names in torchvision's label order (index = COCO category id;
 # "N/A" marks the ids COCO skips). The 91 outputs of the pretrained model.
 COCO_CATEGORIES = (
-    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A",
-    "N/A", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "N/A",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
-    "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase",
-    "scissors", "teddy bear", "hair drier", "toothbrush",
+    "background",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "N/A",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "N/A",
+    "backpack",
+    "umbrella",
+    "N/A",
+    "N/A",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "N/A",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "N/A",
+    "dining table",
+    "N/A",
+    "N/A",
+    "toilet",
+    "N/A",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "N/A",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
 
-TORCHVISION_BN_EPS = 1e-5       # torchvision's FrozenBatchNorm2d default
-PRETRAINED_BN_EPS = 0.0         # what maskrcnn_resnet50_fpn(weights=COCO_V1) sets
+TORCHVISION_BN_EPS = 1e-5  # torchvision's FrozenBatchNorm2d default
+PRETRAINED_BN_EPS = 0.0  # what maskrcnn_resnet50_fpn(weights=COCO_V1) sets
 
 # tinymrcnn name -> (current torchvision name, older spellings...). Each rule is
 # (pattern on the tinymrcnn name, function of the match giving the names).
 _RULES = (
-    (re.compile(r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$"),
-     lambda m: (f"backbone.fpn.{m[1]}.{m[2]}.0.{m[3]}", m[0])),
-    (re.compile(r"^rpn\.head\.conv\.(weight|bias)$"),
-     lambda m: (f"rpn.head.conv.0.0.{m[1]}", m[0])),
-    (re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$"),
-     lambda m: (f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}", m[0])),
-    (re.compile(r"^roi_heads\.mask_head\.(conv5_mask|mask_fcn_logits)\.(weight|bias)$"),
-     lambda m: (f"roi_heads.mask_predictor.{m[1]}.{m[2]}",)),
+    (
+        re.compile(r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$"),
+        lambda m: (f"backbone.fpn.{m[1]}.{m[2]}.0.{m[3]}", m[0]),
+    ),
+    (re.compile(r"^rpn\.head\.conv\.(weight|bias)$"), lambda m: (f"rpn.head.conv.0.0.{m[1]}", m[0])),
+    (
+        re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$"),
+        lambda m: (f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}", m[0]),
+    ),
+    (
+        re.compile(r"^roi_heads\.mask_head\.(conv5_mask|mask_fcn_logits)\.(weight|bias)$"),
+        lambda m: (f"roi_heads.mask_predictor.{m[1]}.{m[2]}",),
+    ),
     # Same name in both: the ResNet body, the RPN's 1x1 convs, the box head and predictor.
-    (re.compile(r"^backbone\.body\.(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01]))\."
-                r"(weight|bias|running_mean|running_var|num_batches_tracked)$"),
-     lambda m: (m[0],)),
+    (
+        re.compile(
+            r"^backbone\.body\.(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01]))\."
+            r"(weight|bias|running_mean|running_var|num_batches_tracked)$"
+        ),
+        lambda m: (m[0],),
+    ),
     (re.compile(r"^rpn\.head\.(cls_logits|bbox_pred)\.(weight|bias)$"), lambda m: (m[0],)),
     (re.compile(r"^roi_heads\.box_head\.(fc6|fc7)\.(weight|bias)$"), lambda m: (m[0],)),
     (re.compile(r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$"), lambda m: (m[0],)),
@@ -101,13 +192,15 @@ def torchvision_names(name: str) -> tuple[str, ...]:
         m = pattern.match(name)
         if m:
             return names(m)
-    raise ValueError(f"tinymrcnn entry {name!r} has no torchvision counterpart: the export covers the "
-                     "torchvision_r50_fpn preset's modules (ResNet body with BatchNorm, FPN, RPN head, "
-                     "box head and predictor, mask head and predictor)")
+    raise ValueError(
+        f"tinymrcnn entry {name!r} has no torchvision counterpart: the export covers the "
+        "torchvision_r50_fpn preset's modules (ResNet body with BatchNorm, FPN, RPN head, "
+        "box head and predictor, mask head and predictor)"
+    )
 
 
 def _as_numpy(value, name):
-    if hasattr(value, "detach"):                      # a torch tensor passed by mistake: accept it
+    if hasattr(value, "detach"):  # a torch tensor passed by mistake: accept it
         value = value.detach().cpu().numpy()
     a = np.asarray(value)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
@@ -118,7 +211,7 @@ def _as_numpy(value, name):
 def _strip_prefix(state: dict) -> dict:
     """DataParallel / DistributedDataParallel checkpoints prefix every name with ``module.``."""
     if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -140,8 +233,10 @@ def _fold_bn_eps(state: dict, eps_from: float, eps_to: float) -> None:
         w = state[prefix + "weight"]
         if np.any(rv + eps_from <= 0):
             bad = int(np.sum(rv + eps_from <= 0))
-            raise ValueError(f"{prefix}running_var has {bad} channel(s) with running_var + eps <= 0 "
-                             f"(eps={eps_from}); the layer divides by zero there")
+            raise ValueError(
+                f"{prefix}running_var has {bad} channel(s) with running_var + eps <= 0 "
+                f"(eps={eps_from}); the layer divides by zero there"
+            )
         folded = w.astype(np.float64) * np.sqrt(rv + eps_to) / np.sqrt(rv + eps_from)
         state[prefix + "weight"] = folded.astype(w.dtype)
 
@@ -187,8 +282,10 @@ def _map_from_torchvision(state_dict: dict, expected: dict, what: str) -> "Order
         if mis_shaped:
             lines.append(f"  mis-shaped ({len(mis_shaped)}): {_list(mis_shaped, 10)}")
         if any(".box_head.0." in k or re.search(r"\.fpn\.(inner|layer)_blocks\.\d+\.1\.", k) for k in unexpected):
-            lines.append("  (these names look like maskrcnn_resnet50_fpn_v2 -- conv box head, GroupNorm FPN -- "
-                         "which tinymrcnn does not implement; use maskrcnn_resnet50_fpn's weights)")
+            lines.append(
+                "  (these names look like maskrcnn_resnet50_fpn_v2 -- conv box head, GroupNorm FPN -- "
+                "which tinymrcnn does not implement; use maskrcnn_resnet50_fpn's weights)"
+            )
         raise ValueError("\n".join(lines))
     return out
 
@@ -197,8 +294,10 @@ def _num_classes_of(state: dict) -> int:
     state = _strip_prefix(state)
     key = "roi_heads.box_predictor.cls_score.weight"
     if key not in state:
-        raise ValueError(f"cannot tell the number of classes: the state dict has no {key!r} "
-                         "(is it a Mask R-CNN state dict?); pass config= explicitly")
+        raise ValueError(
+            f"cannot tell the number of classes: the state dict has no {key!r} "
+            "(is it a Mask R-CNN state dict?); pass config= explicitly"
+        )
     return int(np.shape(state[key])[0])
 
 
@@ -208,9 +307,9 @@ def default_config(state_dict: dict, **overrides):
     91 classes (the pretrained COCO model) get COCO's category names.
     """
     from .config import MaskRCNNConfig
+
     k = _num_classes_of(state_dict)
-    names = COCO_CATEGORIES if k == len(COCO_CATEGORIES) else ("background",) + tuple(
-        f"class_{i}" for i in range(1, k))
+    names = COCO_CATEGORIES if k == len(COCO_CATEGORIES) else ("background",) + tuple(f"class_{i}" for i in range(1, k))
     cfg = dict(num_classes=k, class_names=names)
     cfg.update(overrides)
     return MaskRCNNConfig.torchvision_r50_fpn(**cfg)
@@ -218,6 +317,7 @@ def default_config(state_dict: dict, **overrides):
 
 def _model_bn_eps(model) -> float:
     from .nn import FrozenBatchNorm2d
+
     eps = {m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)}
     if len(eps) > 1:
         raise ValueError(f"the model's FrozenBatchNorm2d layers use different eps values {sorted(eps)}")
@@ -228,8 +328,9 @@ def _expected_entries(model) -> "OrderedDict[str, tuple]":
     return OrderedDict((k, (v.shape, v.dtype)) for k, v in model.state_dict().items())
 
 
-def from_torchvision_state_dict(state_dict: dict, config=None, bn_eps: float = PRETRAINED_BN_EPS
-                                ) -> "OrderedDict[str, np.ndarray]":
+def from_torchvision_state_dict(
+    state_dict: dict, config=None, bn_eps: float = PRETRAINED_BN_EPS
+) -> "OrderedDict[str, np.ndarray]":
     """torchvision's ``maskrcnn_resnet50_fpn().state_dict()`` (name -> ndarray) -> tinymrcnn's state dict.
 
     Args:
@@ -251,12 +352,15 @@ def from_torchvision_state_dict(state_dict: dict, config=None, bn_eps: float = P
 
 def _build_model(state_dict, config):
     from .model.mask_rcnn import MaskRCNN
+
     return MaskRCNN(config if config is not None else default_config(state_dict))
 
 
 def _convert_into(model, state_dict, bn_eps):
-    what = (f"tinymrcnn's MaskRCNN ({model.config.block} backbone, {model.config.norm} norm, "
-            f"num_classes={model.config.num_classes})")
+    what = (
+        f"tinymrcnn's MaskRCNN ({model.config.block} backbone, {model.config.norm} norm, "
+        f"num_classes={model.config.num_classes})"
+    )
     out = _map_from_torchvision(state_dict, _expected_entries(model), what)
     _fold_bn_eps(out, eps_from=bn_eps, eps_to=_model_bn_eps(model))
     return out
@@ -274,8 +378,9 @@ def model_from_torchvision(state_dict: dict, config=None, bn_eps: float = PRETRA
     return model
 
 
-def to_torchvision_state_dict(state, bn_eps: float = TORCHVISION_BN_EPS, legacy_names: bool = False,
-                              model_bn_eps: float | None = None) -> "OrderedDict[str, np.ndarray]":
+def to_torchvision_state_dict(
+    state, bn_eps: float = TORCHVISION_BN_EPS, legacy_names: bool = False, model_bn_eps: float | None = None
+) -> "OrderedDict[str, np.ndarray]":
     """tinymrcnn's state dict (or a MaskRCNN) -> torchvision's names, for ``load_state_dict`` there.
 
     Args:
@@ -290,19 +395,23 @@ def to_torchvision_state_dict(state, bn_eps: float = TORCHVISION_BN_EPS, legacy_
     Load in torch with ``model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
     """
     from .nn import Module
+
     if isinstance(state, Module):
         if model_bn_eps is None:
             model_bn_eps = _model_bn_eps(state)
         state = state.state_dict()
     if model_bn_eps is None:
         model_bn_eps = TORCHVISION_BN_EPS
-    norm_layers = [n[: -len("weight")] for n in state
-                   if re.match(r"^backbone\.body\.(.*\.)?(bn\d|downsample\.1)\.weight$", n)]
+    norm_layers = [
+        n[: -len("weight")] for n in state if re.match(r"^backbone\.body\.(.*\.)?(bn\d|downsample\.1)\.weight$", n)
+    ]
     no_stats = [p for p in norm_layers if p + "running_var" not in state]
     if no_stats:
-        raise ValueError(f"the backbone's norm layers have no running statistics ({no_stats[0]}*): "
-                         "torchvision's ResNet needs BatchNorm; the export covers models with norm='frozen_bn' "
-                         "or 'batch' (the torchvision_r50_fpn preset)")
+        raise ValueError(
+            f"the backbone's norm layers have no running statistics ({no_stats[0]}*): "
+            "torchvision's ResNet needs BatchNorm; the export covers models with norm='frozen_bn' "
+            "or 'batch' (the torchvision_r50_fpn preset)"
+        )
     out = OrderedDict()
     for name, value in state.items():
         names = torchvision_names(name)
@@ -324,9 +433,11 @@ def load_torchvision_file(path: str) -> dict:
     try:
         import torch
     except ImportError as e:
-        raise RuntimeError(f"reading {path} needs PyTorch (pip install torch). Without it, save the state dict "
-                           "as .npz where torch is installed: np.savez('weights.npz', "
-                           "**{k: v.numpy() for k, v in model.state_dict().items()})") from e
+        raise RuntimeError(
+            f"reading {path} needs PyTorch (pip install torch). Without it, save the state dict "
+            "as .npz where torch is installed: np.savez('weights.npz', "
+            "**{k: v.numpy() for k, v in model.state_dict().items()})"
+        ) from e
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
@@ -340,8 +451,9 @@ def load_torchvision_file(path: str) -> dict:
     return out
 
 
-def convert_checkpoint(pth_path: str, npz_path: str, bn_eps: float = PRETRAINED_BN_EPS,
-                       config=None, **config_overrides):
+def convert_checkpoint(
+    pth_path: str, npz_path: str, bn_eps: float = PRETRAINED_BN_EPS, config=None, **config_overrides
+):
     """torchvision ``.pth`` (or ``.npz``) -> a tinymrcnn checkpoint ``.npz`` (``MaskRCNN.save``).
 
     ``config_overrides`` change the preset (e.g. ``min_size=512, max_size=853``
@@ -367,8 +479,10 @@ def _cmd_convert(args) -> None:
         raise SystemExit(f"convert-torchvision: {e}") from None
     n = sum(v.size for v in model.state_dict().values())
     c = model.config
-    print(f"{args.input} -> {args.output}: {n / 1e6:.1f}M values, {c.num_classes} classes, "
-          f"resize {c.min_size}/{c.max_size}, FrozenBatchNorm eps of the source {args.bn_eps:g}")
+    print(
+        f"{args.input} -> {args.output}: {n / 1e6:.1f}M values, {c.num_classes} classes, "
+        f"resize {c.min_size}/{c.max_size}, FrozenBatchNorm eps of the source {args.bn_eps:g}"
+    )
     print(f"next: tinymrcnn predict --checkpoint {args.output} IMAGE --out {os.path.join('out', '')}")
 
 
@@ -377,15 +491,20 @@ def add_convert_parser(subparsers):
     p = subparsers.add_parser(
         "convert-torchvision",
         help="convert torchvision's maskrcnn_resnet50_fpn weights (.pth, or .npz of named arrays) to a "
-             "tinymrcnn checkpoint",
+        "tinymrcnn checkpoint",
         description="Reads torchvision's maskrcnn_resnet50_fpn state dict (a .pth needs PyTorch; an .npz of "
-                    "name -> array does not) and writes a tinymrcnn checkpoint for the torchvision_r50_fpn "
-                    "preset.")
+        "name -> array does not) and writes a tinymrcnn checkpoint for the torchvision_r50_fpn "
+        "preset.",
+    )
     p.add_argument("input", help="torchvision state dict: .pth (torch.save(model.state_dict())) or .npz")
     p.add_argument("output", help="tinymrcnn checkpoint to write (.npz)")
-    p.add_argument("--bn-eps", type=float, default=PRETRAINED_BN_EPS,
-                   help="eps of torchvision's FrozenBatchNorm2d for these weights: 0 for the pretrained COCO "
-                        "weights (default), 1e-5 for a model built with weights=None")
+    p.add_argument(
+        "--bn-eps",
+        type=float,
+        default=PRETRAINED_BN_EPS,
+        help="eps of torchvision's FrozenBatchNorm2d for these weights: 0 for the pretrained COCO "
+        "weights (default), 1e-5 for a model built with weights=None",
+    )
     p.add_argument("--min-size", type=int, default=None, help="resize the short side to this (default 800)")
     p.add_argument("--max-size", type=int, default=None, help="cap on the long side (default 1333)")
     p.set_defaults(func=_cmd_convert)

@@ -43,6 +43,7 @@ of CPU time in a fresh install, then cached on disk) or loads them from the
 cache. That pass runs once before the clock starts, as a warm-up whose
 gradient is thrown away, so ``minutes`` counts training only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,22 +71,22 @@ from .parallel import WorkerPool, resolve_workers, shard
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/shapes"
-    iters: int | None = None          # number of steps; None: as many as fit in `minutes`
-    minutes: float | None = None      # wall-clock budget for training (evaluation not counted)
+    iters: int | None = None  # number of steps; None: as many as fit in `minutes`
+    minutes: float | None = None  # wall-clock budget for training (evaluation not counted)
     batch_size: int = 4
-    optimizer: str = "adamw"          # "adamw" or "sgd"
+    optimizer: str = "adamw"  # "adamw" or "sgd"
     lr: float = 2e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
     warmup_iters: int = 100
-    min_lr_factor: float = 0.02       # cosine decays to lr * this
+    min_lr_factor: float = 0.02  # cosine decays to lr * this
     grad_clip: float = 10.0
-    workers: int = 0                  # data-parallel processes (tinymrcnn/parallel.py); 0: one per core
+    workers: int = 0  # data-parallel processes (tinymrcnn/parallel.py); 0: one per core
     hflip: bool = True
     num_train_images: int = 4000
     num_val_images: int = 200
-    dataset: str = "shapes"           # "shapes" or "shapes-hard"
-    eval_every: int = 0               # steps between evaluations (0: only at the end)
+    dataset: str = "shapes"  # "shapes" or "shapes-hard"
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
     checkpoint_every: int = 200
     log_every: int = 10
     seed: int = 0
@@ -95,8 +96,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field with an impossible value."""
+
         def bad(field, msg):
             raise ConfigError(field, f"{field} {msg}, got {getattr(self, field)!r}")
+
         if self.iters is None and self.minutes is None:
             raise ConfigError("iters", "give iters (steps) or minutes (a time budget)")
         if self.iters is not None and not (isinstance(self.iters, int) and self.iters >= 1):
@@ -167,8 +170,10 @@ def check_out_dir(out_dir: str, resume: bool = False, overwrite: bool = False) -
     elif not overwrite:
         held = [f for f in ("checkpoint.npz", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, f))]
         if held:
-            raise RunExistsError(f"{out_dir} already holds a run ({', '.join(held)}); add --resume to continue "
-                                 "it, --overwrite to start it again, or choose another --out")
+            raise RunExistsError(
+                f"{out_dir} already holds a run ({', '.join(held)}); add --resume to continue "
+                "it, --overwrite to start it again, or choose another --out"
+            )
     parent = os.path.abspath(out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -185,18 +190,20 @@ def run_lock(out_dir: str):
     """
     try:
         import fcntl
-    except ImportError:                          # not POSIX: no lock
+    except ImportError:  # not POSIX: no lock
         yield
         return
     path = os.path.join(out_dir, ".lock")
-    with open(path, "a+") as f:                  # closing it releases the lock
+    with open(path, "a+") as f:  # closing it releases the lock
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             pid = f.read().strip() or "?"
-            raise RunLockedError(f"{out_dir} is in use by another training run (process {pid}); wait for it "
-                                 "to end or choose another --out") from None
+            raise RunLockedError(
+                f"{out_dir} is in use by another training run (process {pid}); wait for it "
+                "to end or choose another --out"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -215,8 +222,11 @@ class _StopRequests:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        os.write(2, b"\ninterrupt received: saving a checkpoint when the current step ends "
-                    b"(press Ctrl-C again to stop at once, without it)\n")
+        os.write(
+            2,
+            b"\ninterrupt received: saving a checkpoint when the current step ends "
+            b"(press Ctrl-C again to stop at once, without it)\n",
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -238,10 +248,14 @@ _NON_FINITE = re.compile(r"(\w+) contains (\d+) non-finite value")
 
 
 def _diverged(step, what, last_good, lr):
-    kept = (f"the last good checkpoint ({last_good[1]}, step {last_good[0]}) is kept" if last_good
-            else "no checkpoint was saved before it")
-    return NonFiniteLossError(f"training diverged at step {step}: {what}; {kept}. "
-                              f"Try a lower learning rate (--lr, now {lr:g})")
+    kept = (
+        f"the last good checkpoint ({last_good[1]}, step {last_good[0]}) is kept"
+        if last_good
+        else "no checkpoint was saved before it"
+    )
+    return NonFiniteLossError(
+        f"training diverged at step {step}: {what}; {kept}. Try a lower learning rate (--lr, now {lr:g})"
+    )
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -263,9 +277,9 @@ def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | 
     """
     loss_dict = runtime.compute_gradients(model, images, targets)
     if pool is not None:
-        shards = [loss_dict] + pool.finish_step()     # drains the workers even after a NaN here
+        shards = [loss_dict] + pool.finish_step()  # drains the workers even after a NaN here
         loss_dict = {k: float(np.mean([d[k] for d in shards])) for k in loss_dict}
-    bad = [k for k, v in loss_dict.items() if not math.isfinite(v)]   # (losses are >= 0: a mean keeps a NaN/inf)
+    bad = [k for k, v in loss_dict.items() if not math.isfinite(v)]  # (losses are >= 0: a mean keeps a NaN/inf)
     if bad:
         raise NonFiniteLossError(", ".join(f"{k}={loss_dict[k]}" for k in bad))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -278,6 +292,7 @@ def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | 
 def evaluate_model(model, dataset, batch_size: int = 8) -> dict:
     """Mask and box COCO AP of ``model`` on ``dataset``."""
     from .evaluate import coco_evaluate
+
     preds = []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -290,8 +305,7 @@ def evaluate_model(model, dataset, batch_size: int = 8) -> dict:
 
 def _save(model, optimizer, path, step, cfg, elapsed, warmup_end_s):
     extra = {f"optim/{k}": v for k, v in optimizer.state_dict().items()}
-    meta = {"train": {"step": step, "config": cfg.to_dict(), "elapsed_s": elapsed,
-                      "warmup_end_s": warmup_end_s}}
+    meta = {"train": {"step": step, "config": cfg.to_dict(), "elapsed_s": elapsed, "warmup_end_s": warmup_end_s}}
     model.save(path, extra_arrays=extra, extra_meta=meta)
 
 
@@ -311,8 +325,14 @@ def schedule_progress(cfg: TrainConfig, step: int, elapsed: float, warmup_end_s:
     return (elapsed - warmup_end_s) / max(budget - warmup_end_s, 1e-9)
 
 
-def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: bool = False,
-          progress: bool = True, log=print, overwrite: bool = False) -> dict:
+def train(
+    cfg: TrainConfig,
+    model_config: MaskRCNNConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+    overwrite: bool = False,
+) -> dict:
     """Train (or resume) a model; returns a summary dict with the final metrics and paths.
 
     Everything is checked before anything is written: the config
@@ -335,13 +355,17 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
         start_step, elapsed = int(state["step"]), float(state["elapsed_s"])
         warmup_end_s = state.get("warmup_end_s")
         if cfg.iters is not None and cfg.iters <= start_step:
-            raise ConfigError("iters", f"the run is already at step {start_step}; give iters > {start_step} "
-                                       "to train further")
+            raise ConfigError(
+                "iters", f"the run is already at step {start_step}; give iters > {start_step} to train further"
+            )
         if cfg.iters is None and elapsed >= cfg.minutes * 60.0:
-            raise ConfigError("minutes", f"the run has already trained {elapsed / 60:.2f} minutes; give minutes "
-                                         f"> {elapsed / 60:.2f} to train further")
+            raise ConfigError(
+                "minutes",
+                f"the run has already trained {elapsed / 60:.2f} minutes; give minutes "
+                f"> {elapsed / 60:.2f} to train further",
+            )
         optimizer = make_optimizer(model, cfg)
-        optimizer.load_state_dict({k[len("optim/"):]: v for k, v in extra.items() if k.startswith("optim/")})
+        optimizer.load_state_dict({k[len("optim/") :]: v for k, v in extra.items() if k.startswith("optim/")})
     else:
         model = MaskRCNN(model_config or MaskRCNNConfig.shapes(), seed=cfg.seed)
         optimizer = make_optimizer(model, cfg)
@@ -350,43 +374,82 @@ def train(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, resume: 
     # -- from here on the folder is written to, under its lock
     os.makedirs(cfg.out_dir, exist_ok=True)
     with run_lock(cfg.out_dir), _StopRequests() as stops:
-        check_out_dir(cfg.out_dir, resume, overwrite)    # again, under the lock: a run may have ended meanwhile
+        check_out_dir(cfg.out_dir, resume, overwrite)  # again, under the lock: a run may have ended meanwhile
         for tmp in remove_stale_temp_files(cfg.out_dir):
             log(f"removed {tmp}, left by a process killed while saving")
         if resume:
             dropped = _trim_metrics(metrics_path, start_step)
             if dropped:
-                log(f"{metrics_path}: dropped {dropped} line(s) written after the checkpoint of step "
-                    f"{start_step} (or torn by a kill)")
+                log(
+                    f"{metrics_path}: dropped {dropped} line(s) written after the checkpoint of step "
+                    f"{start_step} (or torn by a kill)"
+                )
         else:
-            for name in RUN_FILES:                       # overwrite: the old run goes only now
+            for name in RUN_FILES:  # overwrite: the old run goes only now
                 if os.path.exists(os.path.join(cfg.out_dir, name)):
                     os.remove(os.path.join(cfg.out_dir, name))
             with open(metrics_path, "w"):
                 pass
-        return _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, warmup_end_s,
-                           ckpt_path, metrics_path, progress, log, stops, resume)
+        return _train_loop(
+            cfg,
+            model,
+            optimizer,
+            train_set,
+            val_set,
+            start_step,
+            elapsed,
+            warmup_end_s,
+            ckpt_path,
+            metrics_path,
+            progress,
+            log,
+            stops,
+            resume,
+        )
 
 
-def _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, warmup_end_s,
-                ckpt_path, metrics_path, progress, log, stops, resumed):
+def _train_loop(
+    cfg,
+    model,
+    optimizer,
+    train_set,
+    val_set,
+    start_step,
+    elapsed,
+    warmup_end_s,
+    ckpt_path,
+    metrics_path,
+    progress,
+    log,
+    stops,
+    resumed,
+):
     from tqdm.auto import tqdm
+
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
     # (a run shorter than its warm-up just warms up: the decay would start after its end)
-    schedule = WarmupCosine(cfg.lr, cfg.warmup_iters,
-                            None if cfg.iters is None else max(cfg.iters, cfg.warmup_iters + 1),
-                            cfg.lr * cfg.min_lr_factor)
+    schedule = WarmupCosine(
+        cfg.lr,
+        cfg.warmup_iters,
+        None if cfg.iters is None else max(cfg.iters, cfg.warmup_iters + 1),
+        cfg.lr * cfg.min_lr_factor,
+    )
 
     # (on a GPU the default is one process: the workers would share the one device)
-    n_workers = 1 if model.config.device == "cuda" and not cfg.workers else \
-        resolve_workers(cfg.workers, cfg.batch_size)
+    n_workers = 1 if model.config.device == "cuda" and not cfg.workers else resolve_workers(cfg.workers, cfg.batch_size)
     step = start_step
     history = []
     last_good = (start_step, ckpt_path) if resumed else None
     with runtime.session(model.config), _data_parallel(model, n_workers, cfg) as pool:
         _compile_warm_up(model, pool, train_set, cfg, n_workers, step, log)
-        bar = tqdm(total=cfg.iters, initial=start_step, disable=not progress, dynamic_ncols=True,
-                   desc="train" if n_workers == 1 else f"train ({n_workers} workers)", unit="step")
+        bar = tqdm(
+            total=cfg.iters,
+            initial=start_step,
+            disable=not progress,
+            dynamic_ncols=True,
+            desc="train" if n_workers == 1 else f"train ({n_workers} workers)",
+            unit="step",
+        )
         while True:
             if stops.signum is not None:
                 bar.close()
@@ -398,10 +461,10 @@ def _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, 
                 break
             if warmup_end_s is None and step >= cfg.warmup_iters:
                 warmup_end_s = elapsed
-            t0 = time.perf_counter()                     # loading the batch counts as training time
+            t0 = time.perf_counter()  # loading the batch counts as training time
             idx = shard(batch_indices(len(train_set), cfg.batch_size, step, cfg.seed), n_workers)
             if pool is not None:
-                pool.start_step(step, idx)               # workers 1.. take shards 1..; we take shard 0
+                pool.start_step(step, idx)  # workers 1.. take shards 1..; we take shard 0
             images, targets = load_batch(train_set, idx[0], step, cfg.seed, cfg.hflip, 0, n_workers)
             model.rng = np.random.default_rng(step_seeds(cfg.seed, step, 0, n_workers)[1])
             lr = schedule.lr_at(step, schedule_progress(cfg, step, elapsed, warmup_end_s))
@@ -410,13 +473,14 @@ def _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, 
             except NonFiniteLossError as e:
                 bar.close()
                 raise _diverged(step + 1, str(e), last_good, cfg.lr) from None
-            except (ValueError, RuntimeError) as e:      # a kernel's input check, here or in a worker
+            except (ValueError, RuntimeError) as e:  # a kernel's input check, here or in a worker
                 m = _NON_FINITE.search(str(e))
                 if m is None:
                     raise
                 bar.close()
-                raise _diverged(step + 1, f"{m.group(1)} has {m.group(2)} NaN or inf value(s)",
-                                last_good, cfg.lr) from None
+                raise _diverged(
+                    step + 1, f"{m.group(1)} has {m.group(2)} NaN or inf value(s)", last_good, cfg.lr
+                ) from None
             if cfg.grad_clip and not math.isfinite(gnorm):
                 bar.close()
                 raise _diverged(step + 1, f"the gradient norm is {gnorm}", last_good, cfg.lr)
@@ -425,17 +489,24 @@ def _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, 
             step += 1
             if cfg.iters is None and budget is not None:  # time budget: the bar shows the steps still expected
                 bar.total = step + int((budget - elapsed) * step / max(elapsed, 1e-9))
-            record = {"step": step, "elapsed_s": round(elapsed, 3), "lr": lr,
-                      "grad_norm": float(gnorm), **losses, "loss": float(sum(losses.values()))}
+            record = {
+                "step": step,
+                "elapsed_s": round(elapsed, 3),
+                "lr": lr,
+                "grad_norm": float(gnorm),
+                **losses,
+                "loss": float(sum(losses.values())),
+            }
             history.append(record)
             if step % cfg.log_every == 0 or step == 1:
                 _append_jsonl(metrics_path, record)
             bar.update(1)
             if progress and (step % 5 == 0 or step == 1):
-                bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()},
-                                 "s/step": f"{dt:.2f}"})
+                bar.set_postfix(
+                    {**{k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()}, "s/step": f"{dt:.2f}"}
+                )
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                if not _weights_finite(model):           # (caught above when the gradient is clipped)
+                if not _weights_finite(model):  # (caught above when the gradient is clipped)
                     bar.close()
                     raise _diverged(step, "the weights became NaN or inf", last_good, cfg.lr)
                 _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
@@ -443,20 +514,25 @@ def _train_loop(cfg, model, optimizer, train_set, val_set, start_step, elapsed, 
             if cfg.eval_every and step % cfg.eval_every == 0:
                 ev = evaluate_model(model, val_set)
                 _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": ev})
-                log(f"step {step}  mask AP {ev['mask_AP']:.3f}  AP50 {ev['mask_AP50']:.3f}  "
-                    f"box AP {ev['box_AP']:.3f}")
+                log(f"step {step}  mask AP {ev['mask_AP']:.3f}  AP50 {ev['mask_AP50']:.3f}  box AP {ev['box_AP']:.3f}")
         bar.close()
     if not _weights_finite(model):
         raise _diverged(step, "the weights became NaN or inf", last_good, cfg.lr)
     _save(model, optimizer, ckpt_path, step, cfg, elapsed, warmup_end_s)
-    if stops.signum is not None:                         # (arrived during the last step)
+    if stops.signum is not None:  # (arrived during the last step)
         raise TrainingInterrupted(step, ckpt_path, stops.signum)
-    stops.release()                                      # the checkpoint is saved: Ctrl-C may stop the evaluation
+    stops.release()  # the checkpoint is saved: Ctrl-C may stop the evaluation
     final = evaluate_model(model, val_set)
     _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": final})
     plot_training_curves(metrics_path, cfg.out_dir)
-    return {"step": step, "elapsed_s": elapsed, "eval": final, "checkpoint": ckpt_path,
-            "metrics": metrics_path, "history": history}
+    return {
+        "step": step,
+        "elapsed_s": elapsed,
+        "eval": final,
+        "checkpoint": ckpt_path,
+        "metrics": metrics_path,
+        "history": history,
+    }
 
 
 def _weights_finite(model) -> bool:
@@ -474,8 +550,11 @@ def _compile_warm_up(model, pool, train_set, cfg, n_workers, step, log):
     the progress bar. Parameters, buffers and every random choice of the run
     are left as they were (each step reseeds the samplers).
     """
-    timer = threading.Timer(COMPILE_NOTICE_S, log, args=(
-        "compiling kernels, first run only (Numba caches them for later runs); this can take minutes ...",))
+    timer = threading.Timer(
+        COMPILE_NOTICE_S,
+        log,
+        args=("compiling kernels, first run only (Numba caches them for later runs); this can take minutes ...",),
+    )
     timer.daemon = True
     timer.start()
     t0 = time.perf_counter()
@@ -534,6 +613,7 @@ def _data_parallel(model, n_workers: int, cfg: TrainConfig):
         yield None
         return
     import numba
+
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
@@ -583,16 +663,22 @@ def read_metrics(path: str) -> tuple[list, list]:
 def plot_training_curves(metrics_path: str, out_dir: str) -> list[str]:
     """loss_curve.png (losses vs step) and, if evaluated, ap_curve.png (AP vs minutes)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     steps, evals = read_metrics(metrics_path)
     paths = []
     if steps:
         fig, ax = plt.subplots(figsize=(7, 4))
         s = [r["step"] for r in steps]
         for k in LOSS_NAMES + ("loss",):
-            ax.plot(s, [r[k] for r in steps], label=k.replace("loss_", "") if k != "loss" else "total",
-                    lw=2 if k == "loss" else 1)
+            ax.plot(
+                s,
+                [r[k] for r in steps],
+                label=k.replace("loss_", "") if k != "loss" else "total",
+                lw=2 if k == "loss" else 1,
+            )
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -616,6 +702,7 @@ def plot_training_curves(metrics_path: str, out_dir: str) -> list[str]:
 def _save_figure(fig, path: str) -> str:
     """Write a figure as PNG atomically (a reader never sees half a file) and close it."""
     import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, dpi=110, format="png")

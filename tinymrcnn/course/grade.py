@@ -24,6 +24,7 @@ The checks, per exercise (see the ``_checks_*`` functions):
 This module is the instructor's: ``make-student`` leaves it (and the runner)
 out of the student's copy.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,8 @@ from .exercises import EXERCISES, Exercise, select
 from .make import find_regions
 from .runner import DecodeError, read_value, write_value
 
-RTOL, ATOL = 1e-7, 1e-9            # float64 comparisons with the solution
-GRAD_RTOL = 1e-6                   # finite-difference checks (COMMON standard)
+RTOL, ATOL = 1e-7, 1e-9  # float64 comparisons with the solution
+GRAD_RTOL = 1e-6  # finite-difference checks (COMMON standard)
 
 
 class Fail(Exception):
@@ -60,18 +61,18 @@ class Fail(Exception):
 class Call:
     """One call of a student's function, executed by the runner."""
 
-    target: str                        # "module:qualname"
+    target: str  # "module:qualname"
     args: tuple
     kwargs: dict
-    init: tuple | None = None          # (args, kwargs) of the class, for a method
-    numgrad: dict | None = None        # see runner.py
+    init: tuple | None = None  # (args, kwargs) of the class, for a method
+    numgrad: dict | None = None  # see runner.py
 
 
 @dataclass
 class Check:
     name: str
-    calls: list[int]                   # indices into the exercise's calls
-    judge: Callable[[list], str | None]   # the calls' return values -> None or a failure message
+    calls: list[int]  # indices into the exercise's calls
+    judge: Callable[[list], str | None]  # the calls' return values -> None or a failure message
     # Added to the failure message: (text, when) says it only when when(values) is true (a hint
     # is about one mistake; said for any failure it misleads).
     hint: str | tuple = ""
@@ -82,16 +83,16 @@ class CheckResult:
     name: str
     passed: bool
     message: str = ""
-    error: tuple | None = None         # (type, message, where) when the student's code raised
-    parts: tuple = ()                  # the functions the check calls ("BoxCoder.decode")
-    blocked_by: str | None = None      # a failing function these call: fix that first
+    error: tuple | None = None  # (type, message, where) when the student's code raised
+    parts: tuple = ()  # the functions the check calls ("BoxCoder.decode")
+    blocked_by: str | None = None  # a failing function these call: fix that first
 
 
 @dataclass
 class ExerciseResult:
     exercise: Exercise
     checks: list[CheckResult] = field(default_factory=list)
-    note: str = ""                     # e.g. a required exercise that fails
+    note: str = ""  # e.g. a required exercise that fails
 
     @property
     def passed(self) -> int:
@@ -113,13 +114,24 @@ class Report:
         return float(np.mean([e.score for e in self.exercises])) if self.exercises else 0.0
 
     def to_dict(self) -> dict:
-        return {"student_dir": self.student_dir, "total": self.total,
-                "exercises": [{"name": e.exercise.name, "passed": e.passed, "checks": len(e.checks),
-                               "score": e.score, "note": e.note,
-                               "results": [{"check": c.name, "passed": c.passed, "message": c.message,
-                                            "blocked_by": c.blocked_by}
-                                           for c in e.checks]}
-                              for e in self.exercises]}
+        return {
+            "student_dir": self.student_dir,
+            "total": self.total,
+            "exercises": [
+                {
+                    "name": e.exercise.name,
+                    "passed": e.passed,
+                    "checks": len(e.checks),
+                    "score": e.score,
+                    "note": e.note,
+                    "results": [
+                        {"check": c.name, "passed": c.passed, "message": c.message, "blocked_by": c.blocked_by}
+                        for c in e.checks
+                    ],
+                }
+                for e in self.exercises
+            ],
+        }
 
 
 class _Builder:
@@ -186,8 +198,9 @@ def _constant_factor(e: np.ndarray, g: np.ndarray) -> float | None:
     return c if np.all(np.abs(r - c) <= 1e-6 * abs(c)) else None
 
 
-def diff_arrays(expected, got, what: str, rtol=RTOL, atol=ATOL, factor_hints=(), variants=(),
-                shape_hints=(), check_dtype=True) -> str | None:
+def diff_arrays(
+    expected, got, what: str, rtol=RTOL, atol=ATOL, factor_hints=(), variants=(), shape_hints=(), check_dtype=True
+) -> str | None:
     """None if ``got`` matches ``expected``, else a message that locates and explains the difference.
 
     factor_hints: [(c, text)]: said when got == c * expected.
@@ -220,8 +233,10 @@ def diff_arrays(expected, got, what: str, rtol=RTOL, atol=ATOL, factor_hints=(),
     ev, gv = e64[idx], g64[idx]
     where = f" at element {_index(idx)}" if e.ndim else ""
     if e.ndim:
-        msg = (f"{what}: {int((~ok).sum())} of {e.size} elements differ; the largest difference is"
-               f"{where}: expected {_g(ev)}, got {_g(gv)}")
+        msg = (
+            f"{what}: {int((~ok).sum())} of {e.size} elements differ; the largest difference is"
+            f"{where}: expected {_g(ev)}, got {_g(gv)}"
+        )
     else:
         msg = f"{what}: expected {_g(ev)}, got {_g(gv)}"
     if not np.isfinite(gv) and np.isfinite(ev):
@@ -240,8 +255,9 @@ def diff_arrays(expected, got, what: str, rtol=RTOL, atol=ATOL, factor_hints=(),
                     break
     for label, arr, text in variants:
         arr = np.asarray(arr, dtype=np.float64)
-        if arr.shape == g64.shape and np.allclose(g64, arr, rtol=max(10 * rtol, 1e-6), atol=max(10 * atol, 1e-9),
-                                                  equal_nan=True):
+        if arr.shape == g64.shape and np.allclose(
+            g64, arr, rtol=max(10 * rtol, 1e-6), atol=max(10 * atol, 1e-9), equal_nan=True
+        ):
             msg += f" -- your result equals {label}: {text}"
             break
     return msg
@@ -266,9 +282,11 @@ def diff_gradcheck(numeric, got, what, forward) -> str | None:
     if worst <= GRAD_RTOL:
         return None
     idx = np.unravel_index(int(np.argmax(err)), n.shape)
-    msg = (f"{what} disagrees with finite differences of {forward}: relative error {worst:.2g} "
-           f"(allowed {GRAD_RTOL:g}) at element {_index(idx)}: finite differences give {_g(n[idx])}, "
-           f"your gradient {_g(a[idx])}")
+    msg = (
+        f"{what} disagrees with finite differences of {forward}: relative error {worst:.2g} "
+        f"(allowed {GRAD_RTOL:g}) at element {_index(idx)}: finite differences give {_g(n[idx])}, "
+        f"your gradient {_g(a[idx])}"
+    )
     c = _constant_factor(n, a)
     if c is not None:
         msg += f" -- wrong by a constant factor ~{c:.4g}"
@@ -277,17 +295,20 @@ def diff_gradcheck(numeric, got, what, forward) -> str | None:
 
 def _judge_all(*parts):
     """A judge from several (call position, comparison) pairs: the first failure wins."""
+
     def judge(values):
         for pos, comp in parts:
             msg = comp(values[pos])
             if msg:
                 return msg
         return None
+
     return judge
 
 
 def _numgrad_parent(f, x, h=1e-6):
     from ..gradcheck import numerical_gradient
+
     return numerical_gradient(f, x, h=h)
 
 
@@ -297,6 +318,7 @@ def _numgrad_parent(f, x, h=1e-6):
 def _checks_conv2d_backward(b: _Builder, rng: np.random.Generator):
     from ..ops.conv import conv2d_backward_reference as solution
     from ..ops.conv import conv2d_reference as forward
+
     T = "tinymrcnn.ops.conv:conv2d_backward_reference"
     names = "dx, dweight, dbias"
 
@@ -315,38 +337,73 @@ def _checks_conv2d_backward(b: _Builder, rng: np.random.Generator):
             if got.shape != e.shape:
                 return f"{name} has shape {got.shape}, expected {e.shape} (the shape of {('x', 'weight', 'bias')[i]})"
         return None
+
     b.check("returns (dx, dweight, dbias) shaped like (x, weight, bias)", c, shapes)
     for i, name in enumerate(("dx", "dweight", "dbias")):
-        b.check(f"{name}, stride 1, no padding", c,
-                lambda v, i=i, name=name: diff_arrays(exp[i], _item(v[0], i, 3, names), name))
+        b.check(
+            f"{name}, stride 1, no padding",
+            c,
+            lambda v, i=i, name=name: diff_arrays(exp[i], _item(v[0], i, 3, names), name),
+        )
 
     args2, exp2 = case((1, 2, 7, 6), (3, 2, 2, 3), (2, 1), (1, 2))
     c2 = b.call(T, *args2)
     padded = (1, 2, 7 + 2, 6 + 4)
-    def stride1_right(v):              # the hint is about stride and padding: only when stride 1 works
+
+    def stride1_right(v):  # the hint is about stride and padding: only when stride 1 works
         d2, d1 = _as_array(_item(v[0], 0, 3, names), "dx"), _item(v[1], 0, 3, names)
         return d2.shape == exp2[0].shape and diff_arrays(exp[0], d1, "dx") is None
-    b.check("dx, stride (2, 1), padding (1, 2), 2x3 kernel", [c2, c],
-            lambda v: diff_arrays(exp2[0], _item(v[0], 0, 3, names), "dx",
-                                  shape_hints=[(padded, "that is the padded input's shape: crop the "
-                                                        "padding off dx")]),
-            hint=("your stride-1 dx is right, so look at stride and padding: output pixel a reads "
-                  "input rows a*s + i - p for the taps i", stride1_right))
-    b.check("dweight, stride (2, 1), padding (1, 2), 2x3 kernel", c2,
-            lambda v: diff_arrays(exp2[1], _item(v[0], 1, 3, names), "dweight"))
+
+    b.check(
+        "dx, stride (2, 1), padding (1, 2), 2x3 kernel",
+        [c2, c],
+        lambda v: diff_arrays(
+            exp2[0],
+            _item(v[0], 0, 3, names),
+            "dx",
+            shape_hints=[(padded, "that is the padded input's shape: crop the padding off dx")],
+        ),
+        hint=(
+            "your stride-1 dx is right, so look at stride and padding: output pixel a reads "
+            "input rows a*s + i - p for the taps i",
+            stride1_right,
+        ),
+    )
+    b.check(
+        "dweight, stride (2, 1), padding (1, 2), 2x3 kernel",
+        c2,
+        lambda v: diff_arrays(exp2[1], _item(v[0], 1, 3, names), "dweight"),
+    )
 
     dy, x, w, s, p = args2
     num_x = _numgrad_parent(lambda: float(np.sum(dy * forward(x, w, None, s, p))), x)
     num_w = _numgrad_parent(lambda: float(np.sum(dy * forward(x, w, None, s, p))), w)
-    b.check("finite differences of conv2d (float64, relative error <= 1e-6)", c2, _judge_all(
-        (0, lambda v: diff_gradcheck(num_x, _item(v, 0, 3, names), "dx", "conv2d")),
-        (0, lambda v: diff_gradcheck(num_w, _item(v, 1, 3, names), "dweight", "conv2d"))))
+    b.check(
+        "finite differences of conv2d (float64, relative error <= 1e-6)",
+        c2,
+        _judge_all(
+            (0, lambda v: diff_gradcheck(num_x, _item(v, 0, 3, names), "dx", "conv2d")),
+            (0, lambda v: diff_gradcheck(num_w, _item(v, 1, 3, names), "dweight", "conv2d")),
+        ),
+    )
 
     args3, exp3 = case((1, 2, 4, 5), (2, 2, 3, 3), 1, 1, np.float32)
     c3 = b.call(T, *args3)
-    b.check("float32 in, float32 out (stride 1, padding 1)", c3, lambda v: next(
-        (m for m in (diff_arrays(exp3[i], _item(v[0], i, 3, names), n, rtol=1e-4, atol=1e-5)
-                     for i, n in enumerate(("dx", "dweight", "dbias"))) if m), None))
+    b.check(
+        "float32 in, float32 out (stride 1, padding 1)",
+        c3,
+        lambda v: next(
+            (
+                m
+                for m in (
+                    diff_arrays(exp3[i], _item(v[0], i, 3, names), n, rtol=1e-4, atol=1e-5)
+                    for i, n in enumerate(("dx", "dweight", "dbias"))
+                )
+                if m
+            ),
+            None,
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -360,63 +417,109 @@ def _random_boxes(rng, n, lo=0.0, hi=60.0, smin=4.0, smax=40.0):
 
 def _checks_box_coder(b: _Builder, rng: np.random.Generator):
     from ..ops.boxes import BoxCoder
+
     E, D = "tinymrcnn.ops.boxes:BoxCoder.encode", "tinymrcnn.ops.boxes:BoxCoder.decode"
     g, p = _random_boxes(rng, 8), _random_boxes(rng, 8)
     one = np.array([0.0, 0.0, 1.0, 1.0])
     for weights in ((1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)):
         coder = BoxCoder(weights)
         exp = coder.encode(g, p)
-        variants = [("the deltas of Detectron's legacy '+1' box sizes", coder.encode(g + one, p + one),
-                     "a box is x2 - x1 wide, with no +1 (docs/semantics.md#box-coding)"),
-                    ("encode(proposals, reference_boxes), the arguments swapped", coder.encode(p, g),
-                     "the deltas measure the reference box relative to the proposal: divide by the "
-                     "proposal's size")]
+        variants = [
+            (
+                "the deltas of Detectron's legacy '+1' box sizes",
+                coder.encode(g + one, p + one),
+                "a box is x2 - x1 wide, with no +1 (docs/semantics.md#box-coding)",
+            ),
+            (
+                "encode(proposals, reference_boxes), the arguments swapped",
+                coder.encode(p, g),
+                "the deltas measure the reference box relative to the proposal: divide by the proposal's size",
+            ),
+        ]
         if weights != (1.0, 1.0, 1.0, 1.0):
-            variants.append(("the deltas with weights (1, 1, 1, 1)", BoxCoder().encode(g, p),
-                             "multiply by self.weights = (wx, wy, ww, wh)"))
+            variants.append(
+                (
+                    "the deltas with weights (1, 1, 1, 1)",
+                    BoxCoder().encode(g, p),
+                    "multiply by self.weights = (wx, wy, ww, wh)",
+                )
+            )
         c = b.call(E, g, p, init=((weights,), {}))
-        b.check(f"encode, weights {tuple(int(w) for w in weights)}", c,
-                lambda v, exp=exp, variants=variants: diff_arrays(exp, v[0], "deltas", variants=variants))
+        b.check(
+            f"encode, weights {tuple(int(w) for w in weights)}",
+            c,
+            lambda v, exp=exp, variants=variants: diff_arrays(exp, v[0], "deltas", variants=variants),
+        )
 
     deltas = rng.normal(0, 0.5, (8, 4))
     exp = BoxCoder().decode(deltas, p)
     c = b.call(D, deltas, p, init=(((1.0, 1.0, 1.0, 1.0),), {}))
-    b.check("decode, one box per row, weights (1, 1, 1, 1)", c,
-            lambda v: diff_arrays(exp, v[0], "boxes"))
+    b.check("decode, one box per row, weights (1, 1, 1, 1)", c, lambda v: diff_arrays(exp, v[0], "boxes"))
 
     w10 = (10.0, 10.0, 5.0, 5.0)
     deltas3 = rng.normal(0, 1.0, (8, 12))
     exp3 = BoxCoder(w10).decode(deltas3, p)
     c = b.call(D, deltas3, p, init=((w10,), {}))
-    b.check("decode, 3 boxes per row (one per class), weights (10, 10, 5, 5)", c,
-            lambda v: diff_arrays(exp3, v[0], "boxes", shape_hints=[((8, 4), "deltas (N, 4k) decode to "
-                                                                     "(N, 4k): one box per group of 4")],
-                                  variants=[("the boxes with weights (1, 1, 1, 1)",
-                                             BoxCoder().decode(deltas3, p),
-                                             "divide the deltas by self.weights first")]))
+    b.check(
+        "decode, 3 boxes per row (one per class), weights (10, 10, 5, 5)",
+        c,
+        lambda v: diff_arrays(
+            exp3,
+            v[0],
+            "boxes",
+            shape_hints=[((8, 4), "deltas (N, 4k) decode to (N, 4k): one box per group of 4")],
+            variants=[
+                (
+                    "the boxes with weights (1, 1, 1, 1)",
+                    BoxCoder().decode(deltas3, p),
+                    "divide the deltas by self.weights first",
+                )
+            ],
+        ),
+    )
 
     big = rng.normal(0, 0.3, (6, 4))
-    big[::2, 2] = 6.0                               # dw above log(1000/16) = 4.135
+    big[::2, 2] = 6.0  # dw above log(1000/16) = 4.135
     big[1::2, 3] = 9.0
     expc = BoxCoder().decode(big, p[:6])
     c = b.call(D, big, p[:6], init=(((1.0, 1.0, 1.0, 1.0),), {}))
-    b.check("decode clamps dw and dh at bbox_xform_clip", c,
-            lambda v: diff_arrays(expc, v[0], "boxes", variants=[
-                ("the unclamped boxes", BoxCoder(bbox_xform_clip=math.inf).decode(big, p[:6]),
-                 "clamp dw and dh from above at self.bbox_xform_clip = log(1000/16) before exp()")]))
+    b.check(
+        "decode clamps dw and dh at bbox_xform_clip",
+        c,
+        lambda v: diff_arrays(
+            expc,
+            v[0],
+            "boxes",
+            variants=[
+                (
+                    "the unclamped boxes",
+                    BoxCoder(bbox_xform_clip=math.inf).decode(big, p[:6]),
+                    "clamp dw and dh from above at self.bbox_xform_clip = log(1000/16) before exp()",
+                )
+            ],
+        ),
+    )
 
     d = BoxCoder(w10).encode(g, p)
     c = b.call(D, d, p, init=((w10,), {}))
-    b.check("decode(encode(g, p), p) gives g back (weights (10, 10, 5, 5))", c,
-            lambda v: diff_arrays(g, v[0], "decoded boxes", rtol=1e-9, atol=1e-9))
+    b.check(
+        "decode(encode(g, p), p) gives g back (weights (10, 10, 5, 5))",
+        c,
+        lambda v: diff_arrays(g, v[0], "decoded boxes", rtol=1e-9, atol=1e-9),
+    )
 
     g32, p32 = g.astype(np.float32), p.astype(np.float32)
     e32 = BoxCoder(w10).encode(g32, p32)
     d32 = BoxCoder(w10).decode(e32, p32)
     ce, cd = b.call(E, g32, p32, init=((w10,), {})), b.call(D, e32, p32, init=((w10,), {}))
-    b.check("float32 boxes give float32 deltas and boxes", [ce, cd], _judge_all(
-        (0, lambda v: diff_arrays(e32, v, "encode's deltas", rtol=1e-5, atol=1e-5)),
-        (1, lambda v: diff_arrays(d32, v, "decode's boxes", rtol=1e-5, atol=1e-4))))
+    b.check(
+        "float32 boxes give float32 deltas and boxes",
+        [ce, cd],
+        _judge_all(
+            (0, lambda v: diff_arrays(e32, v, "encode's deltas", rtol=1e-5, atol=1e-5)),
+            (1, lambda v: diff_arrays(d32, v, "decode's boxes", rtol=1e-5, atol=1e-4)),
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -424,7 +527,7 @@ def _checks_box_coder(b: _Builder, rng: np.random.Generator):
 # ---------------------------------------------------------------------------
 STAGE_HINTS = {
     "topk": "keep the pre_nms_top_n highest logits of each level separately (a level with fewer "
-            "anchors keeps all of them)",
+    "anchors keeps all of them)",
     "decoded": "decoding keeps every top-k candidate",
     "clipped": "clipping keeps every top-k candidate",
     "remove_small": "remove a box when its width or its height, after clipping, is < min_size",
@@ -443,6 +546,7 @@ def _checks_proposals(b: _Builder, rng: np.random.Generator):
     from ..model.anchors import AnchorGenerator
     from ..model.proposals import PROPOSAL_STAGES
     from ..model.proposals import generate_proposals as solution
+
     T = "tinymrcnn.model.proposals:generate_proposals"
     gen = AnchorGenerator(sizes=((16,), (32,)), aspect_ratios=((0.5, 1.0, 2.0),) * 2)
     anchors = gen.anchors_per_level((48, 48), [(6, 6), (3, 3)], dtype=np.float64)
@@ -451,7 +555,7 @@ def _checks_proposals(b: _Builder, rng: np.random.Generator):
     sizes = [(48, 48), (40, 44)]
 
     def case(label, objectness, deltas, anchors, image_sizes, hint="", **kw):
-        kw["trace"] = True                       # the records are graded too
+        kw["trace"] = True  # the records are graded too
         boxes, scores, records = solution(objectness, deltas, anchors, image_sizes, **kw)
         c = b.call(T, objectness, deltas, anchors, image_sizes, **kw)
         n = len(image_sizes)
@@ -466,8 +570,10 @@ def _checks_proposals(b: _Builder, rng: np.random.Generator):
                         return f"{what} must be a list with one array per image ({n}), got {_describe(got)}"
                     g_i = _as_array(got[i], f"image {i}: {what}")
                     if g_i.ndim >= 1 and exp[i].ndim >= 1 and g_i.shape[0] != exp[i].shape[0]:
-                        return (f"image {i}: you kept {g_i.shape[0]} proposals, the answer has "
-                                f"{exp[i].shape[0]} (the counts per stage show where they part)")
+                        return (
+                            f"image {i}: you kept {g_i.shape[0]} proposals, the answer has "
+                            f"{exp[i].shape[0]} (the counts per stage show where they part)"
+                        )
                     msg = diff_arrays(exp[i], g_i, f"image {i}: {what}")
                     if msg:
                         return msg
@@ -487,22 +593,54 @@ def _checks_proposals(b: _Builder, rng: np.random.Generator):
                     if stage not in got:
                         return f"records[{i}]['counts'] has no entry for stage {stage!r}"
                     if got[stage] != want:
-                        return (f"image {i}: {got[stage]} boxes after stage {stage!r}, expected {want} "
-                                f"(the stages before agree) -- {STAGE_HINTS[stage]}")
+                        return (
+                            f"image {i}: {got[stage]} boxes after stage {stage!r}, expected {want} "
+                            f"(the stages before agree) -- {STAGE_HINTS[stage]}"
+                        )
             return None
+
         b.check(f"{label}: boxes and scores", c, judge_boxes, hint=hint)
         b.check(f"{label}: boxes left after each stage (records[i]['counts'])", c, judge_counts)
 
-    case("2 images, 2 levels, top 20 per level, NMS 0.7", obj, dlt, anchors, sizes,
-         pre_nms_top_n=20, post_nms_top_n=15, nms_thresh=0.7, score_thresh=0.0, min_size=1e-3)
-    case("score threshold 0.55, min_size 8, NMS 0.5", obj, dlt, anchors, sizes,
-         pre_nms_top_n=30, post_nms_top_n=12, nms_thresh=0.5, score_thresh=0.55, min_size=8.0)
+    case(
+        "2 images, 2 levels, top 20 per level, NMS 0.7",
+        obj,
+        dlt,
+        anchors,
+        sizes,
+        pre_nms_top_n=20,
+        post_nms_top_n=15,
+        nms_thresh=0.7,
+        score_thresh=0.0,
+        min_size=1e-3,
+    )
+    case(
+        "score threshold 0.55, min_size 8, NMS 0.5",
+        obj,
+        dlt,
+        anchors,
+        sizes,
+        pre_nms_top_n=30,
+        post_nms_top_n=12,
+        nms_thresh=0.5,
+        score_thresh=0.55,
+        min_size=8.0,
+    )
     # Two nearly identical boxes on different levels: NMS per level keeps both.
     a0, a1 = np.array([[10.0, 10.0, 30.0, 30.0]]), np.array([[11.0, 11.0, 31.0, 31.0]])
-    case("NMS runs per level (two overlapping boxes on different levels)",
-         [np.array([[2.0]]), np.array([[1.0]])], [np.zeros((1, 1, 4)), np.zeros((1, 1, 4))],
-         [a0, a1], [(48, 48)], hint=(STAGE_HINTS["nms"], _one_box_kept),
-         pre_nms_top_n=5, post_nms_top_n=5, nms_thresh=0.7, score_thresh=0.0, min_size=1e-3)
+    case(
+        "NMS runs per level (two overlapping boxes on different levels)",
+        [np.array([[2.0]]), np.array([[1.0]])],
+        [np.zeros((1, 1, 4)), np.zeros((1, 1, 4))],
+        [a0, a1],
+        [(48, 48)],
+        hint=(STAGE_HINTS["nms"], _one_box_kept),
+        pre_nms_top_n=5,
+        post_nms_top_n=5,
+        nms_thresh=0.7,
+        score_thresh=0.0,
+        min_size=1e-3,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -532,8 +670,10 @@ def _rand_rois(rng, k, n_images, size, lo=-2.0, smin=2.0, smax=14.0):
     return np.concatenate([rng.integers(0, n_images, (k, 1)).astype(np.float64), boxes], axis=1)
 
 
-HALF_PIXEL = ("check the half-pixel offset (docs/semantics.md#roialign): offset = 0.5 if aligned else 0, "
-              "subtracted from the scaled box")
+HALF_PIXEL = (
+    "check the half-pixel offset (docs/semantics.md#roialign): offset = 0.5 if aligned else 0, "
+    "subtracted from the scaled box"
+)
 
 
 def _blog_points_misplaced(v) -> bool:
@@ -553,6 +693,7 @@ def _avg_over_samples_inside(x, rois, output_size, scale, sr, aligned):
     """RoIAlign with the classic slip: each bin divided by its samples *inside* the map, not by count."""
     from ..checks import pair
     from ..ops.roi_align import bilinear_reference, roi_sample_points
+
     ph_, pw_ = pair(output_size, "output_size")
     out = np.zeros((len(rois), x.shape[1], ph_, pw_), x.dtype)
     H, W = x.shape[2:]
@@ -570,15 +711,18 @@ def _avg_over_samples_inside(x, rois, output_size, scale, sr, aligned):
 
 def _nonzero_where_zero(expected):
     """A condition: the student's array is non-finite, or non-zero where ``expected`` is exactly zero."""
+
     def when(v):
         g = np.asarray(v[0], dtype=np.float64)
         return g.shape == expected.shape and bool(np.any(~np.isfinite(g)) or np.any((expected == 0) & (g != 0)))
+
     return when
 
 
 def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
     from ..ops.roi_align import bilinear_reference, roi_align_reference, roi_sample_points
     from ..viz.roi import BLOG_BOX, BLOG_FEATURE_SIZE, BLOG_OUTPUT, BLOG_STRIDE
+
     SP = "tinymrcnn.ops.roi_align:roi_sample_points"
     BI = "tinymrcnn.ops.roi_align:bilinear_reference"
     RA = "tinymrcnn.ops.roi_align:roi_align_reference"
@@ -588,44 +732,73 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
         def judge(v):
             out = v[0]
             for i, what in enumerate(("ys", "xs")):
-                msg = diff_arrays(exp[i], _item(out, i, 3, names), what, check_dtype=False, shape_hints=[
-                    ((exp[i].shape[0],), "keep two dimensions, (bins, points per bin): "
-                                         ".reshape(ph_, grid_h)")])
+                msg = diff_arrays(
+                    exp[i],
+                    _item(out, i, 3, names),
+                    what,
+                    check_dtype=False,
+                    shape_hints=[
+                        ((exp[i].shape[0],), "keep two dimensions, (bins, points per bin): .reshape(ph_, grid_h)")
+                    ],
+                )
                 if msg:
                     return msg
             cnt = _item(out, 2, 3, names)
             if not isinstance(cnt, (int, np.integer)) or int(cnt) != exp[2]:
                 return f"count is {cnt!r}, expected {exp[2]} (max(grid_h * grid_w, 1))"
             return None
+
         return judge
 
     blog_args = (BLOG_BOX, BLOG_OUTPUT, 1.0 / BLOG_STRIDE, 2, False)
-    b.check("roi_sample_points: the walkthrough's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
-            b.call(SP, *blog_args), points_judge(roi_sample_points(*blog_args)),
-            hint=("the RoI covers 6.25 x 4.53 cells (width x height) and a bin 2.08 x 1.51 cells; "
-                  "its 2 x 2 points sit at (i + 0.5) / 2 of the bin, not at thirds",
-                  _blog_points_misplaced))
+    b.check(
+        "roi_sample_points: the walkthrough's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
+        b.call(SP, *blog_args),
+        points_judge(roi_sample_points(*blog_args)),
+        hint=(
+            "the RoI covers 6.25 x 4.53 cells (width x height) and a bin 2.08 x 1.51 cells; "
+            "its 2 x 2 points sit at (i + 0.5) / 2 of the bin, not at thirds",
+            _blog_points_misplaced,
+        ),
+    )
     box = (3.3, 1.2, 20.7, 15.1)
     exp = roi_sample_points(box, (3, 4), 0.5, -1, True)
     c = b.call(SP, box, (3, 4), 0.5, -1, True)
     other = roi_sample_points(box, (3, 4), 0.5, -1, False)
+
     def aligned_judge(v):
         msg = points_judge(exp)(v)
         if msg and points_judge(other)(v) is None:
             msg += f" -- your points are those of aligned=False: {HALF_PIXEL}"
         return msg
+
     b.check("roi_sample_points: adaptive grid, aligned=True, (3, 4) bins", c, aligned_judge)
     nan_box = (float("nan"), 2.0, 9.0, 8.0)
-    b.check("roi_sample_points: a NaN box gets no sampling points (adaptive grid)",
-            b.call(SP, nan_box, (2, 3), 1.0, -1, False), points_judge(roi_sample_points(nan_box, (2, 3), 1.0, -1, False)),
-            hint=("with an adaptive grid, grid = ceil(roi / pooled) only for 0 < roi / pooled; "
-                  "NaN and empty boxes get grid 0 (and count 1)", _nan_box_sampled))
+    b.check(
+        "roi_sample_points: a NaN box gets no sampling points (adaptive grid)",
+        b.call(SP, nan_box, (2, 3), 1.0, -1, False),
+        points_judge(roi_sample_points(nan_box, (2, 3), 1.0, -1, False)),
+        hint=(
+            "with an adaptive grid, grid = ceil(roi / pooled) only for 0 < roi / pooled; "
+            "NaN and empty boxes get grid 0 (and count 1)",
+            _nan_box_sampled,
+        ),
+    )
 
     H, W = 4, 5
-    groups = {"bilinear_reference: points inside the map": [(1.3, 2.6), (0.0, 0.0), (2.5, 0.25)],
-              "bilinear_reference: edges, out of range and NaN": [
-                  (-0.5, 2.2), (3.2, 1.0), (1.0, 4.6), (3.7, 4.9), (4.5, 1.0), (-1.5, 2.0),
-                  (2.0, 5.01), (float("nan"), 1.0)]}
+    groups = {
+        "bilinear_reference: points inside the map": [(1.3, 2.6), (0.0, 0.0), (2.5, 0.25)],
+        "bilinear_reference: edges, out of range and NaN": [
+            (-0.5, 2.2),
+            (3.2, 1.0),
+            (1.0, 4.6),
+            (3.7, 4.9),
+            (4.5, 1.0),
+            (-1.5, 2.0),
+            (2.0, 5.01),
+            (float("nan"), 1.0),
+        ],
+    }
     for label, pts in groups.items():
         calls = [b.call(BI, y, x, H, W) for y, x in pts]
 
@@ -637,77 +810,115 @@ def _checks_roi_align_forward(b: _Builder, rng: np.random.Generator):
                 if not np.allclose(exp_map, got_map, rtol=1e-12, atol=1e-12):
                     return f"{where}: expected taps {_fmt_taps(exp_map)}, got {_fmt_taps(got_map)}"
             return None
+
         b.check(label, calls, judge)
 
     x25 = np.arange(25, dtype=np.float64).reshape(1, 1, 5, 5)
     roi = np.array([[0.0, 1.0, 1.0, 3.0, 3.0]])
     known = {al: roi_align_reference(x25, roi, 4, 1.0, -1, al) for al in (False, True)}
     for al in (False, True):
-        b.check(f"RoIAlign's known answer (detectron2's test), aligned={al}", b.call(RA, x25, roi, 4, 1.0, -1, al),
-                lambda v, al=al: diff_arrays(known[al], v[0], "output", variants=[
-                    (f"the aligned={not al} answer", known[not al], HALF_PIXEL)]))
+        b.check(
+            f"RoIAlign's known answer (detectron2's test), aligned={al}",
+            b.call(RA, x25, roi, 4, 1.0, -1, al),
+            lambda v, al=al: diff_arrays(
+                known[al], v[0], "output", variants=[(f"the aligned={not al} answer", known[not al], HALF_PIXEL)]
+            ),
+        )
 
     xb = rng.standard_normal((1, 2, BLOG_FEATURE_SIZE, BLOG_FEATURE_SIZE))
     rb = np.array([[0.0, *BLOG_BOX]])
     eb = roi_align_reference(xb, rb, BLOG_OUTPUT, 1.0 / BLOG_STRIDE, 2, False)
-    b.check("the walkthrough's RoI on a random 16x16 map, 3x3 output, 2x2 samples per bin",
-            b.call(RA, xb, rb, BLOG_OUTPUT, 1.0 / BLOG_STRIDE, 2, False),
-            lambda v: diff_arrays(eb, v[0], "output"))
+    b.check(
+        "the walkthrough's RoI on a random 16x16 map, 3x3 output, 2x2 samples per bin",
+        b.call(RA, xb, rb, BLOG_OUTPUT, 1.0 / BLOG_STRIDE, 2, False),
+        lambda v: diff_arrays(eb, v[0], "output"),
+    )
 
     x = rng.standard_normal((2, 3, 9, 11))
     rois = _rand_rois(rng, 5, 2, 18.0)
     for sr, al in ((2, False), (-1, True)):
         e = roi_align_reference(x, rois, (3, 2), 0.5, sr, al)
         o = roi_align_reference(x, rois, (3, 2), 0.5, sr, not al)
-        b.check(f"random map, 5 RoIs on 2 images, scale 0.5, sampling_ratio {sr}, aligned={al}",
-                b.call(RA, x, rois, (3, 2), 0.5, sr, al),
-                lambda v, e=e, o=o, al=al: diff_arrays(e, v[0], "output", variants=[
-                    (f"the aligned={not al} answer", o, HALF_PIXEL)]))
+        b.check(
+            f"random map, 5 RoIs on 2 images, scale 0.5, sampling_ratio {sr}, aligned={al}",
+            b.call(RA, x, rois, (3, 2), 0.5, sr, al),
+            lambda v, e=e, o=o, al=al: diff_arrays(
+                e, v[0], "output", variants=[(f"the aligned={not al} answer", o, HALF_PIXEL)]
+            ),
+        )
 
     out_rois = np.array([[0, -6.0, -5.0, 4.0, 3.0], [1, 8.0, 6.0, 16.0, 12.0], [0, 30.0, 30.0, 40.0, 40.0]])
     e = roi_align_reference(x, out_rois, 3, 1.0, 2, False)
     inside = _avg_over_samples_inside(x, out_rois, 3, 1.0, 2, False)
-    b.check("RoIs partly and wholly outside the map", b.call(RA, x, out_rois, 3, 1.0, 2, False),
-            lambda v: diff_arrays(e, v[0], "output", variants=[
-                ("each bin averaged over its samples inside the map", inside,
-                 "a sample outside the map contributes 0 but still counts in count "
-                 "(docs/semantics.md#roialign)")]))
+    b.check(
+        "RoIs partly and wholly outside the map",
+        b.call(RA, x, out_rois, 3, 1.0, 2, False),
+        lambda v: diff_arrays(
+            e,
+            v[0],
+            "output",
+            variants=[
+                (
+                    "each bin averaged over its samples inside the map",
+                    inside,
+                    "a sample outside the map contributes 0 but still counts in count (docs/semantics.md#roialign)",
+                )
+            ],
+        ),
+    )
 
     odd = np.array([[0, 5.0, 5.0, 5.0, 5.0], [1, 7.0, 2.0, 3.0, 4.0]])
     eo = roi_align_reference(x, odd, 2, 1.0, -1, True)
     none = np.zeros((0, 5))
     en = roi_align_reference(x, none, 2, 1.0, -1, True)
-    b.check("an empty box, an inverted box and no RoIs at all (K = 0)",
-            [b.call(RA, x, odd, 2, 1.0, -1, True), b.call(RA, x, none, 2, 1.0, -1, True)],
-            _judge_all((0, lambda v: diff_arrays(eo, v, "output")),
-                       (1, lambda v: diff_arrays(en, v, "output for K = 0"))),
-            hint=("bins without sampling points stay 0; with K = 0 the output is (0, C, ph, pw)",
-                  lambda v: _nonzero_where_zero(eo)(v) or np.asarray(v[1]).shape != en.shape))
+    b.check(
+        "an empty box, an inverted box and no RoIs at all (K = 0)",
+        [b.call(RA, x, odd, 2, 1.0, -1, True), b.call(RA, x, none, 2, 1.0, -1, True)],
+        _judge_all((0, lambda v: diff_arrays(eo, v, "output")), (1, lambda v: diff_arrays(en, v, "output for K = 0"))),
+        hint=(
+            "bins without sampling points stay 0; with K = 0 the output is (0, C, ph, pw)",
+            lambda v: _nonzero_where_zero(eo)(v) or np.asarray(v[1]).shape != en.shape,
+        ),
+    )
 
     em = roi_align_reference(x, rois, 3, 0.5, 2, False, "max")
     ea = roi_align_reference(x, rois, 3, 0.5, 2, False, "avg")
-    b.check('mode="max": the largest sample of each bin', b.call(RA, x, rois, 3, 0.5, 2, False, "max"),
-            lambda v: diff_arrays(em, v[0], "output", variants=[('the mode="avg" answer', ea,
-                                                                 'mode="max" takes the maximum of the samples')]))
+    b.check(
+        'mode="max": the largest sample of each bin',
+        b.call(RA, x, rois, 3, 0.5, 2, False, "max"),
+        lambda v: diff_arrays(
+            em, v[0], "output", variants=[('the mode="avg" answer', ea, 'mode="max" takes the maximum of the samples')]
+        ),
+    )
 
     x32 = x.astype(np.float32)
     e32 = roi_align_reference(x32, rois, 2, 0.5, 2, True)
     o32 = roi_align_reference(x32, rois, 2, 0.5, 2, False)
-    b.check("a float32 map gives float32 output", b.call(RA, x32, rois, 2, 0.5, 2, True),
-            lambda v: diff_arrays(e32, v[0], "output", rtol=1e-5, atol=1e-5, variants=[
-                ("the aligned=False answer", o32, HALF_PIXEL)]))
+    b.check(
+        "a float32 map gives float32 output",
+        b.call(RA, x32, rois, 2, 0.5, 2, True),
+        lambda v: diff_arrays(
+            e32, v[0], "output", rtol=1e-5, atol=1e-5, variants=[("the aligned=False answer", o32, HALF_PIXEL)]
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------
 # Exercise 5: RoIAlign backward
 # ---------------------------------------------------------------------------
-COUNT_HINTS = [(4.0, "did you divide by count? The forward averages count = grid_h * grid_w = 4 "
-                     "samples, so each tap's gradient is dy * weight / count"),
-               (0.25, "did you divide by count twice?")]
+COUNT_HINTS = [
+    (
+        4.0,
+        "did you divide by count? The forward averages count = grid_h * grid_w = 4 "
+        "samples, so each tap's gradient is dy * weight / count",
+    ),
+    (0.25, "did you divide by count twice?"),
+]
 
 
 def _checks_roi_align_backward(b: _Builder, rng: np.random.Generator):
     from ..ops.roi_align import roi_align_backward_reference, roi_align_reference, roi_sample_points
+
     T = "tinymrcnn.ops.roi_align:roi_align_backward_reference"
     sol = roi_align_backward_reference
 
@@ -715,8 +926,11 @@ def _checks_roi_align_backward(b: _Builder, rng: np.random.Generator):
     rois = np.array([[0, 0.5, 1.0, 6.0, 7.5], [0, 2.0, 0.0, 8.5, 4.0], [0, 3.3, 2.2, 5.9, 6.1]])
     dy = rng.standard_normal((3, 2, 3, 3))
     e = sol(dy, x, rois, 3, 1.0, 2, True)
-    b.check("avg, 2x2 samples per bin (count = 4), aligned=True", b.call(T, dy, x, rois, 3, 1.0, 2, True),
-            lambda v: diff_arrays(e, v[0], "dx", factor_hints=COUNT_HINTS))
+    b.check(
+        "avg, 2x2 samples per bin (count = 4), aligned=True",
+        b.call(T, dy, x, rois, 3, 1.0, 2, True),
+        lambda v: diff_arrays(e, v[0], "dx", factor_hints=COUNT_HINTS),
+    )
 
     x2 = rng.standard_normal((2, 3, 7, 8))
     rois2 = np.concatenate([_rand_rois(rng, 4, 2, 10.0), [[1, 2.0, 2.0, 9.0, 8.0], [1, 3.0, 2.5, 9.5, 8.0]]])
@@ -725,53 +939,87 @@ def _checks_roi_align_backward(b: _Builder, rng: np.random.Generator):
 
     def summed(dy, x, rois, sr, aligned):
         """The classic slip, from the solution RoI by RoI: the gradient of each bin's sum, not its mean."""
-        return sum(roi_sample_points(r[1:], dy.shape[2:], 1.0, sr, aligned)[2]
-                   * sol(dy[k:k + 1], x, rois[k:k + 1], dy.shape[2:], 1.0, sr, aligned) for k, r in enumerate(rois))
-    no_count = ("the gradient of each bin's sum instead of its average",
-                "divide by count (grid_h * grid_w, per RoI with an adaptive grid)")
-    b.check("adaptive sampling, 2 images, overlapping RoIs, aligned=False",
-            b.call(T, dy2, x2, rois2, (2, 3), 1.0, -1, False),
-            lambda v: diff_arrays(e2, v[0], "dx", factor_hints=COUNT_HINTS, variants=[
-                (no_count[0], summed(dy2, x2, rois2, -1, False), no_count[1])]))
+        return sum(
+            roi_sample_points(r[1:], dy.shape[2:], 1.0, sr, aligned)[2]
+            * sol(dy[k : k + 1], x, rois[k : k + 1], dy.shape[2:], 1.0, sr, aligned)
+            for k, r in enumerate(rois)
+        )
+
+    no_count = (
+        "the gradient of each bin's sum instead of its average",
+        "divide by count (grid_h * grid_w, per RoI with an adaptive grid)",
+    )
+    b.check(
+        "adaptive sampling, 2 images, overlapping RoIs, aligned=False",
+        b.call(T, dy2, x2, rois2, (2, 3), 1.0, -1, False),
+        lambda v: diff_arrays(
+            e2,
+            v[0],
+            "dx",
+            factor_hints=COUNT_HINTS,
+            variants=[(no_count[0], summed(dy2, x2, rois2, -1, False), no_count[1])],
+        ),
+    )
 
     x3 = rng.standard_normal((1, 2, 6, 7))
     rois3 = np.array([[0, 0.4, 0.7, 5.1, 4.9], [0, 2.2, 1.1, 6.8, 5.3]])
     dy3 = rng.standard_normal((2, 2, 3, 3))
     num = _numgrad_parent(lambda: float(np.sum(dy3 * roi_align_reference(x3, rois3, 3, 1.0, 2, False))), x3)
-    b.check("finite differences of roi_align (float64, relative error <= 1e-6)",
-            b.call(T, dy3, x3, rois3, 3, 1.0, 2, False),
-            lambda v: diff_gradcheck(num, v[0], "dx", "roi_align"))
+    b.check(
+        "finite differences of roi_align (float64, relative error <= 1e-6)",
+        b.call(T, dy3, x3, rois3, 3, 1.0, 2, False),
+        lambda v: diff_gradcheck(num, v[0], "dx", "roi_align"),
+    )
 
-    odd = np.array([[0, -6.0, -5.0, 4.0, 3.0], [1, 8.0, 6.0, 16.0, 12.0], [0, 30.0, 30.0, 40.0, 40.0],
-                    [1, 5.0, 5.0, 5.0, 5.0], [0, 7.0, 2.0, 3.0, 4.0]])
+    odd = np.array(
+        [
+            [0, -6.0, -5.0, 4.0, 3.0],
+            [1, 8.0, 6.0, 16.0, 12.0],
+            [0, 30.0, 30.0, 40.0, 40.0],
+            [1, 5.0, 5.0, 5.0, 5.0],
+            [0, 7.0, 2.0, 3.0, 4.0],
+        ]
+    )
     dyo = rng.standard_normal((5, 3, 2, 2))
     eo = sol(dyo, x2, odd, 2, 1.0, -1, True)
-    b.check("RoIs outside the map, an empty box and an inverted box", b.call(T, dyo, x2, odd, 2, 1.0, -1, True),
-            lambda v: diff_arrays(eo, v[0], "dx", variants=[
-                (no_count[0], summed(dyo, x2, odd, -1, True), no_count[1])]),
-            hint=("samples outside the map and bins without samples pass no gradient on",
-                  _nonzero_where_zero(eo)))
+    b.check(
+        "RoIs outside the map, an empty box and an inverted box",
+        b.call(T, dyo, x2, odd, 2, 1.0, -1, True),
+        lambda v: diff_arrays(eo, v[0], "dx", variants=[(no_count[0], summed(dyo, x2, odd, -1, True), no_count[1])]),
+        hint=("samples outside the map and bins without samples pass no gradient on", _nonzero_where_zero(eo)),
+    )
 
     xm = rng.standard_normal((1, 2, 7, 7))
     rm = np.array([[0, 0.5, 0.5, 5.5, 6.0], [0, 1.0, 2.0, 6.5, 6.5]])
     dym = rng.standard_normal((2, 2, 2, 2))
     em = sol(dym, xm, rm, 2, 1.0, 2, False, "max")
     ea = sol(dym, xm, rm, 2, 1.0, 2, False, "avg")
-    b.check('mode="max": the gradient goes to the winning sample\'s taps',
-            b.call(T, dym, xm, rm, 2, 1.0, 2, False, "max"),
-            lambda v: diff_arrays(em, v[0], "dx", variants=[('the mode="avg" gradient', ea,
-                                                             "in max mode only the winning sample's taps get dy")]))
+    b.check(
+        'mode="max": the gradient goes to the winning sample\'s taps',
+        b.call(T, dym, xm, rm, 2, 1.0, 2, False, "max"),
+        lambda v: diff_arrays(
+            em,
+            v[0],
+            "dx",
+            variants=[('the mode="avg" gradient', ea, "in max mode only the winning sample's taps get dy")],
+        ),
+    )
 
     ez = sol(np.zeros((0, 3, 2, 2)), x2, np.zeros((0, 5)), 2, 1.0, -1, True)
-    b.check("no RoIs (K = 0): a zero gradient", b.call(T, np.zeros((0, 3, 2, 2)), x2, np.zeros((0, 5)), 2,
-                                                        1.0, -1, True),
-            lambda v: diff_arrays(ez, v[0], "dx"))
+    b.check(
+        "no RoIs (K = 0): a zero gradient",
+        b.call(T, np.zeros((0, 3, 2, 2)), x2, np.zeros((0, 5)), 2, 1.0, -1, True),
+        lambda v: diff_arrays(ez, v[0], "dx"),
+    )
 
     dy32 = dy.astype(np.float32)
     x32 = x.astype(np.float32)
     e32 = sol(dy32, x32, rois, 3, 1.0, 2, True)
-    b.check("float32 dy gives a float32 dx", b.call(T, dy32, x32, rois, 3, 1.0, 2, True),
-            lambda v: diff_arrays(e32, v[0], "dx", rtol=1e-5, atol=1e-6, factor_hints=COUNT_HINTS))
+    b.check(
+        "float32 dy gives a float32 dx",
+        b.call(T, dy32, x32, rois, 3, 1.0, 2, True),
+        lambda v: diff_arrays(e32, v[0], "dx", rtol=1e-5, atol=1e-6, factor_hints=COUNT_HINTS),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -779,6 +1027,7 @@ def _checks_roi_align_backward(b: _Builder, rng: np.random.Generator):
 # ---------------------------------------------------------------------------
 def _checks_mask_loss(b: _Builder, rng: np.random.Generator):
     from ..losses import mask_loss, sigmoid_bce_with_logits
+
     T = "tinymrcnn.losses:mask_loss"
     R, K, M = 3, 4, 5
     z = rng.normal(0, 2, (R, K, M, M))
@@ -788,23 +1037,43 @@ def _checks_mask_loss(b: _Builder, rng: np.random.Generator):
     t[1, :2] = 1.0
     loss, grad = mask_loss(z, labels, t)
     all_k, _ = sigmoid_bce_with_logits(z, np.broadcast_to(t[:, None], z.shape).copy())
-    hints = [(1.0 / K, f"that is 1/K (K = {K}): did you average over all K channels (R*K*M*M terms)? "
-                       "Only each RoI's own channel is in the loss: R*M*M terms"),
-             (float(R * M * M), "did you sum instead of averaging over the R*M*M pixels?"),
-             (float(R), "did you average over each RoI's pixels and then sum over the RoIs?"),
-             (float(M * M), "did you average over the RoIs but sum over the pixels?")]
+    hints = [
+        (
+            1.0 / K,
+            f"that is 1/K (K = {K}): did you average over all K channels (R*K*M*M terms)? "
+            "Only each RoI's own channel is in the loss: R*M*M terms",
+        ),
+        (float(R * M * M), "did you sum instead of averaging over the R*M*M pixels?"),
+        (float(R), "did you average over each RoI's pixels and then sum over the RoIs?"),
+        (float(M * M), "did you average over the RoIs but sum over the pixels?"),
+    ]
     c = b.call(T, z, labels, t, numgrad={"wrt": 0, "h": 1e-4, "output": 0})
     names = "loss, dmask_logits"
-    b.check("loss value", c, lambda v: diff_arrays(np.float64(loss), np.float64(_item(v[0], 0, 2, names)),
-                                                   "loss", factor_hints=hints, variants=[
-        ("the BCE over all K channels, each against the RoI's target", np.float64(all_k),
-         "only channel labels[r] of RoI r is in the loss")]))
+    b.check(
+        "loss value",
+        c,
+        lambda v: diff_arrays(
+            np.float64(loss),
+            np.float64(_item(v[0], 0, 2, names)),
+            "loss",
+            factor_hints=hints,
+            variants=[
+                (
+                    "the BCE over all K channels, each against the RoI's target",
+                    np.float64(all_k),
+                    "only channel labels[r] of RoI r is in the loss",
+                )
+            ],
+        ),
+    )
     rows = np.arange(R)
+
     def on_gt_channel(v):
         gr = _as_array(_item(v[0], 1, 2, names), "gradient")
         if gr.shape != grad.shape:
             return f"the gradient has shape {gr.shape}, expected {grad.shape} (mask_logits' shape)"
         return diff_arrays(grad[rows, labels], gr[rows, labels], "gradient[r, labels[r]]", factor_hints=hints)
+
     b.check("gradient on each RoI's ground-truth channel", c, on_gt_channel)
 
     def zero_elsewhere(v):
@@ -816,41 +1085,62 @@ def _checks_mask_loss(b: _Builder, rng: np.random.Generator):
         bad = other & (gr != 0)
         if bad.any():
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            return (f"gradient{_index(idx)} = {_g(gr[idx])}, expected exactly 0: channel {idx[1]} is not "
-                    f"RoI {idx[0]}'s class (labels[{idx[0]}] = {labels[idx[0]]}), so it is not in the loss "
-                    f"({int(bad.sum())} such elements)")
+            return (
+                f"gradient{_index(idx)} = {_g(gr[idx])}, expected exactly 0: channel {idx[1]} is not "
+                f"RoI {idx[0]}'s class (labels[{idx[0]}] = {labels[idx[0]]}), so it is not in the loss "
+                f"({int(bad.sum())} such elements)"
+            )
         return None
+
     b.check("exactly zero gradient on the other K - 1 channels", c, zero_elsewhere)
 
     def fd(vals):
         v, res = vals[0], vals[1]
         return diff_gradcheck(res, _item(v, 1, 2, names), "your gradient", "your loss")
-    b.check("your gradient matches finite differences of your loss (float64, relative error <= 1e-6)",
-            [c, ("numgrad", c)], fd)
+
+    b.check(
+        "your gradient matches finite differences of your loss (float64, relative error <= 1e-6)",
+        [c, ("numgrad", c)],
+        fd,
+    )
 
     z0, l0, t0 = np.zeros((0, K, M, M)), np.zeros(0, np.int64), np.zeros((0, M, M))
-    b.check("no RoIs (R = 0): loss 0 and an empty gradient", b.call(T, z0, l0, t0), _judge_all(
-        (0, lambda v: diff_arrays(np.float64(0.0), np.float64(_item(v, 0, 2, names)), "loss")),
-        (0, lambda v: diff_arrays(np.zeros((0, K, M, M)), _item(v, 1, 2, names), "gradient"))))
+    b.check(
+        "no RoIs (R = 0): loss 0 and an empty gradient",
+        b.call(T, z0, l0, t0),
+        _judge_all(
+            (0, lambda v: diff_arrays(np.float64(0.0), np.float64(_item(v, 0, 2, names)), "loss")),
+            (0, lambda v: diff_arrays(np.zeros((0, K, M, M)), _item(v, 1, 2, names), "gradient")),
+        ),
+    )
 
     zb = np.where(rng.uniform(size=z.shape) < 0.5, -80.0, 80.0)
     lb, gb = mask_loss(zb, labels, t)
 
     def large(v):
         got = _item(v[0], 0, 2, names)
-        msg = (diff_arrays(np.float64(lb), np.float64(got), "loss")
-               or diff_arrays(gb, _item(v[0], 1, 2, names), "gradient"))
+        msg = diff_arrays(np.float64(lb), np.float64(got), "loss") or diff_arrays(
+            gb, _item(v[0], 1, 2, names), "gradient"
+        )
         if msg and not np.all(np.isfinite(np.asarray(got, dtype=np.float64))):
-            msg += (" -- log(sigmoid(z)) overflows for large |z|: use the stable form "
-                    "max(z, 0) - z t + log(1 + exp(-|z|)), or sigmoid_bce_with_logits")
+            msg += (
+                " -- log(sigmoid(z)) overflows for large |z|: use the stable form "
+                "max(z, 0) - z t + log(1 + exp(-|z|)), or sigmoid_bce_with_logits"
+            )
         return msg
+
     b.check("large logits (|z| = 80) give a finite, exact loss", b.call(T, zb, labels, t), large)
 
     z32, t32 = z.astype(np.float32), t.astype(np.float32)
     l32, g32 = mask_loss(z32, labels, t32)
-    b.check("float32 logits give a float32 gradient", b.call(T, z32, labels, t32), _judge_all(
-        (0, lambda v: diff_arrays(np.float64(l32), np.float64(_item(v, 0, 2, names)), "loss", rtol=1e-5)),
-        (0, lambda v: diff_arrays(g32, _item(v, 1, 2, names), "gradient", rtol=1e-4, atol=1e-7))))
+    b.check(
+        "float32 logits give a float32 gradient",
+        b.call(T, z32, labels, t32),
+        _judge_all(
+            (0, lambda v: diff_arrays(np.float64(l32), np.float64(_item(v, 0, 2, names)), "loss", rtol=1e-5)),
+            (0, lambda v: diff_arrays(g32, _item(v, 1, 2, names), "gradient", rtol=1e-4, atol=1e-7)),
+        ),
+    )
 
 
 CHECKS = {
@@ -890,14 +1180,14 @@ class Limits:
     cpu_seconds: float | None = None
     memory_mb: int = 2048
     file_mb: int = 256
-    restarts: int = 3                  # fresh children after one was stopped
+    restarts: int = 3  # fresh children after one was stopped
 
 
 def _limits(cpu_seconds: float, memory_mb: int, file_mb: int):
     """A preexec_fn for the child: resource limits, no core files (POSIX; None elsewhere)."""
     try:
         import resource
-    except ImportError:                # Windows: no rlimits; the wall-clock timeout still holds
+    except ImportError:  # Windows: no rlimits; the wall-clock timeout still holds
         return None
 
     def limit(name, soft, hard):
@@ -917,10 +1207,11 @@ def _limits(cpu_seconds: float, memory_mb: int, file_mb: int):
 
     def apply():
         cpu = max(1, math.ceil(cpu_seconds))
-        limit("RLIMIT_CPU", cpu, cpu + 2)                                  # SIGXCPU, then SIGKILL
+        limit("RLIMIT_CPU", cpu, cpu + 2)  # SIGXCPU, then SIGKILL
         limit("RLIMIT_AS", int(memory_mb) << 20, int(memory_mb) << 20)
         limit("RLIMIT_CORE", 0, 0)
         limit("RLIMIT_FSIZE", int(file_mb) << 20, int(file_mb) << 20)
+
     return apply
 
 
@@ -935,11 +1226,12 @@ def _stopped(returncode: int, stderr: str, limits: Limits, cpu_limit: float, cpu
     """Why a child ended abnormally, in words."""
     sig = -returncode if returncode < 0 else None
     if sig == getattr(signal, "SIGXCPU", None) or (sig == signal.SIGKILL and cpu_used >= cpu_limit - 0.5):
-        return (f"exceeded the time limit ({cpu_limit:g} s of CPU time): an endless loop, or very slow code "
-                "(the inputs are tiny)")
+        return (
+            f"exceeded the time limit ({cpu_limit:g} s of CPU time): an endless loop, or very slow code "
+            "(the inputs are tiny)"
+        )
     if "MemoryError" in stderr or "Cannot allocate memory" in stderr or "bad_alloc" in stderr:
-        return (f"exceeded the memory limit ({limits.memory_mb} MiB): an allocation without bound? "
-                "(the inputs are tiny)")
+        return f"exceeded the memory limit ({limits.memory_mb} MiB): an allocation without bound? (the inputs are tiny)"
     if sig == getattr(signal, "SIGXFSZ", None):
         return f"exceeded the file size limit ({limits.file_mb} MiB)"
     if sig is not None:
@@ -947,8 +1239,9 @@ def _stopped(returncode: int, stderr: str, limits: Limits, cpu_limit: float, cpu
             name = signal.Signals(sig).name
         except ValueError:
             name = f"signal {sig}"
-        extra = f" (perhaps the memory limit, {limits.memory_mb} MiB)" if name in ("SIGKILL", "SIGSEGV",
-                                                                                 "SIGABRT") else ""
+        extra = (
+            f" (perhaps the memory limit, {limits.memory_mb} MiB)" if name in ("SIGKILL", "SIGSEGV", "SIGABRT") else ""
+        )
         tail = stderr[-400:].strip()
         return f"the student's interpreter was killed by {name}{extra}" + (f": {tail}" if tail else "")
     return f"the student's interpreter stopped (exit code {returncode}): {stderr[-600:].strip()}"
@@ -979,32 +1272,58 @@ def _result_shape_ok(r) -> bool:
     if r["ok"]:
         return "value" in r
     where = r.get("where")
-    return (isinstance(r.get("error"), str) and isinstance(r.get("message"), str) and isinstance(where, list)
-            and all(isinstance(w, (list, tuple)) and len(w) == 3 for w in where))
+    return (
+        isinstance(r.get("error"), str)
+        and isinstance(r.get("message"), str)
+        and isinstance(where, list)
+        and all(isinstance(w, (list, tuple)) and len(w) == 3 for w in where)
+    )
 
 
-def _run_child(student_dir: Path, calls: list[Call], ids: list[int], workdir: Path, results: Path,
-               wall: float, limits: Limits):
+def _run_child(
+    student_dir: Path, calls: list[Call], ids: list[int], workdir: Path, results: Path, wall: float, limits: Limits
+):
     """One child interpreter on the calls ``ids``; returns why it stopped early (None if it did not)."""
     stem = workdir / f"calls{ids[0]}"
-    payload = [{"id": i, "target": calls[i].target, "args": calls[i].args, "kwargs": calls[i].kwargs,
-                "init": calls[i].init, "numgrad": calls[i].numgrad} for i in ids]
+    payload = [
+        {
+            "id": i,
+            "target": calls[i].target,
+            "args": calls[i].args,
+            "kwargs": calls[i].kwargs,
+            "init": calls[i].init,
+            "numgrad": calls[i].numgrad,
+        }
+        for i in ids
+    ]
     write_value(str(stem), payload)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")}
     # Only the student's copy is importable as tinymrcnn; Numba compiles nothing (tiny inputs); one
     # BLAS thread (threads would multiply the CPU time and the address space).
-    env.update(PYTHONPATH=str(student_dir), NUMBA_DISABLE_JIT="1", PYTHONDONTWRITEBYTECODE="1",
-               TINYMRCNN_GRADING="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               NUMBA_NUM_THREADS="1")
+    env.update(
+        PYTHONPATH=str(student_dir),
+        NUMBA_DISABLE_JIT="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        TINYMRCNN_GRADING="1",
+        OMP_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        NUMBA_NUM_THREADS="1",
+    )
     cpu = min(limits.cpu_seconds if limits.cpu_seconds is not None else limits.wall_seconds, wall)
     cpu0 = _children_cpu()
-    err_path = workdir / f"stderr{ids[0]}.txt"      # a file (capped by RLIMIT_FSIZE), not a pipe to fill
+    err_path = workdir / f"stderr{ids[0]}.txt"  # a file (capped by RLIMIT_FSIZE), not a pipe to fill
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, str(workdir / "runner.py"), str(student_dir), str(stem),
-                                 str(results)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err,
-                                preexec_fn=_limits(cpu, limits.memory_mb, limits.file_mb),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(workdir / "runner.py"), str(student_dir), str(stem), str(results)],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=_limits(cpu, limits.memory_mb, limits.file_mb),
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout=wall)
         except subprocess.TimeoutExpired:
@@ -1015,7 +1334,7 @@ def _run_child(student_dir: Path, calls: list[Call], ids: list[int], workdir: Pa
             if proc.poll() is None:
                 _kill_group(proc)
                 proc.wait()
-    _kill_group(proc)                  # anything the student's code left running in its group
+    _kill_group(proc)  # anything the student's code left running in its group
     if proc.returncode in (0, 3):
         return None
     with open(err_path, "rb") as f:
@@ -1049,8 +1368,11 @@ def _run_calls(student_dir: Path, calls: list[Call], limits: Limits, workdir: Pa
         if imp is not None or bad:
             if bad or not _result_shape_ok(imp):
                 return out, why, f"the student's package does not import ({bad or 'an unreadable report'})"
-            return out, why, (f"the student's package does not import: {imp['error']}: {imp['message']}"
-                              f"{_where_text(imp['where'])}")
+            return (
+                out,
+                why,
+                (f"the student's package does not import: {imp['error']}: {imp['message']}{_where_text(imp['where'])}"),
+            )
         left = []
         for i in pending:
             r, bad = _read_result(results, str(i))
@@ -1061,7 +1383,7 @@ def _run_calls(student_dir: Path, calls: list[Call], limits: Limits, workdir: Pa
             elif r is not None:
                 out[i] = r
             elif (results / f"{i}.started").exists() and stop:
-                why[i] = stop                           # the call that was running when the child stopped
+                why[i] = stop  # the call that was running when the child stopped
             else:
                 left.append(i)
         if stop is None and left:
@@ -1159,8 +1481,9 @@ def _hint(chk: Check, args) -> str:
     return text
 
 
-def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: float = 300.0,
-                 limits: Limits | None = None) -> ExerciseResult:
+def run_exercise(
+    student_dir: Path, exercise: Exercise, seed: int = 0, timeout: float = 300.0, limits: Limits | None = None
+) -> ExerciseResult:
     limits = limits if limits is not None else Limits(wall_seconds=timeout)
     b = build_checks(exercise, seed)
     result = ExerciseResult(exercise)
@@ -1168,8 +1491,9 @@ def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: 
         values, why, fatal = _run_calls(student_dir, b.calls, limits, Path(tmp))
     for chk in b.checks:
         args, error = [], None
-        parts = tuple(dict.fromkeys(b.calls[ref[1] if isinstance(ref, tuple) else ref].target.split(":")[1]
-                                    for ref in chk.calls))
+        parts = tuple(
+            dict.fromkeys(b.calls[ref[1] if isinstance(ref, tuple) else ref].target.split(":")[1] for ref in chk.calls)
+        )
         for ref in chk.calls:
             key, i = (ref[1], "numgrad") if isinstance(ref, tuple) else (ref, "value")
             r = values.get(key)
@@ -1187,8 +1511,10 @@ def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: 
             if error[0] == "NotRun":
                 msg = error[1]
             elif error[0] == "MemoryError":
-                msg = (f"exceeded the memory limit ({limits.memory_mb} MiB): raised MemoryError"
-                       f"{_traced(error[2])} -- an allocation without bound? (the inputs are tiny)")
+                msg = (
+                    f"exceeded the memory limit ({limits.memory_mb} MiB): raised MemoryError"
+                    f"{_traced(error[2])} -- an allocation without bound? (the inputs are tiny)"
+                )
             else:
                 msg = f"raised {error[0]}: {error[1]}{_traced(error[2])}"
             owner = _part_owner(error[2])
@@ -1202,7 +1528,7 @@ def run_exercise(student_dir: Path, exercise: Exercise, seed: int = 0, timeout: 
             msg = str(e)
         except Exception as e:  # noqa: BLE001 -- an odd result the judge could not read
             msg = f"could not read your result ({type(e).__name__}: {e})"
-        hint = _hint(chk, args) if msg and "your result equals" not in msg else ""   # a variant says more
+        hint = _hint(chk, args) if msg and "your result equals" not in msg else ""  # a variant says more
         if hint:
             msg += f" [hint: {hint}]"
         result.checks.append(CheckResult(chk.name, not msg, msg or "", None, parts))
@@ -1225,40 +1551,51 @@ def grade(student_dir, exercises=None, seed: int = 0, timeout: float = 300.0, li
     have = {r.exercise for r in find_regions()}
     missing = [ex.name for ex in chosen if ex.name not in have]
     if missing:
-        raise RuntimeError(f"the installed tinymrcnn ({Path(__file__).parents[1]}) has no exercise markers for "
-                           f"{', '.join(missing)}: it is not the solution (is a student's copy first on the path?)")
+        raise RuntimeError(
+            f"the installed tinymrcnn ({Path(__file__).parents[1]}) has no exercise markers for "
+            f"{', '.join(missing)}: it is not the solution (is a student's copy first on the path?)"
+        )
     results = [run_exercise(student_dir, ex, seed, limits=limits) for ex in chosen]
     _block_follow_ons(results)
     by_name = {r.exercise.name: r for r in results}
     for r in results:
         weak = [q for q in r.exercise.requires if q in by_name and by_name[q].score < 100]
         if weak and r.score < 100:
-            r.note = (f"this exercise calls the functions of {', '.join(weak)}, which still fail(s) "
-                      "checks: fix that first")
+            r.note = (
+                f"this exercise calls the functions of {', '.join(weak)}, which still fail(s) checks: fix that first"
+            )
     return Report(str(student_dir), results)
 
 
 def format_report(report: Report) -> str:
     """The score table and one line per failed check."""
-    lines = [f"tinymrcnn course grade: {report.student_dir}", "",
-             f"  {'#':>2}  {'exercise':<20} {'checks':>7}  {'score':>6}"]
+    lines = [
+        f"tinymrcnn course grade: {report.student_dir}",
+        "",
+        f"  {'#':>2}  {'exercise':<20} {'checks':>7}  {'score':>6}",
+    ]
     for r in report.exercises:
-        lines.append(f"  {r.exercise.number:>2}  {r.exercise.name:<20} {r.passed:>3}/{len(r.checks):<3}  "
-                     f"{r.score:>5.0f}%")
+        lines.append(
+            f"  {r.exercise.number:>2}  {r.exercise.name:<20} {r.passed:>3}/{len(r.checks):<3}  {r.score:>5.0f}%"
+        )
     lines += [f"      {'total':<20} {'':>7}  {report.total:>5.0f}%   (each exercise counts equally)"]
     for r in report.exercises:
         failed = [c for c in r.checks if not c.passed]
         if not failed:
             continue
         lines += ["", f"{r.exercise.name}: {r.passed} of {len(r.checks)} checks pass"]
-        own_stub = all(c.error is not None and c.error[0] == "NotImplementedError"
-                       and _part_owner(c.error[2]) == r.exercise.name for c in failed)
+        own_stub = all(
+            c.error is not None and c.error[0] == "NotImplementedError" and _part_owner(c.error[2]) == r.exercise.name
+            for c in failed
+        )
         if r.note and not own_stub:
             lines.append(f"  note: {r.note}")
         if all(c.error is not None and c.error[0] == "NotImplementedError" for c in r.checks):
             where = sorted({c.error[2][-1][2] for c in failed if c.error[2]})
-            lines.append(f"  not implemented yet: every check stops at a raise NotImplementedError "
-                         f"(in {', '.join(where) or '?'})")
+            lines.append(
+                f"  not implemented yet: every check stops at a raise NotImplementedError "
+                f"(in {', '.join(where) or '?'})"
+            )
             continue
         if len({c.message for c in failed}) == 1 and len(failed) == len(r.checks):
             lines.append(f"  every check: {failed[0].message}")
@@ -1269,16 +1606,19 @@ def format_report(report: Report) -> str:
                 blocked.setdefault(c.blocked_by, []).append(c)
         for f, cs in blocked.items():
             calls = sorted({p for c in cs for p in c.parts if p != f.split(" ")[0]})
-            lines.append(f"  fix {f} first: {len(cs)} more failing check(s) of {', '.join(calls)} call it "
-                         "and are not listed; grade again once it passes")
+            lines.append(
+                f"  fix {f} first: {len(cs)} more failing check(s) of {', '.join(calls)} call it "
+                "and are not listed; grade again once it passes"
+            )
         for c in failed:
             if not c.blocked_by:
                 lines.append(f"  FAIL {c.name}: {c.message}")
     return "\n".join(lines)
 
 
-def main_grade(student_dir, exercises=None, seed=0, timeout=300.0, json_path=None, file=None,
-               limits: Limits | None = None) -> int:
+def main_grade(
+    student_dir, exercises=None, seed=0, timeout=300.0, json_path=None, file=None, limits: Limits | None = None
+) -> int:
     """The ``tinymrcnn course grade`` command: prints the report; 0 unless the folder is missing."""
     file = file or sys.stdout
     try:

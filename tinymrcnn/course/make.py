@@ -19,6 +19,7 @@ and every rewritten file is compiled before it is written. The grader
 (``grade.py``, ``runner.py``) is left out of the copy: it is the
 instructor's. Finally the copy is imported in a fresh interpreter.
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,15 +50,15 @@ class MarkerError(ValueError):
 class Region:
     """One fenced exercise region in a source file (line numbers 1-based)."""
 
-    path: Path                 # the .py file
+    path: Path  # the .py file
     exercise: str
-    function: str              # qualified name of the enclosing function ("BoxCoder.encode")
-    start: int                 # line of the start marker
-    end: int                   # line of the end marker
-    indent: str                # the function body's indentation
-    def_line: int              # line of the ``def``
-    doc_span: tuple[int, int] | None   # first and last line of the docstring, if any
-    first_body_line: int       # line of the first statement of the body
+    function: str  # qualified name of the enclosing function ("BoxCoder.encode")
+    start: int  # line of the start marker
+    end: int  # line of the end marker
+    indent: str  # the function body's indentation
+    def_line: int  # line of the ``def``
+    doc_span: tuple[int, int] | None  # first and last line of the docstring, if any
+    first_body_line: int  # line of the first statement of the body
 
 
 def package_dir() -> Path:
@@ -79,23 +80,26 @@ def _functions(tree: ast.AST):
                 visit(child, prefix + child.name + ".")
             else:
                 visit(child, prefix)
+
     visit(tree, "")
     return out
 
 
 def regions_in_source(source: str, path: Path) -> list[Region]:
     """Every exercise region of one file's source text."""
-    markers = []                                    # (line, col, name or None for an end marker)
+    markers = []  # (line, col, name or None for an end marker)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type != tokenize.COMMENT:
             continue
         m_start, m_end = START_MARKER.match(tok.string), END_MARKER.match(tok.string)
         if not (m_start or m_end):
             if re.match(r"#\s*---\s*(end\s+)?exercise", tok.string):
-                raise MarkerError(f"{path}:{tok.start[0]}: malformed exercise marker {tok.string!r} "
-                                  "(expected '# --- exercise: NAME ---')")
+                raise MarkerError(
+                    f"{path}:{tok.start[0]}: malformed exercise marker {tok.string!r} "
+                    "(expected '# --- exercise: NAME ---')"
+                )
             continue
-        if tok.line[:tok.start[1]].strip():
+        if tok.line[: tok.start[1]].strip():
             raise MarkerError(f"{path}:{tok.start[0]}: an exercise marker must be alone on its line")
         markers.append((tok.start[0], tok.start[1], m_start.group(1) if m_start else None))
     if not markers:
@@ -104,7 +108,7 @@ def regions_in_source(source: str, path: Path) -> list[Region]:
     lines = source.splitlines()
     regions = []
     it = iter(markers)
-    for (start, col, name) in it:
+    for start, col, name in it:
         if name is None:
             raise MarkerError(f"{path}:{start}: '# --- end exercise ---' without a start marker")
         try:
@@ -112,17 +116,21 @@ def regions_in_source(source: str, path: Path) -> list[Region]:
         except StopIteration:
             raise MarkerError(f"{path}:{start}: exercise {name!r} has no '# --- end exercise ---'") from None
         if end_name is not None:
-            raise MarkerError(f"{path}:{end}: exercise {end_name!r} starts inside exercise {name!r} "
-                              f"(line {start}); regions cannot nest")
+            raise MarkerError(
+                f"{path}:{end}: exercise {end_name!r} starts inside exercise {name!r} "
+                f"(line {start}); regions cannot nest"
+            )
         inside = [(q, f) for q, f in functions if f.lineno < start <= f.end_lineno]
         if not inside:
             raise MarkerError(f"{path}:{start}: exercise {name!r} is not inside a function")
-        qualname, func = max(inside, key=lambda qf: qf[1].lineno)          # the innermost
+        qualname, func = max(inside, key=lambda qf: qf[1].lineno)  # the innermost
         body = func.body
         indent = " " * body[0].col_offset
         if col != body[0].col_offset:
-            raise MarkerError(f"{path}:{start}: the marker of {name!r} must sit at the body's "
-                              f"indentation of {qualname} ({body[0].col_offset} spaces)")
+            raise MarkerError(
+                f"{path}:{start}: the marker of {name!r} must sit at the body's "
+                f"indentation of {qualname} ({body[0].col_offset} spaces)"
+            )
         # Everything between the function's last statement and the end marker must be blank or comments.
         for ln in range(func.end_lineno + 1, end):
             text = lines[ln - 1].strip()
@@ -134,10 +142,9 @@ def regions_in_source(source: str, path: Path) -> list[Region]:
                 raise MarkerError(f"{path}:{start}: exercise {name!r} spans more than one function")
         doc = None
         first = body[0]
-        if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-                and isinstance(first.value.value, str)):
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
             doc = (first.lineno, first.end_lineno)
-            if lines[first.lineno - 1][:first.col_offset].strip():
+            if lines[first.lineno - 1][: first.col_offset].strip():
                 raise MarkerError(f"{path}:{first.lineno}: put {qualname}'s docstring on its own lines")
         regions.append(Region(path, name, qualname, start, end, indent, func.lineno, doc, first.lineno))
     names = [(r.exercise, r.function) for r in regions]
@@ -167,15 +174,18 @@ def check_regions(regions: list[Region], exercises=None) -> None:
             raise MarkerError(f"{r.path}:{r.start}: unknown exercise {r.exercise!r} (not in course/exercises.py)")
         ex = BY_NAME[r.exercise]
         if r.function not in [p.function for p in ex.parts]:
-            raise MarkerError(f"{r.path}:{r.start}: exercise {r.exercise!r} has no part for {r.function}; "
-                              "add a Part to course/exercises.py")
+            raise MarkerError(
+                f"{r.path}:{r.start}: exercise {r.exercise!r} has no part for {r.function}; "
+                "add a Part to course/exercises.py"
+            )
         if not r.path.as_posix().endswith(ex.path):
             raise MarkerError(f"{r.path}:{r.start}: exercise {r.exercise!r} belongs in {ex.path}")
     for ex in exercises if exercises is not None else BY_NAME.values():
         for p in ex.parts:
             if (ex.name, p.function) not in found:
-                raise MarkerError(f"exercise {ex.name!r}: no '# --- exercise: {ex.name} ---' region in "
-                                  f"{p.function} ({ex.path})")
+                raise MarkerError(
+                    f"exercise {ex.name!r}: no '# --- exercise: {ex.name} ---' region in {p.function} ({ex.path})"
+                )
 
 
 def _docstring_lines(lines: list[str], indent: str) -> list[str]:
@@ -193,7 +203,7 @@ def stub_source(source: str, path: Path, chosen: set[str]) -> str:
     """The student's version of one file: chosen regions stubbed, other markers dropped."""
     regions = regions_in_source(source, path)
     lines = source.splitlines(keepends=False)
-    edits = []                                   # (first line index, end index exclusive, new lines)
+    edits = []  # (first line index, end index exclusive, new lines)
     for r in regions:
         if r.exercise not in chosen:
             edits.append((r.start - 1, r.start, []))
@@ -210,7 +220,7 @@ def stub_source(source: str, path: Path, chosen: set[str]) -> str:
     for a, b, new in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
         lines[a:b] = new
     out = "\n".join(lines) + "\n"
-    compile(out, str(path), "exec")              # a SyntaxError here is a bug of this tool, not the student's
+    compile(out, str(path), "exec")  # a SyntaxError here is a bug of this tool, not the student's
     return out
 
 
@@ -232,8 +242,11 @@ def notebooks_dir() -> Path | None:
     """The folder of the exercise notebooks: the package's own copy (``tinymrcnn/course/notebooks``,
     package data in a wheel; a link to notebooks/exercises in the source checkout), else
     notebooks/exercises of the checkout next to the package or of the current folder (None if none)."""
-    for cand in (Path(__file__).resolve().parent / "notebooks", package_dir().parent / "notebooks" / "exercises",
-                 Path.cwd() / "notebooks" / "exercises"):
+    for cand in (
+        Path(__file__).resolve().parent / "notebooks",
+        package_dir().parent / "notebooks" / "exercises",
+        Path.cwd() / "notebooks" / "exercises",
+    ):
         if cand.is_dir() and any(cand.glob("*.ipynb")):
             return cand
     return None
@@ -250,16 +263,22 @@ def strip_notebook(path_in: Path, path_out: Path) -> None:
 
 
 def _readme(exercises: list[Exercise], reference: bool = True) -> str:
-    order = ("""You can take the exercises in any order: while a function of another
+    order = (
+        """You can take the exercises in any order: while a function of another
 exercise is still a stub, the notebooks run the reference solution in its
 place (from `tinymrcnn/course/reference/`) and print a note saying so. Those
 files are the answers; they are there so that every notebook runs, not to
-be read first.""" if reference else """The notebooks' training cells run the whole model, so they need the
+be read first."""
+        if reference
+        else """The notebooks' training cells run the whole model, so they need the
 exercises it calls (the box coder, the proposal layer, the mask loss)
-written first; each notebook prints a note naming the ones still missing.""")
-    rows = "\n".join(f"| {ex.number} | `{ex.name}` | {ex.title} | `{ex.path}`: "
-                     f"{', '.join('`' + p.function + '`' for p in ex.parts)} | {ex.minutes} min |"
-                     for ex in exercises)
+written first; each notebook prints a note naming the ones still missing."""
+    )
+    rows = "\n".join(
+        f"| {ex.number} | `{ex.name}` | {ex.title} | `{ex.path}`: "
+        f"{', '.join('`' + p.function + '`' for p in ex.parts)} | {ex.minutes} min |"
+        for ex in exercises
+    )
     return f"""# tinymrcnn: exercises
 
 This folder is a complete copy of tinymrcnn, Mask R-CNN in NumPy, with a few
@@ -306,16 +325,28 @@ def _find_notebooks(nb_src: Path | None, chosen: list[Exercise]) -> dict:
     for ex in chosen:
         p = nb_src / ex.notebook if nb_src is not None else None
         if p is None or not p.is_file():
-            where = (f"in {nb_src}" if nb_src is not None else
-                     "(none in the installed package, tinymrcnn/course/notebooks, nor in notebooks/exercises/)")
-            raise MissingNotebookError(f"no exercise notebook {ex.notebook} {where}; pass --notebooks DIR, "
-                                       "or --no-notebooks to write the copy without them")
+            where = (
+                f"in {nb_src}"
+                if nb_src is not None
+                else "(none in the installed package, tinymrcnn/course/notebooks, nor in notebooks/exercises/)"
+            )
+            raise MissingNotebookError(
+                f"no exercise notebook {ex.notebook} {where}; pass --notebooks DIR, "
+                "or --no-notebooks to write the copy without them"
+            )
         found[ex.name] = p
     return found
 
 
-def make_student(out_dir, exercises=None, notebooks: Path | str | None | bool = None, force: bool = False,
-                 check_import: bool = True, source: Path | str | None = None, reference: bool = True) -> dict:
+def make_student(
+    out_dir,
+    exercises=None,
+    notebooks: Path | str | None | bool = None,
+    force: bool = False,
+    check_import: bool = True,
+    source: Path | str | None = None,
+    reference: bool = True,
+) -> dict:
     """Write a student's copy of the package to ``out_dir``.
 
     Args:
@@ -385,8 +416,13 @@ def make_student(out_dir, exercises=None, notebooks: Path | str | None | bool = 
 
     if check_import:
         import_check(out, sorted({ex.module for ex in chosen}))
-    return {"package": str(dst), "exercises": [ex.name for ex in chosen], "stubbed": stubbed,
-            "notebooks": written, "missing_notebooks": []}
+    return {
+        "package": str(dst),
+        "exercises": [ex.name for ex in chosen],
+        "stubbed": stubbed,
+        "notebooks": written,
+        "missing_notebooks": [],
+    }
 
 
 def import_check(student_dir, modules=()) -> str:
@@ -396,13 +432,16 @@ def import_check(student_dir, modules=()) -> str:
     resolves to a different copy of the package.
     """
     student_dir = Path(student_dir).resolve()
-    code = ("import importlib, sys\n"
-            "import tinymrcnn, tinymrcnn.cli, tinymrcnn.model.mask_rcnn\n"
-            "for m in sys.argv[1:]:\n    importlib.import_module(m)\n"
-            "print(tinymrcnn.__file__)\n")
+    code = (
+        "import importlib, sys\n"
+        "import tinymrcnn, tinymrcnn.cli, tinymrcnn.model.mask_rcnn\n"
+        "for m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+        "print(tinymrcnn.__file__)\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(student_dir), NUMBA_DISABLE_JIT="1")
-    res = subprocess.run([sys.executable, "-c", code, *modules], cwd=student_dir, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code, *modules], cwd=student_dir, env=env, capture_output=True, text=True, timeout=300
+    )
     if res.returncode != 0:
         raise RuntimeError(f"the student copy in {student_dir} does not import:\n{res.stderr[-2000:]}")
     where = Path(res.stdout.strip().splitlines()[-1]).resolve()
@@ -419,6 +458,7 @@ def replace_stub(student_dir, exercise: str, function: str, body: str) -> Path:
     line. Returns the file that was changed.
     """
     import textwrap
+
     ex = BY_NAME[exercise]
     path = Path(student_dir) / ex.path
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -427,9 +467,9 @@ def replace_stub(student_dir, exercise: str, function: str, body: str) -> Path:
     if len(hits) != 1:
         raise ValueError(f"{path}: expected one stub of {exercise}/{function}, found {len(hits)}")
     i = hits[0]
-    indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
     new = [(indent + line) if line.strip() else "" for line in textwrap.dedent(body).strip("\n").splitlines()]
-    lines[i:i + 1] = new
+    lines[i : i + 1] = new
     text = "\n".join(lines) + "\n"
     compile(text, str(path), "exec")
     path.write_text(text, encoding="utf-8")

@@ -16,6 +16,7 @@ function of the *other* exercises that is still a stub runs the reference
 solution from ``tinymrcnn/course/reference/`` (written by make-student), and
 a note says which. The notebook's own exercise is never replaced.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,8 @@ def small() -> bool:
 # ---------------------------------------------------------------------------
 # Each exercise on its own: the reference solution for the other exercises' stubs
 # ---------------------------------------------------------------------------
-_FALLBACKS: dict[str, list[str]] = {}          # exercise name -> functions running the reference
-_MISSING: dict[str, list[str]] = {}            # stubs without a reference in this copy
+_FALLBACKS: dict[str, list[str]] = {}  # exercise name -> functions running the reference
+_MISSING: dict[str, list[str]] = {}  # stubs without a reference in this copy
 REFERENCE_MARK = "__tinymrcnn_reference__"
 
 
@@ -65,9 +66,9 @@ def _get(module, qualname):
 
 def _reference_module(ex):
     """The reference (solution) version of ``ex``'s module, from tinymrcnn/course/reference/; or None."""
-    rel = Path(*ex.path.split("/")[1:])                           # ops/roi_align.py
+    rel = Path(*ex.path.split("/")[1:])  # ops/roi_align.py
     path = _package_dir() / "course" / "reference" / rel
-    if not path.is_file() or os.environ.get("TINYMRCNN_GRADING") == "1":   # never while grading
+    if not path.is_file() or os.environ.get("TINYMRCNN_GRADING") == "1":  # never while grading
         return None
     parent, _, leaf = ex.module.rpartition(".")
     name = f"{parent}._reference_{leaf}"
@@ -75,7 +76,7 @@ def _reference_module(ex):
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = parent                                    # relative imports: the package itself
+    module.__package__ = parent  # relative imports: the package itself
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
@@ -104,7 +105,8 @@ def use_reference_for_stubs(own: str | None = None) -> dict[str, list[str]]:
     kernel after writing one of them).
     """
     from .exercises import EXERCISES
-    importlib.import_module("..model.mask_rcnn", __package__)     # the model's modules, loaded now
+
+    importlib.import_module("..model.mask_rcnn", __package__)  # the model's modules, loaded now
     for ex in EXERCISES:
         if ex.name == own:
             continue
@@ -118,7 +120,7 @@ def use_reference_for_stubs(own: str | None = None) -> dict[str, list[str]]:
             continue
         for function in stubs:
             new = _get(ref, function)
-            if "." in function:                                    # a method: replace it on the class
+            if "." in function:  # a method: replace it on the class
                 cls_name, meth = function.rsplit(".", 1)
                 setattr(_get(module, cls_name), meth, new)
             else:
@@ -135,15 +137,20 @@ def use_reference_for_stubs(own: str | None = None) -> dict[str, list[str]]:
 def fallback_note() -> str:
     """One line on what runs the reference solution instead of a stub ('' if nothing)."""
     from .exercises import BY_NAME
+
     lines = []
     if _FALLBACKS:
-        lines.append("note: not written yet, so the reference solution runs for: " + "; ".join(
-            f"exercise {BY_NAME[n].number} {n} ({', '.join(fs)})" for n, fs in _FALLBACKS.items())
-            + ". Everything else is your code.")
+        lines.append(
+            "note: not written yet, so the reference solution runs for: "
+            + "; ".join(f"exercise {BY_NAME[n].number} {n} ({', '.join(fs)})" for n, fs in _FALLBACKS.items())
+            + ". Everything else is your code."
+        )
     if _MISSING:
-        lines.append("note: not written yet and no reference in this copy: " + "; ".join(
-            f"exercise {BY_NAME[n].number} {n} ({', '.join(fs)})" for n, fs in _MISSING.items())
-            + ": the cells that train the model need those first.")
+        lines.append(
+            "note: not written yet and no reference in this copy: "
+            + "; ".join(f"exercise {BY_NAME[n].number} {n} ({', '.join(fs)})" for n, fs in _MISSING.items())
+            + ": the cells that train the model need those first."
+        )
     return "\n".join(lines)
 
 
@@ -151,12 +158,14 @@ def setup_exercise(name: str) -> None:
     """The first cell of exercise notebook ``name``: inline figures, the fallback for other stubs, a note."""
     try:
         from IPython import get_ipython
+
         ip = get_ipython()
         if ip is not None:
             ip.run_line_magic("matplotlib", "inline")
     except ImportError:
         pass
     import tinymrcnn
+
     print("tinymrcnn from", Path(tinymrcnn.__file__).parent, "| short run:", small())
     use_reference_for_stubs(own=name)
     note = fallback_note()
@@ -172,6 +181,7 @@ def show(fig):
     Outside IPython the figure is returned unchanged.
     """
     import io
+
     try:
         from IPython.display import Image, display
     except ImportError:
@@ -192,8 +202,7 @@ def notebook_steps(full: int, short: int = 2) -> int:
     return short if small() else full
 
 
-def short_training(steps: int, batch_size: int = 2, lr: float = 2e-3, seed: int = 0, log_every: int = 5,
-                   config=None):
+def short_training(steps: int, batch_size: int = 2, lr: float = 2e-3, seed: int = 0, log_every: int = 5, config=None):
     """Train a fresh shapes-preset model for ``steps`` steps; returns (model, history).
 
     history: one dict per step with the five losses, their sum ("total") and
@@ -222,16 +231,18 @@ def short_training(steps: int, batch_size: int = 2, lr: float = 2e-3, seed: int 
         losses = dict(losses, total=float(sum(losses.values())), seconds=time.perf_counter() - t0)
         history.append(losses)
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:3d}  total {losses['total']:.3f}  "
-                  + "  ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in losses.items()
-                              if k.startswith("loss_"))
-                  + f"  ({losses['seconds']:.1f} s)")
+            print(
+                f"step {step:3d}  total {losses['total']:.3f}  "
+                + "  ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in losses.items() if k.startswith("loss_"))
+                + f"  ({losses['seconds']:.1f} s)"
+            )
     return model, history
 
 
 def plot_losses(history, title: str = "training losses"):
     """The five losses and their sum against the step; returns the matplotlib figure."""
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 3.5))
     steps = np.arange(len(history))
     for key in [k for k in history[0] if k.startswith("loss_")] + ["total"]:
@@ -253,7 +264,7 @@ def use_conv2d_backward(backward=None):
     fn = backward if backward is not None else ops_conv.conv2d_backward_reference
 
     def layer_backward(dy, x, w, stride=1, padding=0, need_input_grad=True):
-        dx, dw, db = fn(dy, x, w, stride, padding)      # your function always makes dx
+        dx, dw, db = fn(dy, x, w, stride, padding)  # your function always makes dx
         return (dx if need_input_grad else None), dw, db
 
     saved = nn_conv.conv2d_backward
@@ -274,6 +285,7 @@ def use_roi_align(forward=True, backward=True):
     pooler's pyramid is handled here, one level at a time.
     """
     from ..checks import pair
+
     poolers = importlib.import_module("..model.poolers", __package__)
     ra = importlib.import_module("..ops.roi_align", __package__)
 
@@ -288,12 +300,11 @@ def use_roi_align(forward=True, backward=True):
         print("note: roi_align_backward_reference is not written yet: the poolers keep the fast kernel backward")
         bwd = False
 
-    def as_array(f):                       # the kernels' channels-last copy back to (N, C, H, W)
+    def as_array(f):  # the kernels' channels-last copy back to (N, C, H, W)
         data = getattr(f, "data", None)
         return np.ascontiguousarray(data.transpose(0, 3, 1, 2)) if isinstance(data, np.ndarray) else f
 
-    def levels_forward(features, rois, levels, scales, output_size, sampling_ratio=-1, aligned=False,
-                       mode="avg"):
+    def levels_forward(features, rois, levels, scales, output_size, sampling_ratio=-1, aligned=False, mode="avg"):
         maps = [as_array(f) for f in features]
         ph, pw = pair(output_size, "output_size")
         out = np.zeros((len(rois), maps[0].shape[1], ph, pw), maps[0].dtype)
@@ -303,8 +314,7 @@ def use_roi_align(forward=True, backward=True):
                 out[idx] = fwd(m, rois[idx], (ph, pw), scales[i], sampling_ratio, aligned, mode)
         return out
 
-    def levels_backward(dy, features, rois, levels, scales, output_size, sampling_ratio=-1, aligned=False,
-                        mode="avg"):
+    def levels_backward(dy, features, rois, levels, scales, output_size, sampling_ratio=-1, aligned=False, mode="avg"):
         grads = []
         for i, f in enumerate(features):
             x = as_array(f)
@@ -312,8 +322,9 @@ def use_roi_align(forward=True, backward=True):
             if idx.size == 0:
                 grads.append(np.zeros(x.shape, dy.dtype))
                 continue
-            grads.append(bwd(np.ascontiguousarray(dy[idx]), x, rois[idx], output_size, scales[i],
-                             sampling_ratio, aligned, mode))
+            grads.append(
+                bwd(np.ascontiguousarray(dy[idx]), x, rois[idx], output_size, scales[i], sampling_ratio, aligned, mode)
+            )
         return grads
 
     saved = poolers.roi_align_levels, poolers.roi_align_levels_backward
@@ -327,8 +338,7 @@ def use_roi_align(forward=True, backward=True):
         poolers.roi_align_levels, poolers.roi_align_levels_backward = saved
 
 
-def fast_roi_align_backward(dy, x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-                            mode="avg"):
+def fast_roi_align_backward(dy, x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg"):
     """The package's fast RoIAlign backward (the Numba kernel), for comparisons in the notebooks.
 
     Arguments as ``roi_align_backward_reference``: dy, then the forward's.

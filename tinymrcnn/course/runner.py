@@ -29,6 +29,7 @@ that a call that hangs or is stopped by a limit costs only itself:
     {"ok": False, "error": type name, "message": str, "where": [[file, line, function]]}
 Values are reduced to NumPy arrays and plain Python containers and scalars.
 """
+
 import importlib
 import json
 import os
@@ -38,10 +39,10 @@ import zipfile
 
 import numpy as np
 
-MAX_DEPTH = 24                       # nesting of a decoded value
-MAX_JSON_BYTES = 16 << 20            # a result's JSON part
-MAX_NPZ_BYTES = 256 << 20            # a result's arrays
-ARRAY_KINDS = "biufcSU"              # bool, integers, floats, complex, bytes, str: no objects
+MAX_DEPTH = 24  # nesting of a decoded value
+MAX_JSON_BYTES = 16 << 20  # a result's JSON part
+MAX_NPZ_BYTES = 256 << 20  # a result's arrays
+ARRAY_KINDS = "biufcSU"  # bool, integers, floats, complex, bytes, str: no objects
 
 
 class DecodeError(ValueError):
@@ -61,7 +62,7 @@ def encode(value, arrays: dict, depth: int = 0):
     """
     if depth > MAX_DEPTH:
         return {"__unplain__": type(value).__name__, "repr": "(nested too deep)"}
-    if isinstance(value, np.generic):                   # before float: np.float64 is a float
+    if isinstance(value, np.generic):  # before float: np.float64 is a float
         if value.dtype.kind not in ARRAY_KINDS:
             return {"__unplain__": type(value).__name__, "repr": repr(value)[:200]}
         name = f"a{len(arrays)}"
@@ -104,7 +105,7 @@ def decode(tree, arrays, depth: int = 0):
         return {"__unplain__": tree["__unplain__"][:200], "repr": tree["repr"][:200]}
     if len(tree) != 1:
         raise DecodeError(f"unexpected keys {sorted(tree)[:4]} in a result")
-    (tag, body), = tree.items()
+    ((tag, body),) = tree.items()
     if tag in ("__array__", "__scalar__"):
         if not isinstance(body, str) or body not in arrays:
             raise DecodeError(f"a result refers to a missing array {str(body)[:40]!r}")
@@ -118,8 +119,12 @@ def decode(tree, arrays, depth: int = 0):
         return tuple(decode(v, arrays, depth + 1) for v in body)
     if tag == "__dict__" and isinstance(body, dict):
         return {str(k): decode(v, arrays, depth + 1) for k, v in body.items()}
-    if (tag == "__complex__" and isinstance(body, list) and len(body) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in body)):
+    if (
+        tag == "__complex__"
+        and isinstance(body, list)
+        and len(body) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in body)
+    ):
         return complex(body[0], body[1])
     raise DecodeError(f"unknown tag {tag[:40]!r} in a result")
 
@@ -140,7 +145,7 @@ def write_value(path_stem: str, value) -> None:
 
 
 def _regular_file(path: str, limit: int) -> None:
-    st = os.lstat(path)                                 # a link is refused, not followed
+    st = os.lstat(path)  # a link is refused, not followed
     if not (st.st_mode & 0o170000 == 0o100000):
         raise DecodeError(f"{os.path.basename(path)} is not a regular file")
     if st.st_size > limit:
@@ -171,7 +176,7 @@ def read_value(path_stem: str):
             raise DecodeError("the result's arrays are missing")
         _regular_file(npath, MAX_NPZ_BYTES)
         try:
-            with zipfile.ZipFile(npath) as zf:                 # no zip bomb: the unpacked size counts
+            with zipfile.ZipFile(npath) as zf:  # no zip bomb: the unpacked size counts
                 if sum(i.file_size for i in zf.infolist()) > MAX_NPZ_BYTES:
                     raise DecodeError(f"the result's arrays unpack to more than {MAX_NPZ_BYTES} bytes")
             with np.load(npath, allow_pickle=False) as z:
@@ -202,10 +207,9 @@ def _plain(v, depth=0):
     if v is None or isinstance(v, (bool, int, float, complex, str)) and not isinstance(v, np.generic):
         return v
     if isinstance(v, np.generic):
-        return v.item() if v.dtype.kind != "f" else v          # keep the float dtype of scalars
+        return v.item() if v.dtype.kind != "f" else v  # keep the float dtype of scalars
     if isinstance(v, np.ndarray):
-        return np.array(v, copy=True) if v.dtype != object else {"__unplain__": "object array",
-                                                                  "repr": repr(v)[:200]}
+        return np.array(v, copy=True) if v.dtype != object else {"__unplain__": "object array", "repr": repr(v)[:200]}
     if isinstance(v, (list, tuple)):
         items = [_plain(x, depth + 1) for x in v]
         return items if isinstance(v, list) else tuple(items)
@@ -218,7 +222,7 @@ def _resolve(target, init):
     module, qualname = target.split(":")
     obj = importlib.import_module(module)
     parts = qualname.split(".")
-    if init is not None:                      # "Class.method": construct, then bind
+    if init is not None:  # "Class.method": construct, then bind
         cls = obj
         for p in parts[:-1]:
             cls = getattr(cls, p)
@@ -264,17 +268,18 @@ class _NoReference:
 
 def main(student_dir, calls_stem, results_dir):
     student_dir = os.path.realpath(student_dir)
-    calls = read_value(calls_stem)            # written by the grader
+    calls = read_value(calls_stem)  # written by the grader
     sys.meta_path.insert(0, _NoReference())
     try:
         import tinymrcnn
+
         where = os.path.realpath(tinymrcnn.__file__)
         if not where.startswith(student_dir + os.sep):
             raise ImportError(f"'import tinymrcnn' found {where}, not the package in {student_dir}")
     except BaseException as e:  # noqa: BLE001 -- any failure to import is reported, not raised
         write_value(os.path.join(results_dir, "import"), _error(e, student_dir))
         return 3
-    np.seterr(all="ignore")                   # a student's overflow is judged by its result, not a warning
+    np.seterr(all="ignore")  # a student's overflow is judged by its result, not a warning
     for call in calls:
         open(os.path.join(results_dir, f"{call['id']}.started"), "w").close()
         try:
@@ -283,8 +288,7 @@ def main(student_dir, calls_stem, results_dir):
             res = {"ok": True, "value": _plain(value)}
             ng = call.get("numgrad")
             if ng is not None:
-                res["numgrad"] = _numgrad(fn, list(call["args"]), call["kwargs"], ng["wrt"], ng["h"],
-                                          ng.get("output"))
+                res["numgrad"] = _numgrad(fn, list(call["args"]), call["kwargs"], ng["wrt"], ng["h"], ng.get("output"))
         except Exception as e:  # noqa: BLE001 -- the student's exception is the result
             res = _error(e, student_dir)
         write_value(os.path.join(results_dir, str(call["id"])), res)

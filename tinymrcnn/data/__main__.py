@@ -6,6 +6,7 @@ writes OUT_DIR/images/000000.png ... and OUT_DIR/annotations.json, which
 ``CocoDataset(OUT_DIR/annotations.json, OUT_DIR/images)`` (or
 ``tinymrcnn evaluate --coco ... --images ...``) reads back unchanged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ def main(argv=None) -> str:
     e.add_argument("--split", choices=sorted(SPLITS), default="val")
     e.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="normal")
     args = parser.parse_args(argv)
-    ds = ShapesDataset(args.num_images, image_size=args.image_size, seed=args.seed, split=args.split,
-                       difficulty=args.difficulty)
+    ds = ShapesDataset(
+        args.num_images, image_size=args.image_size, seed=args.seed, split=args.split, difficulty=args.difficulty
+    )
     path = export_to_coco(ds, args.out_dir)
     print(f"wrote {len(ds)} images to {os.path.join(args.out_dir, 'images')} and annotations to {path}")
     return path

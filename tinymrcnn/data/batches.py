@@ -5,6 +5,7 @@ Every random choice of step ``s`` comes from generators seeded with
 share a batch), so a run stopped after N steps and resumed sees exactly what
 an uninterrupted run sees at step N + 1.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,9 +15,11 @@ def make_datasets(cfg, image_size: int = 128):
     """The training and held-out sets of a training config (``dataset``, ``num_train_images``,
     ``num_val_images``, ``seed``)."""
     from .shapes import ShapesDataset
+
     difficulty = "hard" if cfg.dataset == "shapes-hard" else "normal"
-    train = ShapesDataset(cfg.num_train_images, image_size=image_size, seed=cfg.seed, split="train",
-                          difficulty=difficulty)
+    train = ShapesDataset(
+        cfg.num_train_images, image_size=image_size, seed=cfg.seed, split="train", difficulty=difficulty
+    )
     # The held-out split is fixed (seed 0 of the "val" split) whatever the training seed,
     # so numbers from different runs are comparable.
     val = ShapesDataset.heldout(cfg.num_val_images, image_size=image_size, difficulty=difficulty)
@@ -28,7 +31,7 @@ def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> np.nda
     per_epoch = max(n_items // batch_size, 1)
     epoch, pos = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, 7919, epoch]).permutation(n_items)
-    return perm[pos * batch_size:(pos + 1) * batch_size]
+    return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
 def step_seeds(seed: int, step: int, rank: int = 0, n_workers: int = 1) -> tuple[list, list]:
@@ -45,6 +48,7 @@ def step_seeds(seed: int, step: int, rank: int = 0, n_workers: int = 1) -> tuple
 def load_batch(dataset, indices, step: int, seed: int, hflip: bool, rank: int = 0, n_workers: int = 1):
     """The images and targets of ``indices``, each flipped with probability 1/2 if ``hflip``."""
     from .transforms import random_horizontal_flip
+
     rng = np.random.default_rng(step_seeds(seed, step, rank, n_workers)[0])
     images, targets = [], []
     for i in indices:

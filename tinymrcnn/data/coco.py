@@ -41,6 +41,7 @@ Rules and choices:
 ``export_to_coco`` writes any dataset (the shapes set) as PNGs plus an
 annotation file: ``python -m tinymrcnn.data export-shapes OUT_DIR``.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,7 +91,7 @@ class CocoDataset:
             if c["id"] in names:
                 raise self._error(f"categories[{k}]", f"duplicate category id {c['id']}")
             names[c["id"]] = str(c["name"])
-        self.category_ids = sorted(names)                          # label l -> category_ids[l - 1]
+        self.category_ids = sorted(names)  # label l -> category_ids[l - 1]
         self.class_names = tuple(names[i] for i in self.category_ids)
         self.num_classes = len(self.category_ids)
         self.category_id_to_label = {cid: label for label, cid in enumerate(self.category_ids, start=1)}
@@ -107,54 +108,67 @@ class CocoDataset:
                 raise self._error(f"{where} (id={im['id']})", f"height and width must be positive ints, got {h}, {w}")
             path = os.path.join(self.image_dir, im["file_name"])
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: image file not found ({where}, id={im['id']}, "
-                                        f"file_name={im['file_name']!r} in {self.annotation_json})")
+                raise FileNotFoundError(
+                    f"{path}: image file not found ({where}, id={im['id']}, "
+                    f"file_name={im['file_name']!r} in {self.annotation_json})"
+                )
             records[im["id"]] = {"id": im["id"], "path": path, "height": h, "width": w, "where": where}
         self.image_ids = sorted(records)
         self._images = [records[i] for i in self.image_ids]
 
     def _read_annotations(self, annotations) -> None:
         index = {image_id: k for k, image_id in enumerate(self.image_ids)}
-        self._annotations = [[] for _ in self.image_ids]           # per image, in file order
+        self._annotations = [[] for _ in self.image_ids]  # per image, in file order
         for k, ann in enumerate(annotations):
             where = f"annotations[{k}]" + (f" (id={ann['id']})" if isinstance(ann, dict) and "id" in ann else "")
             self._require(ann, where, ("image_id", "category_id", "bbox", "segmentation"))
             if ann["image_id"] not in index:
                 raise self._error(where, f"image_id {ann['image_id']} is not in 'images'")
             if ann["category_id"] not in self.category_id_to_label:
-                raise self._error(where, f"unknown category id {ann['category_id']} "
-                                         f"(categories: {self.category_ids})")
+                raise self._error(where, f"unknown category id {ann['category_id']} (categories: {self.category_ids})")
             image = self._images[index[ann["image_id"]]]
             h, w = image["height"], image["width"]
             bbox = ann["bbox"]
-            if (not isinstance(bbox, list) or len(bbox) != 4
-                    or not all(isinstance(v, (int, float)) for v in bbox) or bbox[2] < 0 or bbox[3] < 0):
+            if (
+                not isinstance(bbox, list)
+                or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) for v in bbox)
+                or bbox[2] < 0
+                or bbox[3] < 0
+            ):
                 raise self._error(where, f"bbox must be [x, y, width, height] with width, height >= 0, got {bbox}")
-            x1, y1 = min(max(bbox[0], 0), w), min(max(bbox[1], 0), h)        # clipped to the image
+            x1, y1 = min(max(bbox[0], 0), w), min(max(bbox[1], 0), h)  # clipped to the image
             x2, y2 = min(max(bbox[0] + bbox[2], 0), w), min(max(bbox[1] + bbox[3], 0), h)
             if x2 <= x1 or y2 <= y1:
-                warnings.warn(f"{self.annotation_json}: {where}: skipped, its box {bbox} has no area "
-                              f"inside the {w}x{h} image", stacklevel=3)
+                warnings.warn(
+                    f"{self.annotation_json}: {where}: skipped, its box {bbox} has no area inside the {w}x{h} image",
+                    stacklevel=3,
+                )
                 continue
             self._check_segmentation(ann["segmentation"], h, w, where)
-            self._annotations[index[ann["image_id"]]].append({
-                "where": where,
-                "box": (x1, y1, x2, y2),
-                "label": self.category_id_to_label[ann["category_id"]],
-                "segmentation": ann["segmentation"],
-                "iscrowd": int(ann.get("iscrowd", 0)),
-                "area": ann.get("area"),
-            })
+            self._annotations[index[ann["image_id"]]].append(
+                {
+                    "where": where,
+                    "box": (x1, y1, x2, y2),
+                    "label": self.category_id_to_label[ann["category_id"]],
+                    "segmentation": ann["segmentation"],
+                    "iscrowd": int(ann.get("iscrowd", 0)),
+                    "area": ann.get("area"),
+                }
+            )
 
     def _check_segmentation(self, segm, h: int, w: int, where: str) -> None:
         if isinstance(segm, list):
             if not segm:
                 raise self._error(where, "segmentation is an empty list of polygons")
             for p, poly in enumerate(segm):
-                if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
-                        or not all(isinstance(v, (int, float)) for v in poly)):
-                    raise self._error(where, f"segmentation polygon {p} must be a flat list of at least "
-                                             f"3 (x, y) pairs")
+                if (
+                    not isinstance(poly, list)
+                    or len(poly) < 6
+                    or len(poly) % 2
+                    or not all(isinstance(v, (int, float)) for v in poly)
+                ):
+                    raise self._error(where, f"segmentation polygon {p} must be a flat list of at least 3 (x, y) pairs")
         elif isinstance(segm, dict):
             if "size" not in segm or "counts" not in segm:
                 raise self._error(where, "RLE segmentation needs 'size' and 'counts'")
@@ -167,8 +181,9 @@ class CocoDataset:
             elif not isinstance(counts, str):
                 raise self._error(where, "RLE counts must be a list of ints or a string")
         else:
-            raise self._error(where, f"segmentation must be a list of polygons or an RLE dict, "
-                                     f"got {type(segm).__name__}")
+            raise self._error(
+                where, f"segmentation must be a list of polygons or an RLE dict, got {type(segm).__name__}"
+            )
 
     # ------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -187,9 +202,11 @@ class CocoDataset:
         rec = self._images[i]
         image = read_image(rec["path"])
         if image.shape[1:] != (rec["height"], rec["width"]):
-            raise ValueError(f"{rec['path']}: image is {image.shape[1]}x{image.shape[2]} but "
-                             f"{self.annotation_json} {rec['where']} (id={rec['id']}) says "
-                             f"{rec['height']}x{rec['width']}")
+            raise ValueError(
+                f"{rec['path']}: image is {image.shape[1]}x{image.shape[2]} but "
+                f"{self.annotation_json} {rec['where']} (id={rec['id']}) says "
+                f"{rec['height']}x{rec['width']}"
+            )
         return image
 
     def get_target(self, i: int) -> dict:
@@ -214,8 +231,9 @@ class CocoDataset:
         }
 
     def __repr__(self):
-        return (f"CocoDataset({self.annotation_json!r}, {self.image_dir!r}): {len(self)} images, "
-                f"{self.num_classes} classes")
+        return (
+            f"CocoDataset({self.annotation_json!r}, {self.image_dir!r}): {len(self)} images, {self.num_classes} classes"
+        )
 
 
 def decode_segmentation(segm, height: int, width: int) -> np.ndarray:
@@ -231,7 +249,7 @@ def read_image(path) -> np.ndarray:
 
     try:
         arr = matplotlib.image.imread(path)
-    except ImportError as e:                      # matplotlib reads non-PNG formats through Pillow
+    except ImportError as e:  # matplotlib reads non-PNG formats through Pillow
         raise ImportError(f"{path}: reading this format needs Pillow (pip install pillow): {e}") from None
     except Exception as e:
         raise ValueError(f"{path}: cannot read the image ({e})") from None
@@ -240,9 +258,9 @@ def read_image(path) -> np.ndarray:
     elif arr.dtype == np.uint16:
         arr = arr.astype(np.float32) / np.float32(65535)
     arr = np.asarray(arr, dtype=np.float32)
-    if arr.ndim == 2:                             # grey
+    if arr.ndim == 2:  # grey
         arr = arr[:, :, None]
-    if arr.shape[2] in (2, 4):                    # drop alpha
+    if arr.shape[2] in (2, 4):  # drop alpha
         arr = arr[:, :, :-1]
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
@@ -252,8 +270,9 @@ def read_image(path) -> np.ndarray:
 # ---------------------------------------------------------------- writing
 
 
-def save_coco_results(predictions, image_ids, path, category_ids=None, mask_threshold: float = 0.5,
-                      iou_type: str = "segm") -> list:
+def save_coco_results(
+    predictions, image_ids, path, category_ids=None, mask_threshold: float = 0.5, iou_type: str = "segm"
+) -> list:
     """Write predictions as a COCO results JSON (a list of detections) and return the list.
 
     predictions: one dict per image (boxes (N, 4) x1 y1 x2 y2, labels (N,) in
@@ -293,8 +312,7 @@ def save_coco_results(predictions, image_ids, path, category_ids=None, mask_thre
     return results
 
 
-def export_to_coco(dataset, out_dir, image_folder: str = "images",
-                   annotation_file: str = "annotations.json") -> str:
+def export_to_coco(dataset, out_dir, image_folder: str = "images", annotation_file: str = "annotations.json") -> str:
     """Write ``dataset`` as COCO: ``out_dir/images/<id>.png`` + ``out_dir/annotations.json``.
 
     Works for any dataset whose items are ``(image, target)`` with boxes,
@@ -309,8 +327,11 @@ def export_to_coco(dataset, out_dir, image_folder: str = "images",
     os.makedirs(os.path.join(out_dir, image_folder), exist_ok=True)
     names = getattr(dataset, "class_names", None)
     category_ids = list(getattr(dataset, "category_ids", None) or range(1, len(names) + 1))
-    coco = {"images": [], "annotations": [],
-            "categories": [{"id": int(cid), "name": name} for cid, name in zip(category_ids, names)]}
+    coco = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": int(cid), "name": name} for cid, name in zip(category_ids, names)],
+    }
     for i in range(len(dataset)):
         image, target = dataset[i]
         image_id = int(target.get("image_id", i))
@@ -324,15 +345,17 @@ def export_to_coco(dataset, out_dir, image_folder: str = "images",
         iscrowd = target.get("iscrowd", np.zeros(len(masks), np.int64))
         for j, (box, label) in enumerate(zip(target["boxes"], target["labels"])):
             x1, y1, x2, y2 = (float(v) for v in box)
-            coco["annotations"].append({
-                "id": len(coco["annotations"]) + 1,
-                "image_id": image_id,
-                "category_id": int(category_ids[int(label) - 1]),
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "area": float(area[j]),
-                "iscrowd": int(iscrowd[j]),
-                "segmentation": rle_compress(rle_encode(masks[j])),
-            })
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": int(category_ids[int(label) - 1]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": float(area[j]),
+                    "iscrowd": int(iscrowd[j]),
+                    "segmentation": rle_compress(rle_encode(masks[j])),
+                }
+            )
     path = os.path.join(out_dir, annotation_file)
     with open(path, "w") as f:
         json.dump(coco, f)

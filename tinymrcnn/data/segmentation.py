@@ -20,6 +20,7 @@ polygon is clipped to the image. pycocotools rasterises on a 5x finer grid
 instead, so the two can disagree on pixels whose centre lies within about
 0.2 px of an edge; on polygons with integer, axis-aligned edges they agree.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,12 +34,12 @@ def rle_encode(mask: np.ndarray) -> dict:
     if mask.ndim != 2:
         raise ValueError(f"rle_encode expects an (H, W) mask, got shape {mask.shape}")
     h, w = mask.shape
-    flat = mask.ravel(order="F") != 0                               # column-major, as COCO
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1              # first index of each new run
+    flat = mask.ravel(order="F") != 0  # column-major, as COCO
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # first index of each new run
     bounds = np.concatenate([[0], change, [flat.size]])
     counts = np.diff(bounds).tolist()
     if flat.size and flat[0]:
-        counts = [0] + counts                                       # runs start with zeros
+        counts = [0] + counts  # runs start with zeros
     return {"size": [int(h), int(w)], "counts": [int(c) for c in counts]}
 
 
@@ -53,9 +54,9 @@ def rle_decode(rle: dict) -> np.ndarray:
         raise ValueError("RLE counts must be non-negative")
     if int(counts.sum()) != h * w:
         raise ValueError(f"RLE counts add up to {int(counts.sum())}, but size {h}x{w} needs {h * w}")
-    values = np.arange(counts.size) % 2                             # 0, 1, 0, 1, ...
+    values = np.arange(counts.size) % 2  # 0, 1, 0, 1, ...
     flat = np.repeat(values.astype(np.uint8), counts)
-    return np.ascontiguousarray(flat.reshape(w, h).T)               # undo column-major order
+    return np.ascontiguousarray(flat.reshape(w, h).T)  # undo column-major order
 
 
 def rle_counts_to_string(counts) -> str:
@@ -75,7 +76,7 @@ def rle_counts_to_string(counts) -> str:
         more = True
         while more:
             c = x & 0x1F
-            x >>= 5                                                 # arithmetic shift, as C's long
+            x >>= 5  # arithmetic shift, as C's long
             more = (x != -1) if (c & 0x10) else (x != 0)
             if more:
                 c |= 0x20
@@ -100,7 +101,7 @@ def rle_string_to_counts(s) -> list[int]:
             p += 1
             k += 1
             if not more and (c & 0x10):
-                x |= -1 << (5 * k)                                  # sign-extend
+                x |= -1 << (5 * k)  # sign-extend
         if len(counts) > 2:
             x += counts[-2]
         counts.append(x)
@@ -145,20 +146,20 @@ def _fill_polygon(xy: np.ndarray, height: int, width: int) -> np.ndarray:
     take a running parity along the row.
     """
     x0, y0 = xy[:, 0], xy[:, 1]
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)                       # edge k goes from point k to k + 1
-    toggles = np.zeros((height, width + 1), dtype=np.int32)         # column `width` collects off-image toggles
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)  # edge k goes from point k to k + 1
+    toggles = np.zeros((height, width + 1), dtype=np.int32)  # column `width` collects off-image toggles
     for ax, ay, bx, by in zip(x0, y0, x1, y1):
         if ay == by:
-            continue                                                # horizontal edges never cross a row centre
+            continue  # horizontal edges never cross a row centre
         # rows whose centre lies in [min(ay, by), max(ay, by)): half-open, so a
         # vertex shared by two edges is counted once
         r_lo = int(np.ceil(min(ay, by) - 0.5))
-        r_hi = int(np.ceil(max(ay, by) - 0.5))                      # exclusive
+        r_hi = int(np.ceil(max(ay, by) - 0.5))  # exclusive
         r_lo, r_hi = max(r_lo, 0), min(r_hi, height)
         if r_lo >= r_hi:
             continue
         yc = np.arange(r_lo, r_hi) + 0.5
-        xc = ax + (yc - ay) * (bx - ax) / (by - ay)                 # crossing x on each row
+        xc = ax + (yc - ay) * (bx - ax) / (by - ay)  # crossing x on each row
         col = np.clip(np.floor(xc + 0.5).astype(np.int64), 0, width)  # first c with c + 0.5 > xc
         np.add.at(toggles, (np.arange(r_lo, r_hi), col), 1)
     return (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)

@@ -40,6 +40,7 @@ Target of ``ds[i]``: boxes (N, 4) float32 x1, y1, x2, y2; labels (N,) int64 in
 float32 = mask pixel count (what COCO evaluation calls the annotation's
 area); iscrowd (N,) int64 zeros; image_id int = i.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,14 +56,15 @@ HELDOUT_SEED = 0
 @dataclass(frozen=True)
 class Difficulty:
     """Sampling ranges at 128 x 128 (lengths scale with the image size)."""
+
     min_shapes: int
     max_shapes: int
-    margin: float             # minimum distance of a centre from the border
+    margin: float  # minimum distance of a centre from the border
     min_half_size: float
     max_half_size: float
-    max_box_iou: float        # reject a shape overlapping an earlier one more than this
-    min_visible: float        # ... or leaving one less than this fraction visible
-    min_area: float           # pixels a shape must cover inside the image
+    max_box_iou: float  # reject a shape overlapping an earlier one more than this
+    min_visible: float  # ... or leaving one less than this fraction visible
+    min_area: float  # pixels a shape must cover inside the image
 
 
 DIFFICULTIES = {
@@ -70,18 +72,19 @@ DIFFICULTIES = {
     "hard": Difficulty(3, 8, 10.0, 8.0, 20.0, max_box_iou=0.5, min_visible=0.25, min_area=40.0),
 }
 
-MIN_COLOUR_DISTANCE = 64.0    # in 0..255 units
-MAX_TRIES = 50                # attempts per shape before settling for fewer
+MIN_COLOUR_DISTANCE = 64.0  # in 0..255 units
+MAX_TRIES = 50  # attempts per shape before settling for fewer
 
 
 class ShapesDataset:
     """``num_images`` seeded images; ``ds[i] -> (image (3, H, W) float32 in [0, 1], target)``."""
 
-    class_names = ("square", "circle", "triangle")   # labels 1, 2, 3
+    class_names = ("square", "circle", "triangle")  # labels 1, 2, 3
     num_classes = 3
 
-    def __init__(self, num_images: int, image_size: int = 128, seed: int = 0, split: str = "train",
-                 difficulty: str = "normal"):
+    def __init__(
+        self, num_images: int, image_size: int = 128, seed: int = 0, split: str = "train", difficulty: str = "normal"
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if difficulty not in DIFFICULTIES:
@@ -116,19 +119,21 @@ class ShapesDataset:
         return image, target
 
     def __repr__(self):
-        return (f"ShapesDataset(num_images={self.num_images}, image_size={self.image_size}, "
-                f"seed={self.seed}, split={self.split!r}, difficulty={self.difficulty!r})")
+        return (
+            f"ShapesDataset(num_images={self.num_images}, image_size={self.image_size}, "
+            f"seed={self.seed}, split={self.split!r}, difficulty={self.difficulty!r})"
+        )
 
 
 def draw_shape(label: int, cx: float, cy: float, s: float, size: int) -> np.ndarray:
     """Rasterise one whole shape (ignoring occlusion) -> (size, size) bool."""
     centres = np.arange(size) + 0.5
-    dy, dx = centres[:, None] - cy, centres[None, :] - cx          # (H, 1), (1, W)
-    if label == 1:                                                  # square
+    dy, dx = centres[:, None] - cy, centres[None, :] - cx  # (H, 1), (1, W)
+    if label == 1:  # square
         return (np.abs(dx) <= s) & (np.abs(dy) <= s)
-    if label == 2:                                                  # circle
-        return dx ** 2 + dy ** 2 <= s ** 2
-    if label == 3:                                                  # triangle, apex up
+    if label == 2:  # circle
+        return dx**2 + dy**2 <= s**2
+    if label == 3:  # triangle, apex up
         half_base = s / np.sin(np.pi / 3)
         corners = [cx, cy - s, cx - half_base, cy + s, cx + half_base, cy + s]
         return polygon_to_mask([corners], size, size).astype(bool)
@@ -164,7 +169,7 @@ def generate_image(rng: np.random.Generator, size: int, d: Difficulty):
     n_wanted = int(rng.integers(d.min_shapes, d.max_shapes + 1))
     background = rng.integers(0, 256, size=3).astype(np.float64)
 
-    owner = np.full((size, size), -1, dtype=np.int64)   # which shape each pixel shows (-1 background)
+    owner = np.full((size, size), -1, dtype=np.int64)  # which shape each pixel shows (-1 background)
     labels, full_areas, boxes, colours = [], [], [], []
     tries = 0
     while len(labels) < n_wanted and tries < MAX_TRIES * n_wanted:
@@ -182,7 +187,7 @@ def generate_image(rng: np.random.Generator, size: int, d: Difficulty):
         new_owner = np.where(full, len(labels), owner)
         visible = np.bincount(new_owner[new_owner >= 0], minlength=len(labels) + 1)
         if any(visible[j] < d.min_visible * full_areas[j] for j in range(len(labels))):
-            continue                                   # would hide too much of an earlier shape
+            continue  # would hide too much of an earlier shape
         owner = new_owner
         labels.append(label)
         full_areas.append(area)
@@ -190,8 +195,8 @@ def generate_image(rng: np.random.Generator, size: int, d: Difficulty):
         colours.append(_random_colour(rng, [background] + colours))
 
     # float32 division, as an image reader divides the stored bytes: a PNG round trip is exact
-    palette = np.array([background] + colours, dtype=np.float32) / np.float32(255)   # (1 + N, 3)
-    image = palette[owner + 1].transpose(2, 0, 1)                            # (3, H, W)
+    palette = np.array([background] + colours, dtype=np.float32) / np.float32(255)  # (1 + N, 3)
+    image = palette[owner + 1].transpose(2, 0, 1)  # (3, H, W)
     masks = (owner[None] == np.arange(len(labels))[:, None, None]).astype(np.uint8)  # (N, H, W)
     target = {
         "boxes": masks_to_boxes(masks),

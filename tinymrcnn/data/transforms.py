@@ -13,6 +13,7 @@ The resize is the model's own (docs/semantics.md#input-transform, in
 multiplied by the per-axis ratio new / old, masks resized nearest. Use it
 here to train at another scale than the images are stored at.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +50,7 @@ def resize(image: np.ndarray, target: dict, size: tuple[int, int]) -> tuple[np.n
     boxes = np.asarray(target["boxes"])
     out["boxes"] = (boxes * np.array([rx, ry, rx, ry])).astype(boxes.dtype)
     out["masks"] = resize_nearest(np.asarray(target["masks"]), (nh, nw))
-    if "area" in target:                        # COCO's annotation area, in pixels of the new size
+    if "area" in target:  # COCO's annotation area, in pixels of the new size
         out["area"] = (np.asarray(target["area"]) * (rx * ry)).astype(np.float32)
     return interpolate_bilinear(image, (nh, nw)), out
 

@@ -11,6 +11,7 @@ sets it from ``MaskRCNNConfig.device`` for training, evaluation and the
 benchmarks. Both backends have the same functions, take NumPy arrays and
 return NumPy arrays.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -30,11 +31,13 @@ def set_device(device: str) -> None:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "cuda":
         from .cuda.device import require_cuda
+
         try:
             require_cuda()
         except RuntimeError as e:
-            raise RuntimeError(f"device 'cuda': {e} The CPU path is device='cpu' "
-                               "(the MaskRCNNConfig field, or --device cpu).") from None
+            raise RuntimeError(
+                f"device 'cuda': {e} The CPU path is device='cpu' (the MaskRCNNConfig field, or --device cpu)."
+            ) from None
     _device = device
 
 

@@ -16,6 +16,7 @@ S is the identity or the 1x1 downsample projection, so the gradient after the
 final ReLU goes *both* ways and the two input gradients add:
 ``dx = dF/dx^T g + dS/dx^T g``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,18 +58,19 @@ class BasicBlock(Module):
         self.bn2 = make_norm(norm, out_ch, groups)
         self.downsample = None
         if stride != 1 or in_ch != out_ch:
-            self.downsample = Sequential(Conv2d(in_ch, out_ch, 1, stride=stride, bias=False, rng=rng),
-                                         make_norm(norm, out_ch, groups))
+            self.downsample = Sequential(
+                Conv2d(in_ch, out_ch, 1, stride=stride, bias=False, rng=rng), make_norm(norm, out_ch, groups)
+            )
         self.relu_out = ReLU()
 
-    def forward(self, x):                                   # x (N, Cin, H, W)
-        out = self.relu1(self.bn1(self.conv1(x)))            # (N, C, H/s, W/s)
+    def forward(self, x):  # x (N, Cin, H, W)
+        out = self.relu1(self.bn1(self.conv1(x)))  # (N, C, H/s, W/s)
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu_out(out + identity)
 
     def backward(self, dy):
-        g = self.relu_out.backward(dy)                       # gradient of the residual sum
+        g = self.relu_out.backward(dy)  # gradient of the residual sum
         d = self.conv2.backward(self.bn2.backward(g))
         d_main = self.conv1.backward(self.bn1.backward(self.relu1.backward(d)))
         d_skip = g if self.downsample is None else self.downsample.backward(g)
@@ -97,8 +99,9 @@ class Bottleneck(Module):
         self.bn3 = make_norm(norm, out_ch, groups)
         self.downsample = None
         if stride != 1 or in_ch != out_ch:
-            self.downsample = Sequential(Conv2d(in_ch, out_ch, 1, stride=stride, bias=False, rng=rng),
-                                         make_norm(norm, out_ch, groups))
+            self.downsample = Sequential(
+                Conv2d(in_ch, out_ch, 1, stride=stride, bias=False, rng=rng), make_norm(norm, out_ch, groups)
+            )
         self.relu_out = ReLU()
 
     def forward(self, x):
@@ -150,7 +153,7 @@ class ResNet(Module):
         self.frozen_stages = c.frozen_stages
         self.out_channels = tuple(c.stage_channels)
         self._init_weights(rng)
-        for stage in self._stages()[:self.frozen_stages]:
+        for stage in self._stages()[: self.frozen_stages]:
             for m in stage:
                 m.freeze()
         self.train()
@@ -174,18 +177,18 @@ class ResNet(Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for stage in self._stages()[:self.frozen_stages]:
+        for stage in self._stages()[: self.frozen_stages]:
             for m in stage:
-                m.eval()          # frozen: no caches, no statistics updates
+                m.eval()  # frozen: no caches, no statistics updates
         return self
 
-    def forward(self, x):                                        # x (N, 3, H, W)
+    def forward(self, x):  # x (N, 3, H, W)
         feats = []
         for i, stage in enumerate(self._stages()):
             for m in stage:
                 x = m(x)
             if i > 0:
-                feats.append(x)                                  # C2..C5
+                feats.append(x)  # C2..C5
         return feats
 
     def backward(self, grads, need_input_grad: bool = False):
@@ -204,7 +207,7 @@ class ResNet(Module):
                 continue
             for m in reversed(stages[i]):
                 if m is self.conv1 and not need_input_grad:
-                    m.backward(d, need_input_grad=False)   # the image's gradient: not made at all
+                    m.backward(d, need_input_grad=False)  # the image's gradient: not made at all
                     return None
                 d = m.backward(d)
         return d if (need_input_grad and lowest_trainable == 0) else None

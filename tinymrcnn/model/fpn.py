@@ -19,6 +19,7 @@ the sum of both, and the levels must be visited bottom-up (P2 first), because
 The gradients dP_k arriving here are already sums over every consumer of
 that level (RPN head on P2..P6, RoI heads on P2..P5).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,10 +39,12 @@ class FPN(Module):
         super().__init__()
         rng = np.random.default_rng(0) if rng is None else rng
         from ..nn import Sequential
+
         # Sequential gives the "inner_blocks.0.weight" naming of torchvision.
         self.inner_blocks = Sequential(*[Conv2d(c, out_channels, 1, rng=rng) for c in in_channels])
-        self.layer_blocks = Sequential(*[Conv2d(out_channels, out_channels, 3, padding=1, rng=rng)
-                                         for _ in in_channels])
+        self.layer_blocks = Sequential(
+            *[Conv2d(out_channels, out_channels, 3, padding=1, rng=rng) for _ in in_channels]
+        )
         # torchvision initialises FPN convs with kaiming_uniform(a=1) and zero bias.
         for conv in list(self.inner_blocks) + list(self.layer_blocks):
             o, c, kh, kw = conv.weight.data.shape
@@ -62,7 +65,7 @@ class FPN(Module):
         lasts = [None] * n_levels
         lasts[-1] = last
         for k in range(n_levels - 2, -1, -1):
-            lateral = self.inner_blocks[k](feats[k])                     # (N, D, H_k, W_k)
+            lateral = self.inner_blocks[k](feats[k])  # (N, D, H_k, W_k)
             last = lateral + upsample_nearest(last, lateral.shape[-2:])  # top-down path
             lasts[k] = last
             outs[k] = self.layer_blocks[k](last)
@@ -86,7 +89,7 @@ class FPN(Module):
             d_levels[-1] = d5
         d_feats = [None] * n_levels
         d_last_below = None
-        for k in range(n_levels):                                        # bottom-up
+        for k in range(n_levels):  # bottom-up
             d_last = None
             if d_levels[k] is not None:
                 d_last = self.layer_blocks[k].backward(d_levels[k])

@@ -9,13 +9,14 @@ divided); boxes must overlap their image (a box partly outside is used as
 given, not clipped); labels must be whole numbers; masks must hold only 0
 and 1 (or be boolean).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from ..ops.resize import resized_shape
 
-IMAGE_TOLERANCE = 1e-3     # interpolation may overshoot [0, 1] by rounding
+IMAGE_TOLERANCE = 1e-3  # interpolation may overshoot [0, 1] by rounding
 
 
 def check_images(images, config) -> None:
@@ -37,8 +38,11 @@ def check_images(images, config) -> None:
             raise ValueError(f"image {i} has values in [{lo:g}, {hi:g}]; images must be float in [0, 1]{hint}")
         (h, w), _ = resized_shape(*img.shape[1:], config.min_size, config.max_size)
         if min(h, w) < 32:
-            raise ValueError(f"image {i} is {h}x{w} after resizing; the smallest side must be "
-                             "at least 32 pixels (the coarsest feature map has stride 32)")
+            raise ValueError(
+                f"image {i} is {h}x{w} after resizing; the smallest side must be "
+                "at least 32 pixels (the coarsest feature map has stride 32)"
+            )
+
 
 def check_targets(images, targets, config) -> None:
     """Raise ValueError naming the first target dict that does not fit its image."""
@@ -54,12 +58,16 @@ def check_targets(images, targets, config) -> None:
         if boxes.shape != (n, 4):
             raise ValueError(f"target {i}: boxes must be ({n}, 4) for {n} labels, got {boxes.shape}")
         if masks.shape != (n,) + img.shape[1:]:
-            raise ValueError(f"target {i}: masks must be ({n}, {img.shape[1]}, {img.shape[2]}) "
-                             f"to match the image, got {masks.shape}")
+            raise ValueError(
+                f"target {i}: masks must be ({n}, {img.shape[1]}, {img.shape[2]}) to match the image, got {masks.shape}"
+            )
         if not np.isfinite(boxes).all():
             raise ValueError(f"target {i}: boxes contain NaN or inf")
-        if n and not np.issubdtype(labels.dtype, np.integer) and not (
-                np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+        if (
+            n
+            and not np.issubdtype(labels.dtype, np.integer)
+            and not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))
+        ):
             raise ValueError(f"target {i}: labels must be whole numbers (class indices), got {labels.tolist()}")
         if n and (labels.min() < 1 or labels.max() >= k):
             raise ValueError(f"target {i}: labels must be in 1..{k - 1}, got {labels.min()}..{labels.max()}")
@@ -70,12 +78,16 @@ def check_targets(images, targets, config) -> None:
         outside = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= w) | (boxes[:, 1] >= h)
         if n and outside.any():
             bad = int(np.flatnonzero(outside)[0])
-            raise ValueError(f"target {i}: box {bad} {boxes[bad].tolist()} lies entirely outside the "
-                             f"{w}x{h} image (boxes are x1, y1, x2, y2 in pixels)")
+            raise ValueError(
+                f"target {i}: box {bad} {boxes[bad].tolist()} lies entirely outside the "
+                f"{w}x{h} image (boxes are x1, y1, x2, y2 in pixels)"
+            )
         if n and masks.dtype != np.bool_:
             m = np.asarray(masks)
             if not np.all((m == 0) | (m == 1)):
                 vals = np.unique(m)
                 shown = ", ".join(f"{v:g}" for v in vals[:6]) + (", ..." if len(vals) > 6 else "")
-                raise ValueError(f"target {i}: masks must hold only 0 and 1, got values {shown}"
-                                 " (threshold soft masks, or divide 0/255 masks by 255)")
+                raise ValueError(
+                    f"target {i}: masks must hold only 0 and 1, got values {shown}"
+                    " (threshold soft masks, or divide 0/255 masks by 255)"
+                )

@@ -12,6 +12,7 @@ object *given* that class. The smallest form of the head (conv - ReLU - deconv -
 Names follow torchvision's MaskRCNNHeads / MaskRCNNPredictor:
 ``mask_fcn1..N``, ``conv5_mask``, ``mask_fcn_logits``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,4 +59,4 @@ class MaskHead(Module):
         d = self.conv5_mask.backward(self.relu5.backward(self.mask_fcn_logits.backward(dy)))
         for i in range(self.num_convs, 0, -1):
             d = getattr(self, f"mask_fcn{i}").backward(getattr(self, f"relu{i}").backward(d))
-        return d                                                   # (R, D, m, m)
+        return d  # (R, D, m, m)

@@ -22,6 +22,7 @@ Nothing here knows about threads, devices or timers: ``tinymrcnn.runtime``
 sets those around the calls (and ``tinymrcnn.kernels`` picks CPU or GPU
 kernels for the ops every layer calls).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +50,7 @@ class Backbone(Module):
         self.fpn = FPN(self.body.out_channels, config.fpn_channels, rng)
 
     def forward(self, x):
-        return self.fpn(self.body(x))                       # [P2, P3, P4, P5, P6]
+        return self.fpn(self.body(x))  # [P2, P3, P4, P5, P6]
 
     def backward(self, d_levels):
         return self.body.backward(self.fpn.backward(d_levels))
@@ -71,8 +72,8 @@ class MaskRCNN(Module):
         self.backbone = Backbone(self.config, rng)
         self.rpn = RegionProposalNetwork(self.config, rng)
         self.roi_heads = RoIHeads(self.config, rng)
-        self.rng = np.random.default_rng(seed + 1)           # anchor / proposal sampling
-        self.loss_grads = None                               # set by forward_train, used by backward
+        self.rng = np.random.default_rng(seed + 1)  # anchor / proposal sampling
+        self.loss_grads = None  # set by forward_train, used by backward
         if self.config.dtype == "float64":
             self.to_dtype(np.float64)
 
@@ -94,10 +95,10 @@ class MaskRCNN(Module):
         check_images(images, self.config)
         check_targets(images, targets, self.config)
         self.train()
-        self.clear_cache()                                    # drop any unfinished step
-        x, sizes, targets = self.transform(images, targets, dtype=self.dtype)   # x (N, 3, H, W)
-        c_feats = self.backbone.body(x)                       # [C2..C5]
-        features = self.backbone.fpn(c_feats)                 # [P2..P6], (N, D, H/2^k, W/2^k)
+        self.clear_cache()  # drop any unfinished step
+        x, sizes, targets = self.transform(images, targets, dtype=self.dtype)  # x (N, 3, H, W)
+        c_feats = self.backbone.body(x)  # [C2..C5]
+        features = self.backbone.fpn(c_feats)  # [P2..P6], (N, D, H/2^k, W/2^k)
         proposals, rpn_out = self.rpn(features, sizes, x.shape[-2:])
         rpn_losses, rpn_grads = self.rpn.loss(rpn_out, targets, self.rng)
         head_losses, head_grads, _ = self.roi_heads.forward_train(features[:4], proposals, targets, self.rng)
@@ -124,9 +125,9 @@ class MaskRCNN(Module):
         for k in reversed(range(len(g["rpn"]))):
             d_rpn[k] = self.rpn.head.backward(g["rpn"][k])
         # where the branches meet: P2..P5 feed the RPN and both heads, P6 the RPN only
-        d_p = [d_rpn[k] + d_box[k] + d_mask[k] for k in range(len(d_box))] + d_rpn[len(d_box):]
-        d_c = self.backbone.fpn.backward(d_p)                 # [dP2..dP6] -> [dC2..dC5]
-        self.backbone.body.backward(d_c)                      # -> the stem (no image gradient)
+        d_p = [d_rpn[k] + d_box[k] + d_mask[k] for k in range(len(d_box))] + d_rpn[len(d_box) :]
+        d_c = self.backbone.fpn.backward(d_p)  # [dP2..dP6] -> [dC2..dC5]
+        self.backbone.body.backward(d_c)  # -> the stem (no image gradient)
 
     # ------------------------------------------------------------------ inference
     def _inference(self, images, trace=False):
@@ -156,7 +157,9 @@ class MaskRCNN(Module):
         mapper = LevelMapper(self.config.canonical_scale, self.config.canonical_level)
         rois = head_info["rois"]
         return {
-            "image": image, "transformed": x[0], "image_size": sizes[0],
+            "image": image,
+            "transformed": x[0],
+            "image_size": sizes[0],
             "features": {f"P{k + 2}": f[0] for k, f in enumerate(features)},
             "anchors": rpn_out["anchors"],
             "objectness": [o[0] for o in rpn_out["objectness"]],
@@ -194,13 +197,12 @@ class MaskRCNN(Module):
         if device is not None:
             config = config.replace(device=device)
         model = cls(config)
-        state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+        state = {k[len("model/") :]: v for k, v in arrays.items() if k.startswith("model/")}
         model.load_state_dict(state, strict=True)
         if return_extra:
             extra = {k: v for k, v in arrays.items() if not k.startswith("model/")}
             return model, extra, meta
         return model
-
 
 
 def binarize_masks(masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:

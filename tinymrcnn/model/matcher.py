@@ -7,6 +7,7 @@ docs/semantics.md#matcher and #sampler; the code follows torchvision's
 - RPN:      Matcher(0.7, 0.3, allow_low_quality_matches=True), sample 256, 50 % positive.
 - Box head: Matcher(0.5, 0.5, allow_low_quality_matches=False), sample 512, 25 % positive.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,15 +43,18 @@ class Matcher:
 
     def __init__(self, high_threshold: float, low_threshold: float, allow_low_quality_matches: bool = False):
         if not 0.0 <= low_threshold <= high_threshold <= 1.0:
-            raise ValueError("need 0 <= low_threshold <= high_threshold <= 1, "
-                             f"got low={low_threshold}, high={high_threshold}")
+            raise ValueError(
+                f"need 0 <= low_threshold <= high_threshold <= 1, got low={low_threshold}, high={high_threshold}"
+            )
         self.high_threshold = float(high_threshold)
         self.low_threshold = float(low_threshold)
         self.allow_low_quality_matches = bool(allow_low_quality_matches)
 
     def __repr__(self) -> str:
-        return (f"Matcher(high_threshold={self.high_threshold}, low_threshold={self.low_threshold}, "
-                f"allow_low_quality_matches={self.allow_low_quality_matches})")
+        return (
+            f"Matcher(high_threshold={self.high_threshold}, low_threshold={self.low_threshold}, "
+            f"allow_low_quality_matches={self.allow_low_quality_matches})"
+        )
 
     def __call__(self, iou: np.ndarray) -> np.ndarray:
         """iou (G, P) -> matches (P,) int64 (see the class docstring)."""
@@ -61,17 +65,17 @@ class Matcher:
         if num_pred == 0:
             return np.zeros(0, dtype=np.int64)
 
-        matched_vals = iou.max(axis=0)                                  # (P,) best IoU per prediction
-        matches = iou.argmax(axis=0).astype(np.int64)                   # (P,) first best GT
+        matched_vals = iou.max(axis=0)  # (P,) best IoU per prediction
+        matches = iou.argmax(axis=0).astype(np.int64)  # (P,) first best GT
         all_matches = matches.copy()
         matches[matched_vals < self.low_threshold] = self.BELOW_LOW_THRESHOLD
         between = (matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)
         matches[between] = self.BETWEEN_THRESHOLDS
 
         if self.allow_low_quality_matches:
-            best_per_gt = iou.max(axis=1)                               # (G,)
+            best_per_gt = iou.max(axis=1)  # (G,)
             claims = (iou == best_per_gt[:, None]) & (best_per_gt[:, None] > 0)  # (G, P)
-            claimed = claims.any(axis=0)                                # (P,)
+            claimed = claims.any(axis=0)  # (P,)
             matches[claimed] = all_matches[claimed]
         return matches
 
@@ -96,14 +100,18 @@ class BalancedPositiveNegativeSampler:
         self.positive_fraction = float(positive_fraction)
 
     def __repr__(self) -> str:
-        return (f"BalancedPositiveNegativeSampler(batch_size_per_image={self.batch_size_per_image}, "
-                f"positive_fraction={self.positive_fraction})")
+        return (
+            f"BalancedPositiveNegativeSampler(batch_size_per_image={self.batch_size_per_image}, "
+            f"positive_fraction={self.positive_fraction})"
+        )
 
     def __call__(self, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError("labels must be a 1-d integer array (>= 1 positive, 0 negative, -1 ignored), "
-                             f"got {getattr(labels, 'dtype', type(labels).__name__)} "
-                             f"{getattr(labels, 'shape', '')}")
+            raise ValueError(
+                "labels must be a 1-d integer array (>= 1 positive, 0 negative, -1 ignored), "
+                f"got {getattr(labels, 'dtype', type(labels).__name__)} "
+                f"{getattr(labels, 'shape', '')}"
+            )
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         positive = np.flatnonzero(labels >= 1)

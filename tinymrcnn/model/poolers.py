@@ -19,6 +19,7 @@ The pooler itself knows nothing of devices: it calls the ops
 (``tinymrcnn.ops.roi_align_levels`` and its backward), which run on the
 active kernels (``tinymrcnn.kernels``). RoI pooling runs on the CPU.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,8 +42,14 @@ class LevelMapper:
             exactly 112 px on P3 despite log2 rounding.
     """
 
-    def __init__(self, canonical_scale: float = 224.0, canonical_level: int = 4,
-                 k_min: int = 2, k_max: int = 5, eps: float = 1e-6):
+    def __init__(
+        self,
+        canonical_scale: float = 224.0,
+        canonical_level: int = 4,
+        k_min: int = 2,
+        k_max: int = 5,
+        eps: float = 1e-6,
+    ):
         if k_min > k_max:
             raise ValueError(f"k_min {k_min} > k_max {k_max}")
         self.canonical_scale = float(canonical_scale)
@@ -60,8 +67,7 @@ class LevelMapper:
             raise ValueError(f"boxes must have shape (K, 4), got {boxes.shape}")
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         with np.errstate(divide="ignore", invalid="ignore"):
-            k = np.floor(self.canonical_level + np.log2(np.sqrt(area) / self.canonical_scale)
-                         + self.eps)
+            k = np.floor(self.canonical_level + np.log2(np.sqrt(area) / self.canonical_scale) + self.eps)
         k = np.where(np.isnan(k), self.k_min, k)
         return np.clip(k, self.k_min, self.k_max).astype(np.int64)
 
@@ -89,8 +95,18 @@ class MultiScaleRoIAlign(Module):
         one per level (zeros for a level no RoI was assigned to).
     """
 
-    def __init__(self, output_size=7, sampling_ratio=2, aligned=False, op="roi_align", mode="avg",
-                 levels=(2, 3, 4, 5), canonical_scale=224.0, canonical_level=4, eps=1e-6):
+    def __init__(
+        self,
+        output_size=7,
+        sampling_ratio=2,
+        aligned=False,
+        op="roi_align",
+        mode="avg",
+        levels=(2, 3, 4, 5),
+        canonical_scale=224.0,
+        canonical_level=4,
+        eps=1e-6,
+    ):
         super().__init__()
         if op not in ("roi_align", "roi_pool"):
             raise ValueError(f'op must be "roi_align" or "roi_pool", got {op!r}')
@@ -101,8 +117,7 @@ class MultiScaleRoIAlign(Module):
         self.aligned = bool(aligned)
         self.op, self.mode = op, mode
         self.levels = tuple(int(k) for k in levels)
-        self.mapper = LevelMapper(canonical_scale, canonical_level, min(self.levels),
-                                  max(self.levels), eps)
+        self.mapper = LevelMapper(canonical_scale, canonical_level, min(self.levels), max(self.levels), eps)
 
     def map_levels(self, rois: np.ndarray) -> np.ndarray:
         """The FPN level (2..5) each RoI pools from: (K,) int64."""
@@ -115,16 +130,16 @@ class MultiScaleRoIAlign(Module):
 
     def forward(self, features, rois):
         if len(features) != len(self.levels):
-            raise ValueError(f"expected {len(self.levels)} feature maps (levels {self.levels}), "
-                             f"got {len(features)}")
+            raise ValueError(f"expected {len(self.levels)} feature maps (levels {self.levels}), got {len(features)}")
         features = self.prepare(features)
         rois = check_rois(rois, features[0].shape[0])
-        level = self.map_levels(rois) - min(self.levels)              # (K,) index into features
+        level = self.map_levels(rois) - min(self.levels)  # (K,) index into features
         self.save(features, rois, level)
-        if self.op == "roi_align":      # one pass over all RoIs, each from its own level, in RoI order
-            return roi_align_levels(features, rois, level, self.scales, self.output_size,
-                                    self.sampling_ratio, self.aligned, self.mode)
-        out = None                      # roi_pool: one call per level, results put back in RoI order
+        if self.op == "roi_align":  # one pass over all RoIs, each from its own level, in RoI order
+            return roi_align_levels(
+                features, rois, level, self.scales, self.output_size, self.sampling_ratio, self.aligned, self.mode
+            )
+        out = None  # roi_pool: one call per level, results put back in RoI order
         for i, f in enumerate(features):
             idx = np.flatnonzero(level == i)
             y = roi_pool(f, rois[idx], self.output_size, self.scales[i])
@@ -135,12 +150,17 @@ class MultiScaleRoIAlign(Module):
     def backward(self, dy):
         features, rois, level = self.restore()
         if self.op == "roi_align":
-            return roi_align_levels_backward(dy, features, rois, level, self.scales, self.output_size,
-                                             self.sampling_ratio, self.aligned, self.mode)
-        return [roi_pool_backward(np.ascontiguousarray(dy[level == i]), f, rois[level == i],
-                                  self.output_size, self.scales[i]) for i, f in enumerate(features)]
+            return roi_align_levels_backward(
+                dy, features, rois, level, self.scales, self.output_size, self.sampling_ratio, self.aligned, self.mode
+            )
+        return [
+            roi_pool_backward(
+                np.ascontiguousarray(dy[level == i]), f, rois[level == i], self.output_size, self.scales[i]
+            )
+            for i, f in enumerate(features)
+        ]
 
     @property
     def scales(self):
         """Each level's spatial scale: level k has stride 2^k."""
-        return [2.0 ** -k for k in self.levels]
+        return [2.0**-k for k in self.levels]

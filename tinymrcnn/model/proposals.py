@@ -29,6 +29,7 @@ With ``trace=True`` every step is recorded, one dict per image:
 positive / negative / ignored with the Matcher, sample a balanced minibatch and
 encode the positives' regression targets.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,70 +42,91 @@ from ..ops.nms import batched_nms
 PROPOSAL_STAGES = ("topk", "decoded", "clipped", "remove_small", "score_thresh", "nms", "final")
 
 
-def generate_proposals(objectness, deltas, anchors, image_sizes, pre_nms_top_n: int, post_nms_top_n: int,
-                       nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3,
-                       box_coder: BoxCoder | None = None, trace: bool = False):
+def generate_proposals(
+    objectness,
+    deltas,
+    anchors,
+    image_sizes,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float = 0.7,
+    score_thresh: float = 0.0,
+    min_size: float = 1e-3,
+    box_coder: BoxCoder | None = None,
+    trace: bool = False,
+):
     """Proposals for a batch of images. Per level: objectness (N, H_l*W_l*A) logits flattened in
     (H, W, A) order, deltas (N, H_l*W_l*A, 4), anchors (H_l*W_l*A, 4) (AnchorGenerator.anchors_per_level).
-    image_sizes: N pairs (h, w), each image's size before padding (boxes are clipped to it)
-    box_coder:  BoxCoder, default weights (1, 1, 1, 1) (the RPN's)
-    trace:      also record every step (inspect(), the notebooks, the grader; module docstring)
-    Returns (boxes, scores, records): per image, boxes[i] (R_i, 4) in the dtype of ``deltas``
-    and scores[i] (R_i,) sigmoid probabilities in decreasing order; records None unless trace.
+    image_sizes: N pairs (h, w), the sizes before padding (boxes are clipped to them); box_coder: the RPN's.
+    Returns (boxes, scores, records): per image, boxes[i] (R_i, 4) in the dtype of ``deltas`` and scores[i]
+    (R_i,) sigmoid probabilities in decreasing order; records: every step if ``trace`` (module docstring).
     """
     box_coder = box_coder if box_coder is not None else BoxCoder((1.0, 1.0, 1.0, 1.0))
     num_images, num_per_level, pre_nms_top_n, post_nms_top_n = _check_proposal_inputs(
-        objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n, min_size)
-    level_offsets = np.cumsum([0, *num_per_level[:-1]])                   # each level's first anchor index
+        objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n, min_size
+    )
+    level_offsets = np.cumsum([0, *num_per_level[:-1]])  # each level's first anchor index
     # --- exercise: proposals ---
     all_boxes, all_scores, records = [], [], []
     for i in range(num_images):
         # 1. top-k logits per level (stable: equal logits keep anchor order)
         parts = []
         for level, (obj, dlt, anc) in enumerate(zip(objectness, deltas, anchors)):
-            logits = obj[i]                                             # (n_l,)
-            top = np.argsort(-logits, kind="stable")[:pre_nms_top_n]    # (k_l,)
-            parts.append((top + level_offsets[level], np.full(top.size, level, np.int64),
-                          logits[top], dlt[i][top], anc[top]))
+            logits = obj[i]  # (n_l,)
+            top = np.argsort(-logits, kind="stable")[:pre_nms_top_n]  # (k_l,)
+            parts.append((top + level_offsets[level], np.full(top.size, level), logits[top], dlt[i][top], anc[top]))
         anchor_index, levels, logits, cand_deltas, cand_anchors = (np.concatenate(p) for p in zip(*parts))
-        scores = expit(logits)                                          # (K,)
+        scores = expit(logits)  # (K,)
         topk = np.arange(anchor_index.size)
         # 2. decode and clip
         decoded = box_coder.decode(cand_deltas, cand_anchors.astype(cand_deltas.dtype, copy=False))  # (K, 4)
         clipped = clip_boxes_to_image(decoded, pair(image_sizes[i], "image_sizes[i]"))
 
-        record = {"num_anchors_per_level": list(num_per_level), "counts": {}}
-
-        def note(name, rows, boxes=clipped, **extra):                  # the trace of one step
-            if trace:
-                record["counts"][name] = int(rows.size)
-                record[name] = {"rows": rows, "boxes": boxes[rows], "scores": scores[rows], "levels": levels[rows],
-                                "anchor_index": anchor_index[rows], **extra}
-
-        note("topk", topk, cand_anchors, logits=logits, deltas=cand_deltas)
-        note("decoded", topk, decoded)
-        note("clipped", topk)
+        steps = _Steps(trace, num_per_level, clipped, scores=scores, levels=levels, anchor_index=anchor_index)
+        steps.note("topk", topk, cand_anchors, logits=logits, deltas=cand_deltas)
+        steps.note("decoded", topk, decoded)
+        steps.note("clipped", topk)
         # 3. remove small boxes, 4. score threshold (on probabilities)
         rows = remove_small_boxes(clipped, min_size)
-        note("remove_small", rows)
+        steps.note("remove_small", rows)
         rows = rows[scores[rows] >= score_thresh]
-        note("score_thresh", rows)
+        steps.note("score_thresh", rows)
         # 5. NMS independently per level; the result is sorted by decreasing score over all levels
         rows = rows[batched_nms(clipped[rows], scores[rows], levels[rows], nms_thresh)]
-        note("nms", rows)
+        steps.note("nms", rows)
         # 6. the best post_nms_top_n over all levels
         rows = rows[:post_nms_top_n]
-        note("final", rows)
+        steps.note("final", rows)
         all_boxes.append(clipped[rows])
         all_scores.append(scores[rows])
         if trace:
-            records.append(record)
+            records.append(steps.record)
     return all_boxes, all_scores, (records if trace else None)
     # --- end exercise ---
 
 
-def assign_rpn_targets(anchors: np.ndarray, gt_boxes: np.ndarray, matcher, sampler, box_coder: BoxCoder,
-                       rng: np.random.Generator):
+class _Steps:
+    """The trace of the proposal layer for one image (``trace=True``): each step's surviving rows."""
+
+    def __init__(self, enabled, num_per_level, boxes, **per_candidate):
+        self.enabled, self.boxes, self.per_candidate = enabled, boxes, per_candidate
+        self.record = {"num_anchors_per_level": list(num_per_level), "counts": {}}
+
+    def note(self, name, rows, boxes=None, **extra):
+        if self.enabled:
+            boxes = self.boxes if boxes is None else boxes
+            self.record["counts"][name] = int(rows.size)
+            self.record[name] = {
+                "rows": rows,
+                "boxes": boxes[rows],
+                **{k: v[rows] for k, v in self.per_candidate.items()},
+                **extra,
+            }
+
+
+def assign_rpn_targets(
+    anchors: np.ndarray, gt_boxes: np.ndarray, matcher, sampler, box_coder: BoxCoder, rng: np.random.Generator
+):
     """The anchor target layer for one image.
 
     anchors (A, 4): all levels concatenated (the order of the flattened objectness);
@@ -126,7 +148,7 @@ def assign_rpn_targets(anchors: np.ndarray, gt_boxes: np.ndarray, matcher, sampl
     if gt_boxes.shape[0] == 0:
         matches = np.full(num_anchors, matcher.BELOW_LOW_THRESHOLD, dtype=np.int64)
     else:
-        matches = matcher(box_iou(gt_boxes, anchors))                    # (A,)
+        matches = matcher(box_iou(gt_boxes, anchors))  # (A,)
     match_labels = np.where(matches >= 0, 1, np.where(matches == matcher.BELOW_LOW_THRESHOLD, 0, -1))
     pos_mask, neg_mask = sampler(match_labels.astype(np.int64), rng)
 
@@ -157,8 +179,10 @@ def _check_proposal_inputs(objectness, deltas, anchors, image_sizes, pre_nms_top
     counts = _count(pre_nms_top_n, "pre_nms_top_n"), _count(post_nms_top_n, "post_nms_top_n")
     num_levels = len(anchors)
     if num_levels == 0 or len(objectness) != num_levels or len(deltas) != num_levels:
-        raise ValueError(f"objectness, deltas and anchors need one entry per level, got "
-                         f"{len(objectness)}, {len(deltas)} and {num_levels}")
+        raise ValueError(
+            f"objectness, deltas and anchors need one entry per level, got "
+            f"{len(objectness)}, {len(deltas)} and {num_levels}"
+        )
     num_images = len(image_sizes)
     num_per_level = []
     for level, (obj, dlt, anc) in enumerate(zip(objectness, deltas, anchors)):
@@ -167,8 +191,10 @@ def _check_proposal_inputs(objectness, deltas, anchors, image_sizes, pre_nms_top
         check_boxes(anc, f"anchors[{level}]")
         n = anc.shape[0]
         if obj.shape != (num_images, n) or dlt.shape != (num_images, n, 4):
-            raise ValueError(f"level {level}: expected objectness ({num_images}, {n}) and deltas "
-                             f"({num_images}, {n}, 4) for {num_images} image(s) and {n} anchors, "
-                             f"got {obj.shape} and {dlt.shape}")
+            raise ValueError(
+                f"level {level}: expected objectness ({num_images}, {n}) and deltas "
+                f"({num_images}, {n}, 4) for {num_images} image(s) and {n} anchors, "
+                f"got {obj.shape} and {dlt.shape}"
+            )
         num_per_level.append(n)
     return (num_images, num_per_level, *counts)

@@ -14,6 +14,7 @@ head's (N, A, H, W) / (N, 4A, H, W) layout. ``MaskRCNN.backward`` hands them to
 by the levels, so its weight gradients add up). No gradient flows through
 the proposals themselves (the paper, and torchvision, detach them).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,7 +82,8 @@ class RegionProposalNetwork(Module):
         self.anchor_generator = AnchorGenerator(
             sizes=tuple((s,) for s in c.anchor_sizes),
             aspect_ratios=(tuple(c.aspect_ratios),) * len(c.anchor_sizes),
-            cell_centered=c.anchor_cell_centered)
+            cell_centered=c.anchor_cell_centered,
+        )
         self.head = RPNHead(c.fpn_channels, c.num_anchors_per_location, rng)
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(c.rpn_fg_iou_thresh, c.rpn_bg_iou_thresh, allow_low_quality_matches=True)
@@ -105,19 +107,37 @@ class RegionProposalNetwork(Module):
                 "proposal_scores" and "proposal_steps" (None unless trace).
         """
         c = self.config
-        head_outputs = [self.head(p) for p in features]         # one call per level, shared weights
+        head_outputs = [self.head(p) for p in features]  # one call per level, shared weights
         shapes = [logits.shape for logits, _ in head_outputs]
         objectness, deltas = zip(*(flatten_head_outputs(l, d) for l, d in head_outputs))
-        anchors = self.anchor_generator.anchors_per_level(padded_size, [s[-2:] for s in shapes],
-                                                          dtype=features[0].dtype)
-        top_n = ((c.rpn_pre_nms_top_n_train, c.rpn_post_nms_top_n_train) if self.training
-                 else (c.rpn_pre_nms_top_n_test, c.rpn_post_nms_top_n_test))
+        anchors = self.anchor_generator.anchors_per_level(
+            padded_size, [s[-2:] for s in shapes], dtype=features[0].dtype
+        )
+        top_n = (
+            (c.rpn_pre_nms_top_n_train, c.rpn_post_nms_top_n_train)
+            if self.training
+            else (c.rpn_pre_nms_top_n_test, c.rpn_post_nms_top_n_test)
+        )
         proposals, scores, steps = generate_proposals(
-            list(objectness), list(deltas), anchors, image_sizes, *top_n, nms_thresh=c.rpn_nms_thresh,
-            score_thresh=c.rpn_score_thresh, min_size=c.rpn_min_size, box_coder=self.box_coder,
-            trace=trace)
-        return proposals, {"objectness": list(objectness), "rpn_deltas": list(deltas), "anchors": anchors,
-                           "head_shapes": shapes, "proposal_scores": scores, "proposal_steps": steps}
+            list(objectness),
+            list(deltas),
+            anchors,
+            image_sizes,
+            *top_n,
+            nms_thresh=c.rpn_nms_thresh,
+            score_thresh=c.rpn_score_thresh,
+            min_size=c.rpn_min_size,
+            box_coder=self.box_coder,
+            trace=trace,
+        )
+        return proposals, {
+            "objectness": list(objectness),
+            "rpn_deltas": list(deltas),
+            "anchors": anchors,
+            "head_shapes": shapes,
+            "proposal_scores": scores,
+            "proposal_steps": steps,
+        }
 
     def loss(self, out, targets, rng):
         """The RPN's losses and their gradients with respect to the head outputs.
@@ -132,13 +152,22 @@ class RegionProposalNetwork(Module):
             grads: per level, (d_logits (N, A, H, W), d_deltas (N, 4A, H, W)),
                 ready for ``self.head.backward``.
         """
-        anchors = np.concatenate(out["anchors"], axis=0)                   # (A_total, 4)
-        labels, reg_targets = zip(*(assign_rpn_targets(anchors, t["boxes"], self.matcher, self.sampler,
-                                                       self.box_coder, rng) for t in targets))
+        anchors = np.concatenate(out["anchors"], axis=0)  # (A_total, 4)
+        labels, reg_targets = zip(
+            *(assign_rpn_targets(anchors, t["boxes"], self.matcher, self.sampler, self.box_coder, rng) for t in targets)
+        )
         (obj, box), (d_obj, d_deltas) = losses.rpn_loss(
-            np.concatenate(out["objectness"], axis=1), np.concatenate(out["rpn_deltas"], axis=1),
-            np.stack(labels).astype(np.int64), np.stack(reg_targets), beta=self.config.rpn_smooth_l1_beta)
+            np.concatenate(out["objectness"], axis=1),
+            np.concatenate(out["rpn_deltas"], axis=1),
+            np.stack(labels).astype(np.int64),
+            np.stack(reg_targets),
+            beta=self.config.rpn_smooth_l1_beta,
+        )
         splits = np.cumsum([o.shape[1] for o in out["objectness"]])[:-1]
-        grads = [unflatten_head_grads(gl, gd, shape) for gl, gd, shape in
-                 zip(np.split(d_obj, splits, axis=1), np.split(d_deltas, splits, axis=1), out["head_shapes"])]
+        grads = [
+            unflatten_head_grads(gl, gd, shape)
+            for gl, gd, shape in zip(
+                np.split(d_obj, splits, axis=1), np.split(d_deltas, splits, axis=1), out["head_shapes"]
+            )
+        ]
         return {"loss_objectness": obj, "loss_rpn_box_reg": box}, grads

@@ -9,6 +9,7 @@ After the network: scale the boxes back to the original image and paste
 each 28x28 mask probability map into the original image (padding 1,
 docs/semantics.md#pasting-masks-into-the-image).
 """
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,7 @@ class Transform:
         W = int(math.ceil(max(w for _, w in sizes) / s) * s)
         batch = np.zeros((len(images), 3, H, W), dtype=dtype)
         for i, x in enumerate(resized):
-            batch[i, :, :x.shape[1], :x.shape[2]] = x
+            batch[i, :, : x.shape[1], : x.shape[2]] = x
         return batch, sizes, (new_targets if targets is not None else None)
 
     @staticmethod
@@ -80,8 +81,9 @@ def expand_boxes(boxes: np.ndarray, scale: float) -> np.ndarray:
     return np.stack([cx - w_half, cy - h_half, cx + w_half, cy + h_half], axis=1)
 
 
-def paste_masks_in_image(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
-                         padding: int = 1) -> np.ndarray:
+def paste_masks_in_image(
+    masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], padding: int = 1
+) -> np.ndarray:
     """Paste (D, M, M) mask probabilities into (D, H, W) canvases (see docs/semantics.md).
 
     The M x M map covers the box. It is padded by one zero pixel on each side
@@ -106,5 +108,5 @@ def paste_masks_in_image(masks: np.ndarray, boxes: np.ndarray, image_size: tuple
         xa, xb = max(x1, 0), min(x2 + 1, W)
         ya, yb = max(y1, 0), min(y2 + 1, H)
         if xb > xa and yb > ya:
-            out[i, ya:yb, xa:xb] = resized[ya - y1:yb - y1, xa - x1:xb - x1]
+            out[i, ya:yb, xa:xb] = resized[ya - y1 : yb - y1, xa - x1 : xb - x1]
     return out

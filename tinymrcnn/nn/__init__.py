@@ -1,4 +1,5 @@
 """Layers with hand-derived backward passes (see module.py for the protocol)."""
+
 from .activation import ReLU, Sigmoid
 from .conv import Conv2d, ConvTranspose2d
 from .linear import Flatten, Linear

@@ -1,8 +1,9 @@
 """Elementwise activations: ReLU and Sigmoid.
 
-    ReLU:     y = max(x, 0),          dx = dy * [x > 0]      (0 at x = 0, as torch)
-    Sigmoid:  y = 1 / (1 + e^-x),     dx = dy * y (1 - y)
+ReLU:     y = max(x, 0),          dx = dy * [x > 0]      (0 at x = 0, as torch)
+Sigmoid:  y = 1 / (1 + e^-x),     dx = dy * y (1 - y)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,7 @@ class ReLU(Module):
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         (mask,) = self.restore()
-        return dy * mask                     # the mask is cast to 0 / 1 in dy's dtype
+        return dy * mask  # the mask is cast to 0 / 1 in dy's dtype
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

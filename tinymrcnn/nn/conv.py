@@ -8,6 +8,7 @@ adds dW and db into the parameters' ``.grad`` and returns dx. The math of both
 backward passes is docs/derivations/conv.md. Where the ops compute (CPU or
 GPU kernels) is chosen by ``tinymrcnn.kernels``, not here.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,24 +32,35 @@ def _torch_default_init(rng, weight_shape, fan_in, bias_size):
 class _ConvBase(Module):
     """What Conv2d and ConvTranspose2d share: arguments, PyTorch's default init, the gradients' sink."""
 
-    transposed = False        # weight (C_in, C_out, kh, kw) instead of (O, C, kh, kw)
+    transposed = False  # weight (C_in, C_out, kh, kw) instead of (O, C, kh, kw)
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 bias: bool = True, rng: np.random.Generator | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias: bool = True,
+        rng: np.random.Generator | None = None,
+    ):
         super().__init__()
         if in_channels < 1 or out_channels < 1:
-            raise ValueError(f"{type(self).__name__} needs positive channel counts, "
-                             f"got in={in_channels}, out={out_channels}")
+            raise ValueError(
+                f"{type(self).__name__} needs positive channel counts, got in={in_channels}, out={out_channels}"
+            )
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
         self.padding = pair(padding, "padding")
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
-            raise ValueError(f"{type(self).__name__}: kernel_size and stride must be positive and "
-                             f"padding non-negative, got {self.kernel_size}, {self.stride}, {self.padding}")
+            raise ValueError(
+                f"{type(self).__name__}: kernel_size and stride must be positive and "
+                f"padding non-negative, got {self.kernel_size}, {self.stride}, {self.padding}"
+            )
         rng = np.random.default_rng(0) if rng is None else rng
         kh, kw = self.kernel_size
-        if self.transposed:   # PyTorch's fan_in reads dimension 1 of the weight: C_out * kh * kw
+        if self.transposed:  # PyTorch's fan_in reads dimension 1 of the weight: C_out * kh * kw
             shape, fan_in = (in_channels, out_channels, kh, kw), out_channels * kh * kw
         else:
             shape, fan_in = (out_channels, in_channels, kh, kw), in_channels * kh * kw
@@ -67,9 +79,11 @@ class _ConvBase(Module):
             self.bias.accumulate(db)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, "
-                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"bias={self.bias is not None})")
+        return (
+            f"{type(self).__name__}({self.in_channels}, {self.out_channels}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"bias={self.bias is not None})"
+        )
 
 
 class Conv2d(_ConvBase):

@@ -21,6 +21,7 @@ In eval mode nothing is cached (inference keeps no activations), and calling
 Parameters are plain NumPy arrays wrapped in :class:`Parameter`; their shapes
 follow PyTorch so that weights move between the two without transposes.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -90,7 +91,8 @@ class Module:
             raise RuntimeError(
                 f"{type(self).__name__}.backward called with no saved forward pass: "
                 "run forward in train() mode first (eval mode keeps no caches), and call "
-                "backward once per forward call")
+                "backward once per forward call"
+            )
         return self._caches.pop()
 
     def clear_cache(self) -> None:

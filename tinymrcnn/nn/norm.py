@@ -21,6 +21,7 @@ For a set of m values normalised together (a BN channel or a GN group):
 with sigma = sqrt(var + eps). The derivation is in docs/derivations/normalization.md.
 Parameter and buffer names follow PyTorch so state dicts load unchanged.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -121,7 +122,7 @@ class BatchNorm2d(Module):
         """x (N, C, H, W) -> y (N, C, H, W)."""
         _check_nchw(x, self.num_features, "BatchNorm2d")
         dt = x.dtype
-        gamma = self.weight.data.astype(dt, copy=False)[:, None, None]    # (C, 1, 1)
+        gamma = self.weight.data.astype(dt, copy=False)[:, None, None]  # (C, 1, 1)
         beta = self.bias.data.astype(dt, copy=False)[:, None, None]
         if not self.training:
             inv_std = (1.0 / np.sqrt(self.running_var + self.eps)).astype(dt)
@@ -130,13 +131,14 @@ class BatchNorm2d(Module):
         N, _, H, W = x.shape
         m = N * H * W
         if m < 2:
-            raise ValueError(f"BatchNorm2d in training needs more than one value per channel, "
-                             f"got input shape {x.shape}")
-        mu = x.mean(axis=(0, 2, 3), keepdims=True)                   # (1, C, 1, 1)
+            raise ValueError(
+                f"BatchNorm2d in training needs more than one value per channel, got input shape {x.shape}"
+            )
+        mu = x.mean(axis=(0, 2, 3), keepdims=True)  # (1, C, 1, 1)
         xc = x - mu
-        var = (xc * xc).mean(axis=(0, 2, 3), keepdims=True)          # biased, for normalising
+        var = (xc * xc).mean(axis=(0, 2, 3), keepdims=True)  # biased, for normalising
         inv_std = 1.0 / np.sqrt(var + dt.type(self.eps))
-        xhat = xc * inv_std                                          # (N, C, H, W)
+        xhat = xc * inv_std  # (N, C, H, W)
         # Running statistics (PyTorch: unbiased variance, momentum on the new value).
         mom = self.momentum
         rm, rv = self.running_mean, self.running_var
@@ -187,16 +189,15 @@ class GroupNorm(Module):
         """x (N, C, *) -> y (N, C, *)."""
         check_float_array(x, "GroupNorm input")
         if x.ndim < 2 or x.shape[1] != self.num_channels:
-            raise ValueError(f"GroupNorm expects input (N, {self.num_channels}, ...), "
-                             f"got shape {x.shape}")
+            raise ValueError(f"GroupNorm expects input (N, {self.num_channels}, ...), got shape {x.shape}")
         dt = x.dtype
         N, G = x.shape[0], self.num_groups
-        xg = x.reshape(N, G, -1)                                   # (N, G, C/G * H * W)
-        mu = xg.mean(axis=2, keepdims=True)                        # (N, G, 1)
+        xg = x.reshape(N, G, -1)  # (N, G, C/G * H * W)
+        mu = xg.mean(axis=2, keepdims=True)  # (N, G, 1)
         xc = xg - mu
-        var = (xc * xc).mean(axis=2, keepdims=True)                # biased
+        var = (xc * xc).mean(axis=2, keepdims=True)  # biased
         inv_std = 1.0 / np.sqrt(var + dt.type(self.eps))
-        xhat = (xc * inv_std).reshape(x.shape)                     # (N, C, *)
+        xhat = (xc * inv_std).reshape(x.shape)  # (N, C, *)
         bshape = (1, self.num_channels) + (1,) * (x.ndim - 2)
         gamma = self.weight.data.astype(dt, copy=False).reshape(bshape)
         beta = self.bias.data.astype(dt, copy=False).reshape(bshape)
@@ -206,14 +207,13 @@ class GroupNorm(Module):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """dy (N, C, *) -> dx; adds dgamma = sum(dy * xhat), dbeta = sum(dy) per channel."""
         xhat, inv_std = self.restore()
-        axes = (0,) + tuple(range(2, dy.ndim))                     # all but the channel axis
+        axes = (0,) + tuple(range(2, dy.ndim))  # all but the channel axis
         self.weight.accumulate((dy * xhat).sum(axis=axes))
         self.bias.accumulate(dy.sum(axis=axes))
         bshape = (1, self.num_channels) + (1,) * (dy.ndim - 2)
         dxhat = dy * self.weight.data.astype(dy.dtype, copy=False).reshape(bshape)
         N, G = dy.shape[0], self.num_groups
-        dx = _normalized_backward(dxhat.reshape(N, G, -1), xhat.reshape(N, G, -1),
-                                  inv_std, axes=2)
+        dx = _normalized_backward(dxhat.reshape(N, G, -1), xhat.reshape(N, G, -1), inv_std, axes=2)
         return dx.reshape(dy.shape)
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ Two implementations with the same signatures, tested against each other:
 ``max_pool2d_reference`` / ``max_pool2d_backward_reference`` (NumPy, readable)
 and ``max_pool2d`` / ``max_pool2d_backward`` (Numba, parallel over planes).
 """
+
 from __future__ import annotations
 
 import numba
@@ -44,12 +45,13 @@ def _pool_geometry(x_shape, kernel_size, stride, padding):
     if sh < 1 or sw < 1:
         raise ValueError(f"max_pool2d stride must be positive, got {(sh, sw)}")
     if ph < 0 or pw < 0 or 2 * ph > kh or 2 * pw > kw:
-        raise ValueError(f"max_pool2d padding must be between 0 and half the kernel size "
-                         f"(as PyTorch), got padding {(ph, pw)} for kernel {(kh, kw)}")
+        raise ValueError(
+            f"max_pool2d padding must be between 0 and half the kernel size "
+            f"(as PyTorch), got padding {(ph, pw)} for kernel {(kh, kw)}"
+        )
     _, _, H, W = x_shape
     if kh > H + 2 * ph or kw > W + 2 * pw:
-        raise ValueError(f"max_pool2d kernel {(kh, kw)} is larger than the padded input "
-                         f"{(H + 2 * ph, W + 2 * pw)}")
+        raise ValueError(f"max_pool2d kernel {(kh, kw)} is larger than the padded input {(H + 2 * ph, W + 2 * pw)}")
     OH = (H + 2 * ph - kh) // sh + 1
     OW = (W + 2 * pw - kw) // sw + 1
     return (kh, kw), (sh, sw), (ph, pw), (OH, OW)
@@ -62,6 +64,7 @@ def _check_input(x):
 # ---------------------------------------------------------------------------
 # Readable reference (NumPy)
 # ---------------------------------------------------------------------------
+
 
 def max_pool2d_reference(x: np.ndarray, kernel_size, stride=None, padding=0):
     """Max pooling in plain NumPy: one vectorised comparison per kernel offset.
@@ -78,16 +81,16 @@ def max_pool2d_reference(x: np.ndarray, kernel_size, stride=None, padding=0):
     (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _pool_geometry(x.shape, kernel_size, stride, padding)
     N, C, H, W = x.shape
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
-    rows = np.arange(OH) * sh - ph                      # top row of each window (unpadded coords)
+    rows = np.arange(OH) * sh - ph  # top row of each window (unpadded coords)
     cols = np.arange(OW) * sw - pw
     y = np.full((N, C, OH, OW), -np.inf, dtype=x.dtype)
     argmax = np.zeros((N, C, OH, OW), dtype=np.int64)
-    for di in range(kh):                                # row-major scan of the window offsets
+    for di in range(kh):  # row-major scan of the window offsets
         for dj in range(kw):
-            v = xp[:, :, di: di + sh * (OH - 1) + 1: sh, dj: dj + sw * (OW - 1) + 1: sw]
-            better = v > y                              # strictly greater: the first max wins
+            v = xp[:, :, di : di + sh * (OH - 1) + 1 : sh, dj : dj + sw * (OW - 1) + 1 : sw]
+            better = v > y  # strictly greater: the first max wins
             y = np.where(better, v, y)
-            flat = (rows[:, None] + di) * W + (cols[None, :] + dj)   # (OH, OW)
+            flat = (rows[:, None] + di) * W + (cols[None, :] + dj)  # (OH, OW)
             argmax = np.where(better, flat, argmax)
     return y, argmax
 
@@ -106,16 +109,17 @@ def max_pool2d_backward_reference(dy: np.ndarray, argmax: np.ndarray, input_shap
 def _check_backward_args(dy, argmax, input_shape):
     check_float_array(dy, "max_pool2d grad_output", ndim=4, finite=False)
     if argmax.shape != dy.shape:
-        raise ValueError(f"max_pool2d_backward: argmax shape {argmax.shape} != grad_output "
-                         f"shape {dy.shape}")
+        raise ValueError(f"max_pool2d_backward: argmax shape {argmax.shape} != grad_output shape {dy.shape}")
     if len(input_shape) != 4 or tuple(input_shape[:2]) != dy.shape[:2]:
-        raise ValueError(f"max_pool2d_backward: input_shape {tuple(input_shape)} does not "
-                         f"match grad_output shape {dy.shape}")
+        raise ValueError(
+            f"max_pool2d_backward: input_shape {tuple(input_shape)} does not match grad_output shape {dy.shape}"
+        )
 
 
 # ---------------------------------------------------------------------------
 # Fast path (Numba): the same scan, one plane per parallel iteration
 # ---------------------------------------------------------------------------
+
 
 @numba.njit(cache=True, parallel=True)
 def _max_pool2d_kernel(x, kh, kw, sh, sw, ph, pw, y, argmax):
@@ -137,7 +141,7 @@ def _max_pool2d_kernel(x, kh, kw, sh, sw, ph, pw, y, argmax):
                 for h in range(h0, h1):
                     for w in range(w0, w1):
                         v = x[p, h, w]
-                        if v > best:                    # strictly greater: first max wins
+                        if v > best:  # strictly greater: first max wins
                             best = v
                             best_idx = h * W + w
                 y[p, i, j] = best
@@ -161,8 +165,7 @@ def max_pool2d(x: np.ndarray, kernel_size, stride=None, padding=0):
     N, C, H, W = x.shape
     y = np.empty((N * C, OH, OW), dtype=x.dtype)
     argmax = np.empty((N * C, OH, OW), dtype=np.int64)
-    _max_pool2d_kernel(np.ascontiguousarray(x).reshape(N * C, H, W), kh, kw, sh, sw, ph, pw,
-                       y, argmax)
+    _max_pool2d_kernel(np.ascontiguousarray(x).reshape(N * C, H, W), kh, kw, sh, sw, ph, pw, y, argmax)
     return y.reshape(N, C, OH, OW), argmax.reshape(N, C, OH, OW)
 
 
@@ -172,8 +175,9 @@ def max_pool2d_backward(dy: np.ndarray, argmax: np.ndarray, input_shape) -> np.n
     N, C, H, W = input_shape
     P = N * C
     dx = np.zeros((P, H * W), dtype=dy.dtype)
-    _max_pool2d_backward_kernel(np.ascontiguousarray(dy).reshape(P, -1),
-                                np.ascontiguousarray(argmax).reshape(P, -1), dx)
+    _max_pool2d_backward_kernel(
+        np.ascontiguousarray(dy).reshape(P, -1), np.ascontiguousarray(argmax).reshape(P, -1), dx
+    )
     return dx.reshape(N, C, H, W)
 
 

@@ -26,6 +26,7 @@ consecutive cells and ``np.add.reduceat`` sums them (a whole-number factor such
 as the FPN's 2x is f strided slices). Derivation: docs/derivations/pooling.md,
 "Nearest upsampling to an exact size".
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,8 +50,9 @@ def nearest_source_index(in_size: int, out_size: int) -> np.ndarray:
 def _check(x, size):
     check_float_array(x, "upsample_nearest input", finite=False)
     if x.ndim < 3:
-        raise ValueError(f"upsample_nearest expects (..., H, W) with a leading batch or "
-                         f"channel axis, got shape {x.shape}")
+        raise ValueError(
+            f"upsample_nearest expects (..., H, W) with a leading batch or channel axis, got shape {x.shape}"
+        )
     oh, ow = pair(size, "size")
     if oh < 1 or ow < 1:
         raise ValueError(f"upsample_nearest size must be positive, got {(oh, ow)}")
@@ -62,10 +64,10 @@ def _check(x, size):
 def upsample_nearest(x: np.ndarray, size) -> np.ndarray:
     """x (..., H, W) -> y (..., OH, OW), ``size = (OH, OW)`` (or an int for both)."""
     oh, ow = _check(x, size)
-    rows = nearest_source_index(x.shape[-2], oh)            # (OH,)
-    cols = nearest_source_index(x.shape[-1], ow)            # (OW,)
+    rows = nearest_source_index(x.shape[-2], oh)  # (OH,)
+    cols = nearest_source_index(x.shape[-1], ow)  # (OW,)
     # Two 1-D gathers (the rule is separable); 2-3x faster than x[..., rows[:, None], cols].
-    return np.take(np.take(x, rows, axis=-2), cols, axis=-1)   # (..., OH, OW)
+    return np.take(np.take(x, rows, axis=-2), cols, axis=-1)  # (..., OH, OW)
 
 
 def _sum_into_sources(dy: np.ndarray, src: np.ndarray, in_size: int, axis: int) -> np.ndarray:
@@ -82,9 +84,9 @@ def _sum_into_sources(dy: np.ndarray, src: np.ndarray, in_size: int, axis: int) 
             part = dy[tuple(index)]
             total = part.copy() if total is None else total + part
         return total
-    sources, starts = np.unique(src, return_index=True)     # src is sorted, so runs are contiguous
+    sources, starts = np.unique(src, return_index=True)  # src is sorted, so runs are contiguous
     summed = np.add.reduceat(dy, starts, axis=axis)
-    if len(sources) == in_size:                             # every source copied (upsampling)
+    if len(sources) == in_size:  # every source copied (upsampling)
         return summed
     shape = list(dy.shape)
     shape[axis] = in_size
@@ -100,11 +102,12 @@ def upsample_nearest_backward(dy: np.ndarray, input_shape) -> np.ndarray:
     check_float_array(dy, "upsample_nearest grad_output", finite=False)
     input_shape = tuple(input_shape)
     if dy.ndim != len(input_shape) or dy.shape[:-2] != input_shape[:-2]:
-        raise ValueError(f"upsample_nearest_backward: grad_output shape {dy.shape} does not "
-                         f"match input_shape {input_shape}")
+        raise ValueError(
+            f"upsample_nearest_backward: grad_output shape {dy.shape} does not match input_shape {input_shape}"
+        )
     H, W = input_shape[-2:]
     OH, OW = dy.shape[-2:]
-    d = _sum_into_sources(dy, nearest_source_index(W, OW), W, axis=dy.ndim - 1)   # (..., OH, W)
+    d = _sum_into_sources(dy, nearest_source_index(W, OW), W, axis=dy.ndim - 1)  # (..., OH, W)
     return _sum_into_sources(d, nearest_source_index(H, OH), H, axis=dy.ndim - 2)  # (..., H, W)
 
 

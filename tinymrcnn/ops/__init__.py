@@ -4,6 +4,7 @@ Convention: ``y = op(inputs..., settings...)`` and ``op_backward(dy, inputs...,
 settings...)``: the backward takes the output gradient followed by the
 forward's own arguments and returns the gradients of its inputs.
 """
+
 from .boxes import BoxCoder, box_area, box_iou, clip_boxes_to_image, remove_small_boxes
 from .conv import conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward
 from .nms import batched_nms, nms

@@ -11,6 +11,7 @@ None of these needs a backward: the RPN and box-head losses are taken on the
 deltas (the coder's *encoded* targets are constants), and decoded boxes only
 feed NMS and RoI pooling as coordinates that receive no gradient.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,10 @@ def check_boxes(boxes, name: str = "boxes", allow_inverted: bool = False) -> np.
         bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{name} has {int(bad.sum())} inverted box(es) with x2 < x1 or y2 < y1 "
-                             f"(first: row {i} = {boxes[i].tolist()})")
+            raise ValueError(
+                f"{name} has {int(bad.sum())} inverted box(es) with x2 < x1 or y2 < y1 "
+                f"(first: row {i} = {boxes[i].tolist()})"
+            )
     return boxes
 
 
@@ -53,13 +56,13 @@ def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     operations as torchvision (and as the NMS kernel, so both agree bit for bit).
     Where the union is 0 (two zero-area boxes) the IoU is 0, not NaN.
     """
-    area1 = box_area(check_boxes(boxes1, "boxes1"))                 # (N,)
-    area2 = box_area(check_boxes(boxes2, "boxes2"))                 # (M,)
-    lt = np.maximum(boxes1[:, None, :2], boxes2[None, :, :2])       # (N, M, 2)
-    rb = np.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])       # (N, M, 2)
-    wh = np.maximum(rb - lt, 0)                                     # (N, M, 2)
-    inter = wh[..., 0] * wh[..., 1]                                 # (N, M)
-    union = area1[:, None] + area2[None, :] - inter                 # (N, M)
+    area1 = box_area(check_boxes(boxes1, "boxes1"))  # (N,)
+    area2 = box_area(check_boxes(boxes2, "boxes2"))  # (M,)
+    lt = np.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
+    rb = np.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])  # (N, M, 2)
+    wh = np.maximum(rb - lt, 0)  # (N, M, 2)
+    inter = wh[..., 0] * wh[..., 1]  # (N, M)
+    union = area1[:, None] + area2[None, :] - inter  # (N, M)
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
@@ -126,14 +129,16 @@ class BoxCoder:
         check_boxes(reference_boxes, "reference_boxes")
         check_boxes(proposals, "proposals")
         if reference_boxes.shape != proposals.shape:
-            raise ValueError(f"reference_boxes {reference_boxes.shape} and proposals {proposals.shape} "
-                             "must have the same shape (one reference per proposal)")
+            raise ValueError(
+                f"reference_boxes {reference_boxes.shape} and proposals {proposals.shape} "
+                "must have the same shape (one reference per proposal)"
+            )
         for name, b in (("reference_boxes", reference_boxes), ("proposals", proposals)):
             if b.size and ((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])).any():
                 raise ValueError(f"{name} must have positive width and height to be encoded")
         # --- exercise: box_coder ---
         wx, wy, ww, wh = self.weights
-        ex_widths = proposals[:, 2] - proposals[:, 0]                  # (N,)
+        ex_widths = proposals[:, 2] - proposals[:, 0]  # (N,)
         ex_heights = proposals[:, 3] - proposals[:, 1]
         ex_ctr_x = proposals[:, 0] + 0.5 * ex_widths
         ex_ctr_y = proposals[:, 1] + 0.5 * ex_heights
@@ -147,7 +152,7 @@ class BoxCoder:
         dy = wy * (gt_ctr_y - ex_ctr_y) / ex_heights
         dw = ww * np.log(gt_widths / ex_widths)
         dh = wh * np.log(gt_heights / ex_heights)
-        return np.stack((dx, dy, dw, dh), axis=1)                     # (N, 4)
+        return np.stack((dx, dy, dw, dh), axis=1)  # (N, 4)
         # --- end exercise ---
 
     def decode(self, deltas: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -166,12 +171,12 @@ class BoxCoder:
         boxes = boxes.astype(deltas.dtype, copy=False)
         # --- exercise: box_coder ---
         wx, wy, ww, wh = self.weights
-        widths = boxes[:, 2] - boxes[:, 0]                              # (N,)
+        widths = boxes[:, 2] - boxes[:, 0]  # (N,)
         heights = boxes[:, 3] - boxes[:, 1]
         ctr_x = boxes[:, 0] + 0.5 * widths
         ctr_y = boxes[:, 1] + 0.5 * heights
 
-        dx = deltas[:, 0::4] / wx                                       # (N, k)
+        dx = deltas[:, 0::4] / wx  # (N, k)
         dy = deltas[:, 1::4] / wy
         dw = np.minimum(deltas[:, 2::4] / ww, self.bbox_xform_clip)
         dh = np.minimum(deltas[:, 3::4] / wh, self.bbox_xform_clip)
@@ -182,9 +187,10 @@ class BoxCoder:
         pred_h = np.exp(dh) * heights[:, None]
         half_w = 0.5 * pred_w
         half_h = 0.5 * pred_h
-        out = np.stack((pred_ctr_x - half_w, pred_ctr_y - half_h,
-                        pred_ctr_x + half_w, pred_ctr_y + half_h), axis=2)  # (N, k, 4)
-        return out.reshape(deltas.shape[0], -1)                             # (N, 4k)
+        out = np.stack(
+            (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), axis=2
+        )  # (N, k, 4)
+        return out.reshape(deltas.shape[0], -1)  # (N, 4k)
         # --- end exercise ---
 
 

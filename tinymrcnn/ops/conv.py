@@ -36,6 +36,7 @@ with Hout = (H - 1) sh - 2 ph + kh. stride and padding are an int or a pair.
 float32 or float64; every array of one call must share the dtype, and the
 results have it. Bad arguments raise ValueError before any kernel runs.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,9 +44,16 @@ import numpy as np
 from ..checks import check_float_array, check_same_dtype, pair
 from ..kernels import active_backend
 
-__all__ = ["conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
-           "conv2d_reference", "conv2d_backward_reference", "conv_transpose2d_reference",
-           "conv_transpose2d_backward_reference"]
+__all__ = [
+    "conv2d",
+    "conv2d_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
+    "conv2d_reference",
+    "conv2d_backward_reference",
+    "conv_transpose2d_reference",
+    "conv_transpose2d_backward_reference",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -57,7 +65,7 @@ def _taps(kh, kw):
 
 def _strided(a, i, j, n_h, n_w, sh, sw):
     """a[:, :, i + sh*k, j + sw*l] for k < n_h, l < n_w (a view)."""
-    return a[:, :, i:i + sh * (n_h - 1) + 1:sh, j:j + sw * (n_w - 1) + 1:sw]
+    return a[:, :, i : i + sh * (n_h - 1) + 1 : sh, j : j + sw * (n_w - 1) + 1 : sw]
 
 
 def conv2d_reference(x, weight, bias=None, stride=1, padding=0):
@@ -67,7 +75,7 @@ def conv2d_reference(x, weight, bias=None, stride=1, padding=0):
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     y = np.zeros((x.shape[0], O, Ho, Wo), dtype=x.dtype)
     for i, j in _taps(kh, kw):
-        patch = _strided(xp, i, j, Ho, Wo, sh, sw)                        # (N, C, Ho, Wo)
+        patch = _strided(xp, i, j, Ho, Wo, sh, sw)  # (N, C, Ho, Wo)
         y += np.einsum("nchw,oc->nohw", patch, weight[:, :, i, j])
     if bias is not None:
         y += bias[None, :, None, None]
@@ -85,10 +93,10 @@ def conv2d_backward_reference(dy, x, weight, stride=1, padding=0):
     dxp = np.zeros_like(xp)
     dw = np.zeros_like(weight)
     for i, j in _taps(kh, kw):
-        patch = _strided(xp, i, j, Ho, Wo, sh, sw)                        # (N, C, Ho, Wo)
+        patch = _strided(xp, i, j, Ho, Wo, sh, sw)  # (N, C, Ho, Wo)
         dw[:, :, i, j] = np.einsum("nohw,nchw->oc", dy, patch)
         _strided(dxp, i, j, Ho, Wo, sh, sw)[...] += np.einsum("nohw,oc->nchw", dy, weight[:, :, i, j])
-    dx = dxp[:, :, ph:ph + H, pw:pw + W]
+    dx = dxp[:, :, ph : ph + H, pw : pw + W]
     return np.ascontiguousarray(dx), dw, dy.sum(axis=(0, 2, 3))
     # --- end exercise ---
 
@@ -101,7 +109,7 @@ def conv_transpose2d_reference(x, weight, bias=None, stride=1, padding=0):
     full = np.zeros((N, Cout, (H - 1) * sh + kh, (W - 1) * sw + kw), dtype=x.dtype)
     for i, j in _taps(kh, kw):
         _strided(full, i, j, H, W, sh, sw)[...] += np.einsum("nchw,cd->ndhw", x, weight[:, :, i, j])
-    y = full[:, :, ph:ph + Hout, pw:pw + Wout].copy()
+    y = full[:, :, ph : ph + Hout, pw : pw + Wout].copy()
     if bias is not None:
         y += bias[None, :, None, None]
     return y
@@ -114,11 +122,11 @@ def conv_transpose2d_backward_reference(dy, x, weight, stride=1, padding=0):
     N, _, H, W = x.shape
     _check_grad("conv_transpose2d_backward_reference", dy, (N, Cout, Hout, Wout), x.dtype)
     full = np.zeros((N, Cout, (H - 1) * sh + kh, (W - 1) * sw + kw), dtype=x.dtype)
-    full[:, :, ph:ph + Hout, pw:pw + Wout] = dy
+    full[:, :, ph : ph + Hout, pw : pw + Wout] = dy
     dx = np.zeros_like(x)
     dw = np.zeros_like(weight)
     for i, j in _taps(kh, kw):
-        landed = _strided(full, i, j, H, W, sh, sw)                       # (N, C_out, H, W)
+        landed = _strided(full, i, j, H, W, sh, sw)  # (N, C_out, H, W)
         dx += np.einsum("ndhw,cd->nchw", landed, weight[:, :, i, j])
         dw[:, :, i, j] = np.einsum("nchw,ndhw->cd", x, landed)
     return dx, dw, dy.sum(axis=(0, 2, 3))
@@ -196,8 +204,7 @@ def conv_transpose2d_backward(dy, x, weight, stride=1, padding=0):
     Returns:
         (dx, dweight, dbias).
     """
-    s, p, (Hout, Wout) = _check_conv_transpose2d(x, weight, None, stride, padding,
-                                                  op="conv_transpose2d_backward")
+    s, p, (Hout, Wout) = _check_conv_transpose2d(x, weight, None, stride, padding, op="conv_transpose2d_backward")
     y_shape = (x.shape[0], weight.shape[1], Hout, Wout)
     _check_grad("conv_transpose2d_backward", dy, y_shape, x.dtype)
     return active_backend().conv_transpose2d_backward(_c(dy), _c(x), _c(weight), s, p)
@@ -232,8 +239,10 @@ def _check_conv(op, x, weight, bias, stride, padding, transposed):
     c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
     layout = "(C_in, C_out, kh, kw)" if transposed else "(O, C, kh, kw)"
     if x.shape[1] != c_in:
-        raise ValueError(f"{op}: channel mismatch: x has {x.shape[1]} channels (shape {x.shape}), "
-                         f"weight expects {c_in} (weight shape {layout} = {weight.shape})")
+        raise ValueError(
+            f"{op}: channel mismatch: x has {x.shape[1]} channels (shape {x.shape}), "
+            f"weight expects {c_in} (weight shape {layout} = {weight.shape})"
+        )
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"{op}: bias must have shape ({c_out},), got {bias.shape}")
     if min(x.shape[2:]) < 1:
@@ -245,8 +254,10 @@ def _check_conv2d(x, weight, bias, stride, padding, op="conv2d"):
     """Validate conv2d arguments; returns ((sh, sw), (ph, pw), (Ho, Wo))."""
     (sh, sw), (ph, pw), (kh, kw), (H, W) = _check_conv(op, x, weight, bias, stride, padding, False)
     if kh > H + 2 * ph or kw > W + 2 * pw:
-        raise ValueError(f"{op}: kernel larger than padded input: kernel {kh}x{kw}, input {H}x{W} "
-                         f"with padding ({ph}, {pw}) is {H + 2 * ph}x{W + 2 * pw}")
+        raise ValueError(
+            f"{op}: kernel larger than padded input: kernel {kh}x{kw}, input {H}x{W} "
+            f"with padding ({ph}, {pw}) is {H + 2 * ph}x{W + 2 * pw}"
+        )
     return (sh, sw), (ph, pw), ((H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
 
 
@@ -255,8 +266,10 @@ def _check_conv_transpose2d(x, weight, bias, stride, padding, op="conv_transpose
     (sh, sw), (ph, pw), (kh, kw), (H, W) = _check_conv(op, x, weight, bias, stride, padding, True)
     Hout, Wout = (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw
     if Hout < 1 or Wout < 1:
-        raise ValueError(f"{op}: padding ({ph}, {pw}) too large: the output would be {Hout}x{Wout} "
-                         f"for input {H}x{W}, kernel {kh}x{kw}, stride ({sh}, {sw})")
+        raise ValueError(
+            f"{op}: padding ({ph}, {pw}) too large: the output would be {Hout}x{Wout} "
+            f"for input {H}x{W}, kernel {kh}x{kw}, stride ({sh}, {sw})"
+        )
     return (sh, sw), (ph, pw), (Hout, Wout)
 
 

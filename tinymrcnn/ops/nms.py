@@ -11,6 +11,7 @@ kept indices come back in decreasing score order, as torchvision's
 ``batched_nms_reference`` are the readable NumPy versions with the same
 signatures, and the tests assert that they agree exactly.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,13 +42,13 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_thr
     thr = _kernel_threshold(_check_threshold(iou_threshold), boxes.dtype)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    order = np.argsort(-scores, kind="stable")                     # (N,) best first, ties in input order
+    order = np.argsort(-scores, kind="stable")  # (N,) best first, ties in input order
     sorted_boxes, sorted_idxs = boxes[order], idxs[order]
-    kept = []                                                      # positions in the sorted order
+    kept = []  # positions in the sorted order
     # one kernel call per group (the loop torchvision calls "vanilla"): the work is sum(n_g^2), not N^2,
     # and no coordinate offsets that could round the IoU differently
     for group in np.unique(sorted_idxs):
-        positions = np.flatnonzero(sorted_idxs == group)           # increasing: still best first
+        positions = np.flatnonzero(sorted_idxs == group)  # increasing: still best first
         kept.append(positions[nms_sorted_kernel(np.ascontiguousarray(sorted_boxes[positions]), thr)])
     return order[np.sort(np.concatenate(kept))].astype(np.int64, copy=False)
 
@@ -58,8 +59,7 @@ def nms_reference(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -
     return batched_nms_reference(boxes, scores, np.zeros(n, np.int64), iou_threshold)
 
 
-def batched_nms_reference(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray,
-                          iou_threshold: float) -> np.ndarray:
+def batched_nms_reference(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Readable batched NMS in NumPy (same signature and result as ``batched_nms``).
 
     Vectorised over the candidates: each kept box computes its IoU with every
@@ -76,9 +76,9 @@ def batched_nms_reference(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarra
         if suppressed[i]:
             continue
         keep.append(i)
-        iou = box_iou(boxes[i:i + 1], boxes[i + 1:])[0]           # (n - i - 1,)
+        iou = box_iou(boxes[i : i + 1], boxes[i + 1 :])[0]  # (n - i - 1,)
         # compare in float64, as torchvision compares a float32 IoU with a double threshold
-        suppressed[i + 1:] |= (iou.astype(np.float64) > thr) & (groups[i + 1:] == groups[i])
+        suppressed[i + 1 :] |= (iou.astype(np.float64) > thr) & (groups[i + 1 :] == groups[i])
     return order[np.asarray(keep, dtype=np.int64)].astype(np.int64, copy=False)
 
 
@@ -91,8 +91,10 @@ def _check_inputs(boxes, scores, idxs=None) -> int:
         raise ValueError(f"scores {scores.shape} must have one entry per box ({n} boxes)")
     if idxs is not None:
         if not isinstance(idxs, np.ndarray) or idxs.ndim != 1 or idxs.shape[0] != n:
-            raise ValueError(f"idxs must be a 1-d array with one entry per box ({n} boxes), "
-                             f"got {getattr(idxs, 'shape', type(idxs).__name__)}")
+            raise ValueError(
+                f"idxs must be a 1-d array with one entry per box ({n} boxes), "
+                f"got {getattr(idxs, 'shape', type(idxs).__name__)}"
+            )
         if not np.issubdtype(idxs.dtype, np.integer):
             raise ValueError(f"idxs must hold integers, got {idxs.dtype}")
     return n

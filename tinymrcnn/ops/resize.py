@@ -4,6 +4,7 @@ Shared by the model's input transform (``tinymrcnn/model/transform.py``)
 and the dataset transforms (``tinymrcnn/data/transforms.py``), so both
 resize exactly alike.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,8 @@ def interpolate_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     y0, y1, fy = axis(h, h_in)
     x0, x1, fx = axis(w, w_in)
-    top = x[..., y0, :] * (1 - fy)[:, None] + x[..., y1, :] * fy[:, None]          # (..., h, W)
-    out = top[..., x0] * (1 - fx) + top[..., x1] * fx                                 # (..., h, w)
+    top = x[..., y0, :] * (1 - fy)[:, None] + x[..., y1, :] * fy[:, None]  # (..., h, W)
+    out = top[..., x0] * (1 - fx) + top[..., x1] * fx  # (..., h, w)
     return np.ascontiguousarray(out.astype(x.dtype, copy=False))
 
 

@@ -68,28 +68,30 @@ def roi_sample_points(box, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     ph_, pw_ = pair(output_size, "output_size")
     x1, y1, x2, y2 = (float(v) for v in box)
     # --- exercise: roi_align_forward ---
-    offset = 0.5 if aligned else 0.0                       # offset = 0.5 if aligned else 0
+    offset = 0.5 if aligned else 0.0  # offset = 0.5 if aligned else 0
     start_w, start_h = x1 * spatial_scale - offset, y1 * spatial_scale - offset
     end_w, end_h = x2 * spatial_scale - offset, y2 * spatial_scale - offset
     roi_w, roi_h = end_w - start_w, end_h - start_h
-    if not aligned:                                        # clamped to >= 1 (NaN stays NaN)
+    if not aligned:  # clamped to >= 1 (NaN stays NaN)
         roi_w = 1.0 if roi_w < 1.0 else roi_w
         roi_h = 1.0 if roi_h < 1.0 else roi_h
-    bin_h, bin_w = roi_h / ph_, roi_w / pw_                # bin = roi / pooled
+    bin_h, bin_w = roi_h / ph_, roi_w / pw_  # bin = roi / pooled
 
-    def grid(roi, pooled):                                 # sampling_ratio, or adaptive
+    def grid(roi, pooled):  # sampling_ratio, or adaptive
         if sampling_ratio > 0:
             return sampling_ratio
         g = roi / pooled
-        return math.ceil(g) if 0.0 < g < 2.0 ** 31 else 0  # NaN, empty or absurd box: no samples
+        return math.ceil(g) if 0.0 < g < 2.0**31 else 0  # NaN, empty or absurd box: no samples
 
     grid_h, grid_w = grid(roi_h, ph_), grid(roi_w, pw_)
     count = max(grid_h * grid_w, 1)
     # y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h; likewise x
-    ys = np.array([[start_h + p * bin_h + (i + 0.5) * bin_h / grid_h for i in range(grid_h)]
-                   for p in range(ph_)]).reshape(ph_, grid_h)
-    xs = np.array([[start_w + p * bin_w + (i + 0.5) * bin_w / grid_w for i in range(grid_w)]
-                   for p in range(pw_)]).reshape(pw_, grid_w)
+    ys = np.array(
+        [[start_h + p * bin_h + (i + 0.5) * bin_h / grid_h for i in range(grid_h)] for p in range(ph_)]
+    ).reshape(ph_, grid_h)
+    xs = np.array(
+        [[start_w + p * bin_w + (i + 0.5) * bin_w / grid_w for i in range(grid_w)] for p in range(pw_)]
+    ).reshape(pw_, grid_w)
     return ys, xs, count
     # --- end exercise ---
 
@@ -97,9 +99,9 @@ def roi_sample_points(box, output_size, spatial_scale=1.0, sampling_ratio=-1, al
 def bilinear_reference(y, x, height, width):
     """The four (row, col, weight) taps of a sample at (y, x); [] outside the map."""
     # --- exercise: roi_align_forward ---
-    if not (-1.0 <= y <= height and -1.0 <= x <= width):   # out of range or NaN: contributes 0
+    if not (-1.0 <= y <= height and -1.0 <= x <= width):  # out of range or NaN: contributes 0
         return []
-    y, x = max(y, 0.0), max(x, 0.0)                        # clamp y, x <= 0 to 0
+    y, x = max(y, 0.0), max(x, 0.0)  # clamp y, x <= 0 to 0
     y_low, x_low = int(y), int(x)
     if y_low >= height - 1:
         y_low = y_high = height - 1
@@ -113,8 +115,7 @@ def bilinear_reference(y, x, height, width):
         x_high = x_low + 1
     ly, lx = y - y_low, x - x_low
     hy, hx = 1.0 - ly, 1.0 - lx
-    return [(y_low, x_low, hy * hx), (y_low, x_high, hy * lx),
-            (y_high, x_low, ly * hx), (y_high, x_high, ly * lx)]
+    return [(y_low, x_low, hy * hx), (y_low, x_high, hy * lx), (y_high, x_low, ly * hx), (y_high, x_high, ly * lx)]
     # --- end exercise ---
 
 
@@ -133,8 +134,7 @@ def _bin_samples(feat, ys, xs):
     return np.array(values, dtype=feat.dtype).reshape(len(taps), C), taps
 
 
-def roi_align_reference(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-                        mode="avg"):
+def roi_align_reference(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg"):
     """RoIAlign, readable: x (N, C, H, W), rois (K, 5) -> (K, C, ph, pw); arguments as :func:`roi_align`."""
     ph_, pw_ = check_roi_args(output_size, sampling_ratio, mode, spatial_scale)
     check_float_array(x, "x", ndim=4)
@@ -142,29 +142,31 @@ def roi_align_reference(x, rois, output_size, spatial_scale=1.0, sampling_ratio=
     # --- exercise: roi_align_forward ---
     out = np.zeros((len(r), x.shape[1], ph_, pw_), x.dtype)
     for k, roi in enumerate(r):
-        feat = x[int(roi[0])]                                            # (C, H, W)
+        feat = x[int(roi[0])]  # (C, H, W)
         ys, xs, count = roi_sample_points(roi[1:], (ph_, pw_), spatial_scale, sampling_ratio, aligned)
         for ph in range(ph_):
             for pw in range(pw_):
-                values, _ = _bin_samples(feat, ys[ph], xs[pw])           # (S, C)
+                values, _ = _bin_samples(feat, ys[ph], xs[pw])  # (S, C)
                 if len(values) == 0:
-                    continue                                             # empty grid: 0
+                    continue  # empty grid: 0
                 if mode == "avg":
-                    out[k, :, ph, pw] = values.sum(axis=0) / count       # sum / count
+                    out[k, :, ph, pw] = values.sum(axis=0) / count  # sum / count
                 else:
                     out[k, :, ph, pw] = values.max(axis=0)
     return out
     # --- end exercise ---
 
 
-def roi_align_backward_reference(dy, x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
-                                 aligned=False, mode="avg"):
+def roi_align_backward_reference(
+    dy, x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg"
+):
     """RoIAlign's gradient, readable: dy (K, C, ph, pw) -> dx (N, C, H, W); arguments as
     :func:`roi_align_backward`. avg reads only x's shape; max reads x to find each bin's winner."""
     check_float_array(x, "x", ndim=4)
     N, C, H, W = x.shape
-    _check_grad(dy, len(rois) if isinstance(rois, np.ndarray) else 0, C, output_size, sampling_ratio,
-                mode, spatial_scale)
+    _check_grad(
+        dy, len(rois) if isinstance(rois, np.ndarray) else 0, C, output_size, sampling_ratio, mode, spatial_scale
+    )
     r = check_rois(rois, N)
     # --- exercise: roi_align_backward ---
     dx = np.zeros((N, C, H, W), dy.dtype)
@@ -174,20 +176,20 @@ def roi_align_backward_reference(dy, x, rois, output_size, spatial_scale=1.0, sa
         ys, xs, count = roi_sample_points(roi[1:], dy.shape[2:], spatial_scale, sampling_ratio, aligned)
         for ph in range(dy.shape[2]):
             for pw in range(dy.shape[3]):
-                g = dy[k, :, ph, pw]                                     # (C,)
+                g = dy[k, :, ph, pw]  # (C,)
                 if mode == "avg":
                     for y in ys[ph]:
                         for xx in xs[pw]:
                             for ty, tx, w in bilinear_reference(y, xx, H, W):
-                                dx[b, :, ty, tx] += g * w / count        # d out / d tap = w / count
+                                dx[b, :, ty, tx] += g * w / count  # d out / d tap = w / count
                     continue
-                values, taps = _bin_samples(x[b], ys[ph], xs[pw])        # (S, C)
+                values, taps = _bin_samples(x[b], ys[ph], xs[pw])  # (S, C)
                 if len(taps) == 0:
                     continue
-                win = values.argmax(axis=0)                              # (C,) first maximum
+                win = values.argmax(axis=0)  # (C,) first maximum
                 for c, s in zip(chans, win):
                     for ty, tx, w in taps[s]:
-                        dx[b, c, ty, tx] += g[c] * w                     # only the winner's taps
+                        dx[b, c, ty, tx] += g[c] * w  # only the winner's taps
     return dx
     # --- end exercise ---
 
@@ -196,8 +198,7 @@ def roi_align_backward_reference(dy, x, rois, output_size, spatial_scale=1.0, sa
 # The fast op: checks, then the active kernels (tinymrcnn.kernels: the Numba
 # CPU kernels of kernels/cpu/roi_align.py, or numba.cuda ones)
 # ----------------------------------------------------------------------------
-def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-              mode="avg"):
+def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg"):
     """Pool a (ph, pw) grid of bilinearly sampled features for each RoI.
 
     Args:
@@ -214,12 +215,10 @@ def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligne
     Returns:
         (K, C, ph, pw), x's dtype.
     """
-    return roi_align_levels([x], rois, _one_level(rois), [spatial_scale], output_size,
-                            sampling_ratio, aligned, mode)
+    return roi_align_levels([x], rois, _one_level(rois), [spatial_scale], output_size, sampling_ratio, aligned, mode)
 
 
-def roi_align_backward(dy, x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-                       mode="avg"):
+def roi_align_backward(dy, x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg"):
     """Gradient of :func:`roi_align` with respect to its feature map x.
 
     avg: dx[b, :, tap] += dy[k, :, ph, pw] * w_tap / count for the four taps of
@@ -235,8 +234,9 @@ def roi_align_backward(dy, x, rois, output_size, spatial_scale=1.0, sampling_rat
     Returns:
         dx: (N, C, H, W), dy's dtype.
     """
-    return roi_align_levels_backward(dy, [x], rois, _one_level(rois), [spatial_scale], output_size,
-                                     sampling_ratio, aligned, mode)[0]
+    return roi_align_levels_backward(
+        dy, [x], rois, _one_level(rois), [spatial_scale], output_size, sampling_ratio, aligned, mode
+    )[0]
 
 
 class FeatureMaps(tuple):
@@ -260,13 +260,13 @@ def roi_feature_maps(features) -> FeatureMaps:
         check_feature_map(f, f"features[{i}]")
     n, c = features[0].shape[:2]
     if any(tuple(f.shape[:2]) != (n, c) or f.dtype != features[0].dtype for f in features):
-        raise ValueError("feature maps disagree on N, C or dtype: "
-                         f"{[(tuple(f.shape), str(f.dtype)) for f in features]}")
+        raise ValueError(
+            f"feature maps disagree on N, C or dtype: {[(tuple(f.shape), str(f.dtype)) for f in features]}"
+        )
     return FeatureMaps(active_backend().roi_maps(features))
 
 
-def roi_align_levels(features, rois, levels, scales, output_size, sampling_ratio=-1, aligned=False,
-                     mode="avg"):
+def roi_align_levels(features, rois, levels, scales, output_size, sampling_ratio=-1, aligned=False, mode="avg"):
     """RoIAlign of RoIs spread over several maps (an FPN pyramid), in one pass.
 
     RoI k is pooled from ``features[levels[k]]`` with ``scales[levels[k]]``;
@@ -285,12 +285,14 @@ def roi_align_levels(features, rois, levels, scales, output_size, sampling_ratio
     """
     maps = roi_feature_maps(features)
     ph, pw, r, lv = _check_levels(maps, rois, levels, scales, output_size, sampling_ratio, mode)
-    return active_backend().roi_align_levels(list(maps), r, lv, list(scales), (ph, pw),
-                                              int(sampling_ratio), bool(aligned), mode == "max")
+    return active_backend().roi_align_levels(
+        list(maps), r, lv, list(scales), (ph, pw), int(sampling_ratio), bool(aligned), mode == "max"
+    )
 
 
-def roi_align_levels_backward(dy, features, rois, levels, scales, output_size, sampling_ratio=-1,
-                              aligned=False, mode="avg"):
+def roi_align_levels_backward(
+    dy, features, rois, levels, scales, output_size, sampling_ratio=-1, aligned=False, mode="avg"
+):
     """Gradient of :func:`roi_align_levels`: one (N, C, H_l, W_l) array per map (zeros
     for a map no RoI was pooled from). Arguments: dy, then the forward's."""
     maps = roi_feature_maps(features)
@@ -298,9 +300,9 @@ def roi_align_levels_backward(dy, features, rois, levels, scales, output_size, s
     _check_grad(dy, len(r), maps[0].shape[1], (ph, pw), sampling_ratio, mode, scales[0])
     if dy.dtype != maps[0].dtype:
         raise ValueError(f"dtype mismatch (x: {maps[0].dtype}, dy: {dy.dtype})")
-    return active_backend().roi_align_levels_backward(np.ascontiguousarray(dy), list(maps), r, lv,
-                                                       list(scales), int(sampling_ratio), bool(aligned),
-                                                       mode == "max")
+    return active_backend().roi_align_levels_backward(
+        np.ascontiguousarray(dy), list(maps), r, lv, list(scales), int(sampling_ratio), bool(aligned), mode == "max"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -322,8 +324,7 @@ def _check_levels(maps, rois, levels, scales, output_size, sampling_ratio, mode)
     if lv.shape != (k,) or (k and not np.issubdtype(lv.dtype, np.integer)):
         raise ValueError(f"levels must be {k} integers (one per RoI), got shape {lv.shape}")
     if k and (lv.min() < 0 or lv.max() >= len(maps)):
-        raise ValueError(f"levels must index the {len(maps)} feature maps, got values in "
-                         f"[{lv.min()}, {lv.max()}]")
+        raise ValueError(f"levels must index the {len(maps)} feature maps, got values in [{lv.min()}, {lv.max()}]")
     return ph, pw, r, np.ascontiguousarray(lv, dtype=np.int64)
 
 

@@ -52,19 +52,28 @@ def roi_pool_cells(box, output_size, spatial_scale, height, width):
     """
     ph_, pw_ = (output_size, output_size) if np.isscalar(output_size) else output_size
     v = [float(c) * spatial_scale for c in box]
-    if not all(abs(c) < 2.0 ** 30 for c in v):               # NaN, inf, absurd: all bins empty
+    if not all(abs(c) < 2.0**30 for c in v):  # NaN, inf, absurd: all bins empty
         return [[(0, 0, 0, 0)] * pw_ for _ in range(ph_)]
-    start_w, start_h = _round(v[0]), _round(v[1])             # start = round(x1 * scale)
-    roi_w = max(_round(v[2]) - start_w + 1, 1)                # roi = max(end - start + 1, 1)
+    start_w, start_h = _round(v[0]), _round(v[1])  # start = round(x1 * scale)
+    roi_w = max(_round(v[2]) - start_w + 1, 1)  # roi = max(end - start + 1, 1)
     roi_h = max(_round(v[3]) - start_h + 1, 1)
-    bin_h, bin_w = roi_h / ph_, roi_w / pw_                   # bin = roi / pooled (float)
+    bin_h, bin_w = roi_h / ph_, roi_w / pw_  # bin = roi / pooled (float)
 
     def clip(v, size):
         return min(max(v, 0), size)
 
-    return [[(clip(math.floor(p * bin_h) + start_h, height), clip(math.ceil((p + 1) * bin_h) + start_h, height),
-              clip(math.floor(q * bin_w) + start_w, width), clip(math.ceil((q + 1) * bin_w) + start_w, width))
-             for q in range(pw_)] for p in range(ph_)]
+    return [
+        [
+            (
+                clip(math.floor(p * bin_h) + start_h, height),
+                clip(math.ceil((p + 1) * bin_h) + start_h, height),
+                clip(math.floor(q * bin_w) + start_w, width),
+                clip(math.ceil((q + 1) * bin_w) + start_w, width),
+            )
+            for q in range(pw_)
+        ]
+        for p in range(ph_)
+    ]
 
 
 def roi_pool_reference(x, rois, output_size, spatial_scale=1.0):
@@ -78,7 +87,7 @@ def roi_pool_backward_reference(dy, x, rois, output_size, spatial_scale=1.0):
     _check_grad(dy, winners.shape)
     dx = np.zeros(x.size, dy.dtype)
     hit = winners >= 0
-    np.add.at(dx, winners[hit], dy[hit])                      # each output to its winner
+    np.add.at(dx, winners[hit], dy[hit])  # each output to its winner
     return dx.reshape(x.shape)
 
 
@@ -91,7 +100,7 @@ def _pool_reference(x, rois, output_size, spatial_scale):
     N, C, H, W = x.shape
     y = np.zeros((len(r), C, ph_, pw_), x.dtype)
     winners = np.full((len(r), C, ph_, pw_), -1, np.int64)
-    flat = np.arange(x.size).reshape(x.shape)                 # flat index of every element
+    flat = np.arange(x.size).reshape(x.shape)  # flat index of every element
     for k, roi in enumerate(r):
         b = int(roi[0])
         bins = roi_pool_cells(roi[1:], (ph_, pw_), spatial_scale, H, W)
@@ -99,9 +108,9 @@ def _pool_reference(x, rois, output_size, spatial_scale):
             for pw in range(pw_):
                 h0, h1, w0, w1 = bins[ph][pw]
                 if h1 <= h0 or w1 <= w0:
-                    continue                                  # empty bin: 0, no winner
+                    continue  # empty bin: 0, no winner
                 region = x[b, :, h0:h1, w0:w1].reshape(C, -1)  # (C, cells)
-                win = region.argmax(axis=1)                   # first maximum
+                win = region.argmax(axis=1)  # first maximum
                 y[k, :, ph, pw] = region[np.arange(C), win]
                 winners[k, :, ph, pw] = flat[b, :, h0:h1, w0:w1].reshape(C, -1)[np.arange(C), win]
     return y, winners
@@ -136,6 +145,7 @@ def roi_pool_backward(dy, x, rois, output_size, spatial_scale=1.0):
         dx: (N, C, H, W), dy's dtype.
     """
     from ..kernels.cpu.roi_pool import roi_pool_backward as kernel
+
     _, winners = _pool(x, rois, output_size, spatial_scale)
     _check_grad(dy, winners.shape)
     if dy.dtype != x.dtype:
@@ -146,6 +156,7 @@ def roi_pool_backward(dy, x, rois, output_size, spatial_scale=1.0):
 def _pool(x, rois, output_size, spatial_scale):
     """-> (y, winners (K, C, ph, pw) int64: flat index into x, -1 for an empty bin)."""
     from ..kernels.cpu.roi_pool import roi_pool_forward
+
     ph, pw = check_roi_args(output_size, 1, "avg", spatial_scale)
     check_float_array(x, "x", ndim=4)
     r = check_rois(rois, x.shape[0])

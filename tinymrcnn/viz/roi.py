@@ -30,6 +30,7 @@ Note that the exact Fast R-CNN kernel (``tinymrcnn.ops.roi_pool``, docs/semantic
 rounds the corners and uses overlapping floor/ceil bins, a refinement of
 that picture with the same two quantisations.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,10 +46,10 @@ BLOG_STRIDE = 32
 BLOG_FEATURE_SIZE = 16
 BLOG_OUTPUT = 3
 
-LOST_H = "#2ca02c"        # green: the lost fractional rows
-LOST_W = "#1f77b4"        # blue: the lost fractional columns
-NEVER = "#87ceeb"         # sky blue: the never-pooled row
-QUANT = "#ffdd88"         # the quantised region
+LOST_H = "#2ca02c"  # green: the lost fractional rows
+LOST_W = "#1f77b4"  # blue: the lost fractional columns
+NEVER = "#87ceeb"  # sky blue: the never-pooled row
+QUANT = "#ffdd88"  # the quantised region
 
 
 def blog_roi_numbers(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT):
@@ -78,9 +79,13 @@ def blog_roi_numbers(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT):
     r0, c0 = int(math.floor(y1 / stride)), int(math.floor(x1 / stride))
     cells = (int(math.floor(ph)), int(math.floor(pw)))
     bin_stride = (cells[0] // output_size, cells[1] // output_size)
-    pooled = {(r0 + i * bin_stride[0] + a, c0 + j * bin_stride[1] + b)
-              for i in range(output_size) for j in range(output_size)
-              for a in range(bin_stride[0]) for b in range(bin_stride[1])}
+    pooled = {
+        (r0 + i * bin_stride[0] + a, c0 + j * bin_stride[1] + b)
+        for i in range(output_size)
+        for j in range(output_size)
+        for a in range(bin_stride[0])
+        for b in range(bin_stride[1])
+    }
     region = {(r0 + a, c0 + b) for a in range(cells[0]) for b in range(cells[1])}
     return {
         "roi_size": (h, w),
@@ -116,6 +121,7 @@ def blog_sample_points(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT
 # ----------------------------------------------------------------------------
 def _rect(ax, x, y, w, h, **kw):
     from matplotlib.patches import Rectangle
+
     ax.add_patch(Rectangle((x, y), w, h, **kw))
 
 
@@ -126,7 +132,7 @@ def draw_feature_grid(ax, size=BLOG_FEATURE_SIZE, view=None):
         ax.axvline(i, color="0.82", lw=0.6, zorder=0)
     c0, c1, r0, r1 = view if view is not None else (0, size, 0, size)
     ax.set_xlim(c0, c1)
-    ax.set_ylim(r1, r0)                                     # rows grow downwards
+    ax.set_ylim(r1, r0)  # rows grow downwards
     ax.set_aspect("equal")
     ax.set_xlabel("feature-map column (cells)")
     ax.set_ylabel("row")
@@ -140,8 +146,9 @@ def draw_roi(ax, box=BLOG_BOX, stride=BLOG_STRIDE, **kw):
     _rect(ax, x1, y1, x2 - x1, y2 - y1, **style)
 
 
-def draw_roi_pool(ax, box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT,
-                  feature_size=BLOG_FEATURE_SIZE, view=None):
+def draw_roi_pool(
+    ax, box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT, feature_size=BLOG_FEATURE_SIZE, view=None
+):
     """RoI pooling with "floor" rounding: quantised cells, bins, lost strips, never-read row."""
     nb = blog_roi_numbers(box, stride, output_size)
     (r0, c0), (ch, cw), (sh, sw) = nb["origin"], nb["cells"], nb["bin_stride"]
@@ -159,21 +166,36 @@ def draw_roi_pool(ax, box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT,
         for j in range(output_size):
             _rect(ax, c0 + j * sw, r0 + i * sh, sw, sh, fill=False, ec="black", lw=1.6, zorder=4)
     draw_roi(ax, box, stride)
-    ax.set_title(f"RoI pooling: {ph:.2f} x {pw:.2f} -> {ch} x {cw} cells, "
-                 f"stride {sh} x {sw}", fontsize=10)
+    ax.set_title(f"RoI pooling: {ph:.2f} x {pw:.2f} -> {ch} x {cw} cells, stride {sh} x {sw}", fontsize=10)
     from matplotlib.patches import Patch
-    ax.legend(handles=[Patch(fc=QUANT, label=f"quantised {ch} x {cw} region"),
-                       Patch(fc=LOST_H, alpha=0.55, label=f"lost rows ({nb['lost'][0]:.2f} cell)"),
-                       Patch(fc=LOST_W, alpha=0.55, label=f"lost columns ({nb['lost'][1]:.2f} cell)"),
-                       Patch(fc=NEVER, label="never pooled"),
-                       Patch(fill=False, ec="black", label=f"{output_size}x{output_size} bins"),
-                       Patch(fill=False, ec="crimson", label="the RoI")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7)
+
+    ax.legend(
+        handles=[
+            Patch(fc=QUANT, label=f"quantised {ch} x {cw} region"),
+            Patch(fc=LOST_H, alpha=0.55, label=f"lost rows ({nb['lost'][0]:.2f} cell)"),
+            Patch(fc=LOST_W, alpha=0.55, label=f"lost columns ({nb['lost'][1]:.2f} cell)"),
+            Patch(fc=NEVER, label="never pooled"),
+            Patch(fill=False, ec="black", label=f"{output_size}x{output_size} bins"),
+            Patch(fill=False, ec="crimson", label="the RoI"),
+        ],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=2,
+        fontsize=7,
+    )
 
 
-def draw_roi_align(ax, box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT,
-                   feature_size=BLOG_FEATURE_SIZE, placement="implementation", sampling_ratio=2,
-                   aligned=True, view=None):
+def draw_roi_align(
+    ax,
+    box=BLOG_BOX,
+    stride=BLOG_STRIDE,
+    output_size=BLOG_OUTPUT,
+    feature_size=BLOG_FEATURE_SIZE,
+    placement="implementation",
+    sampling_ratio=2,
+    aligned=True,
+    view=None,
+):
     """RoIAlign's bins and sampling points.
 
     placement: "thirds" (points dividing a bin into thirds) or
@@ -196,7 +218,7 @@ def draw_roi_align(ax, box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT
         color = "darkorange"
     elif placement == "implementation":
         ys, xs, _ = roi_sample_points(box, output_size, 1.0 / stride, sampling_ratio, aligned)
-        ys, xs = ys + 0.5, xs + 0.5                       # pixel index i is drawn at i + 0.5
+        ys, xs = ys + 0.5, xs + 0.5  # pixel index i is drawn at i + 0.5
         title = f"RoIAlign, the code's points ((i+0.5)/{sampling_ratio}, aligned={aligned})"
         color = "purple"
     else:
@@ -217,7 +239,7 @@ def draw_bilinear_taps(ax, y, x, feature_size=BLOG_FEATURE_SIZE, values=None):
     Returns:
         the taps [(row, col, weight)] as ``bilinear_reference`` computes them.
     """
-    taps = bilinear_reference(y - 0.5, x - 0.5, feature_size, feature_size)   # centres at i + 0.5
+    taps = bilinear_reference(y - 0.5, x - 0.5, feature_size, feature_size)  # centres at i + 0.5
     rows = [t[0] for t in taps]
     cols = [t[1] for t in taps]
     view = (min(cols) - 0.5, max(cols) + 1.5, min(rows) - 0.5, max(rows) + 1.5)
@@ -228,21 +250,36 @@ def draw_bilinear_taps(ax, y, x, feature_size=BLOG_FEATURE_SIZE, values=None):
         label = f"w = {w:.3f}"
         if values is not None:
             label += f"\nf = {values[r, c]:.2f}"
-        ax.annotate(label, (c + 0.5, r + 0.5), textcoords="offset points", xytext=(0, -22),
-                    ha="center", fontsize=8, color="teal")
+        ax.annotate(
+            label,
+            (c + 0.5, r + 0.5),
+            textcoords="offset points",
+            xytext=(0, -22),
+            ha="center",
+            fontsize=8,
+            color="teal",
+        )
     # the fractional offsets that make the weights (w of the far-right-bottom tap = ly lx)
     ly, lx = (y - 0.5) - taps[0][0], (x - 0.5) - taps[0][1]
     ax.scatter([x], [y], s=70, color="purple", marker="*", zorder=6)
-    ax.set_title(f"one point's 4 taps: ly = {ly:.2f}, lx = {lx:.2f}\n"
-                 "w = (1-ly)(1-lx), (1-ly)lx, ly(1-lx), ly lx", fontsize=10)
+    ax.set_title(
+        f"one point's 4 taps: ly = {ly:.2f}, lx = {lx:.2f}\nw = (1-ly)(1-lx), (1-ly)lx, ly(1-lx), ly lx", fontsize=10
+    )
     return taps
 
 
-def roi_pool_vs_align_figure(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT,
-                             feature_size=BLOG_FEATURE_SIZE, sampling_ratio=2, aligned=True):
+def roi_pool_vs_align_figure(
+    box=BLOG_BOX,
+    stride=BLOG_STRIDE,
+    output_size=BLOG_OUTPUT,
+    feature_size=BLOG_FEATURE_SIZE,
+    sampling_ratio=2,
+    aligned=True,
+):
     """The four panels: RoI pooling; RoIAlign with the "thirds" and the code's
     points; one point's bilinear taps. Returns a matplotlib Figure (no pyplot)."""
     from matplotlib.figure import Figure
+
     nb = blog_roi_numbers(box, stride, output_size)
     r0, c0 = nb["origin"]
     view = (c0 - 1, c0 + math.ceil(nb["projected"][1]) + 1, r0 - 1, r0 + math.ceil(nb["projected"][0]) + 1)
@@ -250,15 +287,18 @@ def roi_pool_vs_align_figure(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_
     axes = fig.subplots(1, 4)
     draw_roi_pool(axes[0], box, stride, output_size, feature_size, view)
     draw_roi_align(axes[1], box, stride, output_size, feature_size, "thirds", sampling_ratio, view=view)
-    ys, xs = draw_roi_align(axes[2], box, stride, output_size, feature_size, "implementation",
-                            sampling_ratio, aligned, view)
-    py, px = float(ys[output_size // 2, 0]), float(xs[output_size // 2, 0])   # the centre bin's first point
+    ys, xs = draw_roi_align(
+        axes[2], box, stride, output_size, feature_size, "implementation", sampling_ratio, aligned, view
+    )
+    py, px = float(ys[output_size // 2, 0]), float(xs[output_size // 2, 0])  # the centre bin's first point
     axes[2].scatter([px], [py], s=110, marker="*", color="purple", zorder=7)
     axes[2].annotate("see right", (px, py), textcoords="offset points", xytext=(-14, 9), fontsize=7)
     draw_bilinear_taps(axes[3], py, px, feature_size)
-    fig.suptitle(f"RoI {nb['roi_size'][0]:.0f} x {nb['roi_size'][1]:.0f} px (h x w), stride {stride}: "
-                 f"{nb['projected'][0]:.2f} x {nb['projected'][1]:.2f} cells on a "
-                 f"{feature_size} x {feature_size} map, {output_size} x {output_size} output",
-                 fontsize=11)
+    fig.suptitle(
+        f"RoI {nb['roi_size'][0]:.0f} x {nb['roi_size'][1]:.0f} px (h x w), stride {stride}: "
+        f"{nb['projected'][0]:.2f} x {nb['projected'][1]:.2f} cells on a "
+        f"{feature_size} x {feature_size} map, {output_size} x {output_size} output",
+        fontsize=11,
+    )
     fig.tight_layout()
     return fig

@@ -6,6 +6,7 @@ checked (shapes, dtypes, finite values, batch indices) and NumPy arrays in
 has the same functions for an NVIDIA GPU; ``tinymrcnn.kernels.active_backend()``
 picks one of the two.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,14 +29,14 @@ def conv2d_backward(dy, x, weight, stride, padding, need_input_grad=True):
         dx = np.zeros_like(x) if need_input_grad else None
         return dx, np.zeros_like(weight), np.zeros(weight.shape[0], dtype=x.dtype)
     g = _conv.geometry(x.shape, weight.shape, stride, padding)
-    dyw = _conv.wide_of(dy, g)                     # shared by both products
+    dyw = _conv.wide_of(dy, g)  # shared by both products
     dx = _conv.conv_input_grad(dy, weight, g, dyw=dyw) if need_input_grad else None
     return dx, _conv.conv_weight_grad(dy, x, g, dyw=dyw), dy.sum(axis=(0, 2, 3))
 
 
 def _transposed_geometry(y_shape, weight, stride, padding):
     """conv_transpose2d(x, w) is the input gradient of conv2d over an input shaped like its output."""
-    return _conv.geometry(y_shape, weight.shape, stride, padding)   # (C_in, C_out, ...) read as (O, C, ...)
+    return _conv.geometry(y_shape, weight.shape, stride, padding)  # (C_in, C_out, ...) read as (O, C, ...)
 
 
 def conv_transpose2d(x, weight, bias, stride, padding, out_hw):
@@ -63,8 +64,17 @@ def roi_maps(features):
 def roi_align_levels(maps, rois, levels, scales, output_size, sampling_ratio, aligned, use_max):
     """-> (K, C, ph, pw): RoI k pooled from maps[levels[k]]; maps from :func:`roi_maps`."""
     ph, pw = output_size
-    return _roi.roi_align_forward_nhwc(tuple(m.data for m in maps), levels, np.asarray(scales, np.float64),
-                                       rois, ph, pw, sampling_ratio, aligned, use_max)
+    return _roi.roi_align_forward_nhwc(
+        tuple(m.data for m in maps),
+        levels,
+        np.asarray(scales, np.float64),
+        rois,
+        ph,
+        pw,
+        sampling_ratio,
+        aligned,
+        use_max,
+    )
 
 
 def roi_align_levels_backward(dy, maps, rois, levels, scales, sampling_ratio, aligned, use_max):
@@ -78,6 +88,9 @@ def roi_align_levels_backward(dy, maps, rois, levels, scales, sampling_ratio, al
             grads.append(np.zeros((n, c, h, w), dy.dtype))
             continue
         # 8-row stripes: one task's (8, W, C) accumulator stays in cache (1.6 MB for W=200, C=256)
-        grads.append(_roi.roi_align_backward_stripes(dy, rois, index, m.data, n, h, w, float(scales[i]),
-                                                     sampling_ratio, aligned, use_max, 8))
+        grads.append(
+            _roi.roi_align_backward_stripes(
+                dy, rois, index, m.data, n, h, w, float(scales[i]), sampling_ratio, aligned, use_max, 8
+            )
+        )
     return grads

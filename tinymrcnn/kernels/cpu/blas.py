@@ -21,6 +21,7 @@ AMD Zen 5 with 2 cores, the environment pins ``OPENBLAS_CORETYPE=Haswell``:
 AVX2 kernels, ~240 GFLOP/s float32; OpenBLAS left to itself picks its
 AVX-512 "SkylakeX" kernels there, ~420 GFLOP/s. We leave the variable alone.)
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -37,8 +38,7 @@ def _gemm_pointer(capi, name: str):
     addr = get_ptr(capsule, get_name(capsule))
     vp = ctypes.c_void_p
     # Fortran gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc): all by pointer.
-    return ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, vp, vp, vp, vp, vp, vp, vp, vp,
-                            vp, vp, vp)(addr)
+    return ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp)(addr)
 
 
 _BLAS = None
@@ -48,9 +48,12 @@ def _blas():
     global _BLAS
     if _BLAS is None:
         from scipy.linalg import cython_blas
+
         capi = cython_blas.__pyx_capi__
-        _BLAS = {np.dtype(np.float32): (_gemm_pointer(capi, "sgemm"), ctypes.c_float),
-                 np.dtype(np.float64): (_gemm_pointer(capi, "dgemm"), ctypes.c_double)}
+        _BLAS = {
+            np.dtype(np.float32): (_gemm_pointer(capi, "sgemm"), ctypes.c_float),
+            np.dtype(np.float64): (_gemm_pointer(capi, "dgemm"), ctypes.c_double),
+        }
     return _BLAS
 
 
@@ -64,8 +67,16 @@ def _ld(a: np.ndarray, name: str) -> int:
     return max(a.strides[0] // a.itemsize if rows > 1 else cols, cols, 1)
 
 
-def gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, *, trans_a: bool = False,
-         trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+def gemm(
+    a: np.ndarray,
+    b: np.ndarray,
+    c: np.ndarray,
+    *,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+) -> np.ndarray:
     """``c = alpha * op(a) @ op(b) + beta * c`` in place, row-major, op = transpose if asked.
 
     ``a``, ``b``, ``c`` are 2-D views of one dtype (float32 or float64) whose
@@ -81,8 +92,10 @@ def gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, *, trans_a: bool = False,
     am, ak = (a.shape[1], a.shape[0]) if trans_a else a.shape
     bk, bn = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if (am, ak, bk, bn) != (m, k, k, n):
-        raise ValueError(f"gemm: shapes {a.shape}{'^T' if trans_a else ''} @ "
-                         f"{b.shape}{'^T' if trans_b else ''} -> {c.shape} do not match")
+        raise ValueError(
+            f"gemm: shapes {a.shape}{'^T' if trans_a else ''} @ "
+            f"{b.shape}{'^T' if trans_b else ''} -> {c.shape} do not match"
+        )
     if m == 0 or n == 0:
         return c
     if k == 0:
@@ -93,9 +106,19 @@ def gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, *, trans_a: bool = False,
         raise ValueError("gemm: a dimension exceeds the 32-bit BLAS interface")
     i = ctypes.c_int
     # Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-    fn(b"T" if trans_b else b"N", b"T" if trans_a else b"N",
-       ctypes.byref(i(n)), ctypes.byref(i(m)), ctypes.byref(i(k)), ctypes.byref(scalar(alpha)),
-       ctypes.c_void_p(b.ctypes.data), ctypes.byref(i(ldb)),
-       ctypes.c_void_p(a.ctypes.data), ctypes.byref(i(lda)), ctypes.byref(scalar(beta)),
-       ctypes.c_void_p(c.ctypes.data), ctypes.byref(i(ldc)))
+    fn(
+        b"T" if trans_b else b"N",
+        b"T" if trans_a else b"N",
+        ctypes.byref(i(n)),
+        ctypes.byref(i(m)),
+        ctypes.byref(i(k)),
+        ctypes.byref(scalar(alpha)),
+        ctypes.c_void_p(b.ctypes.data),
+        ctypes.byref(i(ldb)),
+        ctypes.c_void_p(a.ctypes.data),
+        ctypes.byref(i(lda)),
+        ctypes.byref(scalar(beta)),
+        ctypes.c_void_p(c.ctypes.data),
+        ctypes.byref(i(ldc)),
+    )
     return c

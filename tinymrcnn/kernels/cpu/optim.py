@@ -8,13 +8,14 @@ model's 2.4M weights that was 8.9 ms per step; this kernel takes ~2 ms
 (measured 2026-12-01; it needs ``error_model="numpy"``: with Numba's default
 check for division by zero the loop does not vectorise and took 7.7 ms).
 """
+
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
 
-@njit(cache=True, error_model="numpy")      # IEEE division, no Python check: the loop vectorises
+@njit(cache=True, error_model="numpy")  # IEEE division, no Python check: the loop vectorises
 def adam_update(p, g, m, v, step_size, b1, c1, b2, c2, root2, eps, decay, l2):
     """One Adam / AdamW step on flat arrays (all the same length and dtype), in place.
 
@@ -33,7 +34,7 @@ def adam_update(p, g, m, v, step_size, b1, c1, b2, c2, root2, eps, decay, l2):
         p[k] = pk - step_size * mk / (np.sqrt(vk) / root2 + eps)
 
 
-@njit(cache=True, fastmath={"reassoc"})    # the sum may be reordered: it vectorises
+@njit(cache=True, fastmath={"reassoc"})  # the sum may be reordered: it vectorises
 def sum_of_squares(g):
     """sum(g^2) accumulated in float64 (the gradient norm of ``clip_grad_norm``)."""
     total = 0.0

@@ -38,6 +38,7 @@ Parallelism
   work by RoI would race; each stripe task owns its rows and adds only the
   contributions that land in them, so no two threads write one element.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,7 @@ class ChannelsLast:
     __slots__ = ("data",)
 
     def __init__(self, data: np.ndarray):
-        self.data = data                                  # (N, H, W, C)
+        self.data = data  # (N, H, W, C)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -120,8 +121,8 @@ def roi_geometry(x1, y1, x2, y2, spatial_scale, pooled_h, pooled_w, sampling_rat
     else:
         gh = roi_h / pooled_h
         gw = roi_w / pooled_w
-        grid_h = int(math.ceil(gh)) if gh > 0.0 and gh < 2.0 ** 31 else 0   # False for NaN
-        grid_w = int(math.ceil(gw)) if gw > 0.0 and gw < 2.0 ** 31 else 0
+        grid_h = int(math.ceil(gh)) if gh > 0.0 and gh < 2.0**31 else 0  # False for NaN
+        grid_w = int(math.ceil(gw)) if gw > 0.0 and gw < 2.0**31 else 0
     count = max(grid_h * grid_w, 1)
     return start_h, start_w, bin_h, bin_w, grid_h, grid_w, count
 
@@ -199,13 +200,12 @@ def bin_axis_weights(start, p, bin_size, grid, size, idx, wts):
     """
     n = 0
     for i in range(grid):
-        valid, low, high, w_low, w_high = linear_taps(
-            sample_coordinate(start, p, bin_size, i, grid), size)
+        valid, low, high, w_low, w_high = linear_taps(sample_coordinate(start, p, bin_size, i, grid), size)
         if not valid:
             continue
         for pix, wt in ((low, w_low), (high, w_high)):
             j = n - 1
-            while j >= 0 and idx[j] != pix:       # coordinates increase with i: a repeat is recent
+            while j >= 0 and idx[j] != pix:  # coordinates increase with i: a repeat is recent
                 j -= 1
             if j >= 0:
                 wts[j] += wt
@@ -216,8 +216,7 @@ def bin_axis_weights(start, p, bin_size, grid, size, idx, wts):
     return n
 
 
-def roi_align_forward_nhwc(maps, levels, scales, rois, pooled_h, pooled_w, sampling_ratio,
-                           aligned, use_max):
+def roi_align_forward_nhwc(maps, levels, scales, rois, pooled_h, pooled_w, sampling_ratio, aligned, use_max):
     """RoIAlign forward on channels-last maps, several maps (an FPN pyramid) in one pass.
 
     Args:
@@ -239,19 +238,26 @@ def roi_align_forward_nhwc(maps, levels, scales, rois, pooled_h, pooled_w, sampl
     # 25 MB of 4 KB pages cost more than the whole gather on the development machine.
     K, C = rois.shape[0], maps[0].shape[3]
     out = np.zeros((K, C, pooled_h * pooled_w), dtype=maps[0].dtype)
-    _forward_kernel(tuple(maps), levels, scales, rois, pooled_h, pooled_w, sampling_ratio, aligned,
-                    use_max, out)
+    _forward_kernel(tuple(maps), levels, scales, rois, pooled_h, pooled_w, sampling_ratio, aligned, use_max, out)
     return out.reshape(K, C, pooled_h, pooled_w)
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(maps, levels, scales, rois, pooled_h, pooled_w, sampling_ratio, aligned,
-                    use_max, out):
+def _forward_kernel(maps, levels, scales, rois, pooled_h, pooled_w, sampling_ratio, aligned, use_max, out):
     """Fills out (K, C, pooled_h * pooled_w), zeros on entry; see roi_align_forward_nhwc."""
     for k in prange(rois.shape[0]):
         lvl = levels[k]
-        _pool_roi(maps[lvl][int(rois[k, 0])], rois[k], scales[lvl], pooled_h, pooled_w,
-                  sampling_ratio, aligned, use_max, out[k])
+        _pool_roi(
+            maps[lvl][int(rois[k, 0])],
+            rois[k],
+            scales[lvl],
+            pooled_h,
+            pooled_w,
+            sampling_ratio,
+            aligned,
+            use_max,
+            out[k],
+        )
 
 
 @njit(cache=True)
@@ -260,15 +266,16 @@ def _pool_roi(feat, roi, spatial_scale, pooled_h, pooled_w, sampling_ratio, alig
     H, W, C = feat.shape
     n_bins = pooled_h * pooled_w
     start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = roi_geometry(
-        roi[1], roi[2], roi[3], roi[4], spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
+        roi[1], roi[2], roi[3], roi[4], spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned
+    )
     if grid_h * grid_w == 0:
-        return                                          # no sampling point: the output stays 0
-    acc = np.zeros((n_bins, C), dtype=feat.dtype)       # this RoI's bins, channels last
+        return  # no sampling point: the output stays 0
+    acc = np.zeros((n_bins, C), dtype=feat.dtype)  # this RoI's bins, channels last
     if use_max:
         _max_bins(acc, feat, start_h, start_w, bin_h, bin_w, grid_h, grid_w, pooled_h, pooled_w)
     else:
-        pix = feat.reshape(H * W, C)                    # one row of C values per pixel
-        wt = np.empty(1, dtype=feat.dtype)              # a weight in x's dtype: float32 SIMD stays float32
+        pix = feat.reshape(H * W, C)  # one row of C values per pixel
+        wt = np.empty(1, dtype=feat.dtype)  # a weight in x's dtype: float32 SIMD stays float32
         rows = np.empty(2 * grid_h, dtype=np.int64)
         row_w = np.empty(2 * grid_h, dtype=np.float64)
         cols = np.empty((pooled_w, 2 * grid_w), dtype=np.int64)
@@ -285,10 +292,10 @@ def _pool_roi(feat, roi, spatial_scale, pooled_h, pooled_w, sampling_ratio, alig
                     base = rows[i] * W
                     for j in range(n_cols[pw]):
                         wt[0] = row_w[i] * col_w[pw, j] / count
-                        f = pix[base + cols[pw, j]]     # (C,) contiguous: the channel gather
+                        f = pix[base + cols[pw, j]]  # (C,) contiguous: the channel gather
                         for c in range(C):
                             a[c] += wt[0] * f[c]
-    for c in range(C):                                  # (bins, C) -> (C, bins), in cache
+    for c in range(C):  # (bins, C) -> (C, bins), in cache
         for i in range(n_bins):
             out[c, i] = acc[i, c]
 
@@ -311,8 +318,7 @@ def _max_bins(acc, feat, start_h, start_w, bin_h, bin_w, grid_h, grid_w, pooled_
                     xx = sample_coordinate(start_w, pw, bin_w, ix, grid_w)
                     valid, y0, x0, y1, x1, w1, w2, w3, w4 = bilinear_taps(yy, xx, H, W)
                     if valid:
-                        _max_sample(a, feat[y0, x0], feat[y0, x1], feat[y1, x0], feat[y1, x1],
-                                    w1, w2, w3, w4)
+                        _max_sample(a, feat[y0, x0], feat[y0, x1], feat[y1, x0], feat[y1, x1], w1, w2, w3, w4)
                     else:
                         for c in range(a.shape[0]):
                             if a[c] < 0.0:
@@ -333,8 +339,9 @@ def _max_sample(acc, f1, f2, f3, f4, w1, w2, w3, w4):
             acc[c] = v
 
 
-def roi_align_backward_stripes(dy, rois, index, x, batch, height, width, spatial_scale,
-                               sampling_ratio, aligned, use_max, stripe=8):
+def roi_align_backward_stripes(
+    dy, rois, index, x, batch, height, width, spatial_scale, sampling_ratio, aligned, use_max, stripe=8
+):
     """RoIAlign backward of the RoIs ``index`` of one map: dx (N, C, H, W) from dy (K, C, PH, PW).
 
     avg: every output gradient, times weight / count, is added to the four taps
@@ -365,18 +372,16 @@ def roi_align_backward_stripes(dy, rois, index, x, batch, height, width, spatial
     """
     K, C, PH, PW = dy.shape
     # NumPy allocates the large arrays (huge pages; see roi_align_forward_nhwc)
-    dyt = np.empty((len(index), PH * PW, C), dtype=dy.dtype)   # dy[index] channels last
+    dyt = np.empty((len(index), PH * PW, C), dtype=dy.dtype)  # dy[index] channels last
     # one (stripe, W, C) accumulator per thread, reused by all the tasks a thread runs
     scratch = np.empty((get_num_threads(), stripe, width, C), dtype=dy.dtype)
     dx = np.empty((batch, C, height, width), dtype=dy.dtype)
-    _backward_kernel(dy, rois, index, x, spatial_scale, sampling_ratio, aligned, use_max, dyt,
-                     scratch, dx)
+    _backward_kernel(dy, rois, index, x, spatial_scale, sampling_ratio, aligned, use_max, dyt, scratch, dx)
     return dx
 
 
 @njit(parallel=True, cache=True)
-def _backward_kernel(dy, rois, index, x, spatial_scale, sampling_ratio, aligned, use_max, dyt,
-                     scratch, dx):
+def _backward_kernel(dy, rois, index, x, spatial_scale, sampling_ratio, aligned, use_max, dyt, scratch, dx):
     """Fills dx (N, C, H, W); see roi_align_backward_stripes. RoI j of this map is index[j]."""
     _, C, PH, PW = dy.shape
     K = index.shape[0]
@@ -389,19 +394,20 @@ def _backward_kernel(dy, rois, index, x, spatial_scale, sampling_ratio, aligned,
     row_hi = np.empty(K, dtype=np.int64)
     for j in prange(K):
         k = index[j]
-        for c in range(C):        # dy channels last, so each bin's gradient is one contiguous vector
+        for c in range(C):  # dy channels last, so each bin's gradient is one contiguous vector
             for i in range(n_bins):
                 dyt[j, i, c] = dy3[k, c, i]
         start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = roi_geometry(
-            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale,
-            PH, PW, sampling_ratio, aligned)
+            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale, PH, PW, sampling_ratio, aligned
+        )
         lo = height
         hi = -1
         if grid_w > 0:
             for ph in range(PH):
                 for iy in range(grid_h):
                     valid, low, high, w_low, w_high = linear_taps(
-                        sample_coordinate(start_h, ph, bin_h, iy, grid_h), height)
+                        sample_coordinate(start_h, ph, bin_h, iy, grid_h), height
+                    )
                     if valid:
                         lo = min(lo, low)
                         hi = max(hi, high)
@@ -413,19 +419,18 @@ def _backward_kernel(dy, rois, index, x, spatial_scale, sampling_ratio, aligned,
         b = t // n_stripes
         r0 = (t % n_stripes) * stripe
         r1 = min(height, r0 + stripe)
-        buf = scratch[get_thread_id(), :r1 - r0]              # this task's rows, channels last
+        buf = scratch[get_thread_id(), : r1 - r0]  # this task's rows, channels last
         buf[:] = 0.0
         wt = np.empty(1, dtype=dy.dtype)
         for j in range(K):
             k = index[j]
             if int(rois[k, 0]) != b or row_hi[j] < r0 or row_lo[j] >= r1:
-                continue                                       # the RoI reads none of these rows
+                continue  # the RoI reads none of these rows
             start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = roi_geometry(
-                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale,
-                PH, PW, sampling_ratio, aligned)
+                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale, PH, PW, sampling_ratio, aligned
+            )
             if use_max:
-                _max_backward_rows(buf, r0, x[b], dyt[j], start_h, start_w, bin_h, bin_w,
-                                   grid_h, grid_w, PH, PW)
+                _max_backward_rows(buf, r0, x[b], dyt[j], start_h, start_w, bin_h, bin_w, grid_h, grid_w, PH, PW)
                 continue
             rows = np.empty(2 * grid_h, dtype=np.int64)
             row_w = np.empty(2 * grid_h, dtype=np.float64)
@@ -435,7 +440,7 @@ def _backward_kernel(dy, rois, index, x, spatial_scale, sampling_ratio, aligned,
                 n_rows = bin_axis_weights(start_h, ph, bin_h, grid_h, height, rows, row_w)
                 for pw in range(PW):
                     n_cols = 0
-                    g = dyt[j, ph * PW + pw]                     # (C,)
+                    g = dyt[j, ph * PW + pw]  # (C,)
                     for i in range(n_rows):
                         r = rows[i]
                         if r < r0 or r >= r1:
@@ -448,15 +453,14 @@ def _backward_kernel(dy, rois, index, x, spatial_scale, sampling_ratio, aligned,
                             d = buf[r - r0, cols[q]]
                             for c in range(C):
                                 d[c] += wt[0] * g[c]
-        for r in range(r1 - r0):                               # (rows, W, C) -> (C, rows, W)
+        for r in range(r1 - r0):  # (rows, W, C) -> (C, rows, W)
             for w in range(width):
                 for c in range(C):
                     dx[b, c, r0 + r, w] = buf[r, w, c]
 
 
 @njit(cache=True)
-def _max_backward_rows(buf, r0, feat, g, start_h, start_w, bin_h, bin_w, grid_h, grid_w,
-                       pooled_h, pooled_w):
+def _max_backward_rows(buf, r0, feat, g, start_h, start_w, bin_h, bin_w, grid_h, grid_w, pooled_h, pooled_w):
     """mode="max" backward of one RoI, restricted to rows [r0, r0 + len(buf)).
 
     For every bin, recompute the samples' values (as the forward), find each
@@ -477,10 +481,13 @@ def _max_backward_rows(buf, r0, feat, g, start_h, start_w, bin_h, bin_w, grid_h,
     for ph in range(pooled_h):
         for pw in range(pooled_w):
             touches = False
-            for s in range(n_s):      # does any sample of the bin read these rows?
+            for s in range(n_s):  # does any sample of the bin read these rows?
                 valid, y0, x0, y1, x1, w1, w2, w3, w4 = bilinear_taps(
                     sample_coordinate(start_h, ph, bin_h, s // grid_w, grid_h),
-                    sample_coordinate(start_w, pw, bin_w, s % grid_w, grid_w), H, W)
+                    sample_coordinate(start_w, pw, bin_w, s % grid_w, grid_w),
+                    H,
+                    W,
+                )
                 if valid and y1 >= r0 and y0 < r1:
                     touches = True
             if not touches:
@@ -488,12 +495,14 @@ def _max_backward_rows(buf, r0, feat, g, start_h, start_w, bin_h, bin_w, grid_h,
             for s in range(n_s):
                 valid, y0, x0, y1, x1, w1, w2, w3, w4 = bilinear_taps(
                     sample_coordinate(start_h, ph, bin_h, s // grid_w, grid_h),
-                    sample_coordinate(start_w, pw, bin_w, s % grid_w, grid_w), H, W)
+                    sample_coordinate(start_w, pw, bin_w, s % grid_w, grid_w),
+                    H,
+                    W,
+                )
                 # v = this sample's values, exactly as the forward computes them
                 v[:] = -np.inf if valid else 0.0
                 if valid:
-                    _max_sample(v, feat[y0, x0], feat[y0, x1], feat[y1, x0], feat[y1, x1],
-                                w1, w2, w3, w4)
+                    _max_sample(v, feat[y0, x0], feat[y0, x1], feat[y1, x0], feat[y1, x1], w1, w2, w3, w4)
                 for c in range(C):
                     if s == 0 or v[c] > best[c]:
                         best[c] = v[c]
@@ -503,7 +512,10 @@ def _max_backward_rows(buf, r0, feat, g, start_h, start_w, bin_h, bin_w, grid_h,
                 s = best_s[c]
                 valid, y0, x0, y1, x1, w1, w2, w3, w4 = bilinear_taps(
                     sample_coordinate(start_h, ph, bin_h, s // grid_w, grid_h),
-                    sample_coordinate(start_w, pw, bin_w, s % grid_w, grid_w), H, W)
+                    sample_coordinate(start_w, pw, bin_w, s % grid_w, grid_w),
+                    H,
+                    W,
+                )
                 if not valid:
                     continue
                 if y0 >= r0 and y0 < r1:

@@ -9,6 +9,7 @@ Table 2c), so these kernels aim at clarity more than speed: they read the
 (``((b * C + c) * H + h) * W + w``), or -1 for an empty bin. It names the
 batch image and channel too, so the backward needs no RoIs.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def roi_pool_extent(x1, y1, x2, y2, spatial_scale):
     v2 = y1 * spatial_scale
     v3 = x2 * spatial_scale
     v4 = y2 * spatial_scale
-    lim = 2.0 ** 30
+    lim = 2.0**30
     if not (abs(v1) < lim and abs(v2) < lim and abs(v3) < lim and abs(v4) < lim):  # NaN too
         return False, 0, 0, 1, 1
     start_w = int(round_half_away(v1))
@@ -81,7 +82,8 @@ def roi_pool_forward(x, rois, spatial_scale, pooled_h, pooled_w):
     for k in prange(K):
         b = int(rois[k, 0])
         valid, start_h, start_w, roi_h, roi_w = roi_pool_extent(
-            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale)
+            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale
+        )
         if not valid:
             continue
         for ph in range(pooled_h):
@@ -89,7 +91,7 @@ def roi_pool_forward(x, rois, spatial_scale, pooled_h, pooled_w):
             for pw in range(pooled_w):
                 w0, w1 = roi_pool_bin(pw, start_w, roi_w, pooled_w, W)
                 if h1 <= h0 or w1 <= w0:
-                    continue                              # empty bin: 0, argmax -1
+                    continue  # empty bin: 0, argmax -1
                 for c in range(C):
                     best = -np.inf
                     best_i = -1
@@ -97,7 +99,7 @@ def roi_pool_forward(x, rois, spatial_scale, pooled_h, pooled_w):
                     for h in range(h0, h1):
                         for w in range(w0, w1):
                             v = x[b, c, h, w]
-                            if v > best:                  # first maximum wins ties
+                            if v > best:  # first maximum wins ties
                                 best = v
                                 best_i = (plane + h) * W + w
                     y[k, c, ph, pw] = best

@@ -6,6 +6,7 @@ kernels of ``conv.py`` / ``roi_align.py`` here, and copies the result back.
 The convolution kernels compute in float32; RoIAlign in float32 or float64.
 ``tinymrcnn.kernels.set_device("cuda")`` makes the ops call these.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,8 +49,9 @@ def roi_align_levels(maps, rois, levels, scales, output_size, sampling_ratio, al
     for i, m in enumerate(maps):
         idx = np.flatnonzero(levels == i)
         if idx.size:
-            out[idx] = to_host(_roi.roi_align_forward_cuda(m, rois[idx], output_size, scales[i],
-                                                           sampling_ratio, aligned, mode))
+            out[idx] = to_host(
+                _roi.roi_align_forward_cuda(m, rois[idx], output_size, scales[i], sampling_ratio, aligned, mode)
+            )
     return out
 
 
@@ -62,7 +64,18 @@ def roi_align_levels_backward(dy, maps, rois, levels, scales, sampling_ratio, al
         if idx.size == 0:
             grads.append(np.zeros(tuple(m.shape), dy.dtype))
             continue
-        grads.append(to_host(_roi.roi_align_backward_cuda(
-            to_device(np.ascontiguousarray(dy[idx])), rois[idx], tuple(m.shape), scales[i],
-            sampling_ratio, aligned, mode, x_dev=m if use_max else None)))
+        grads.append(
+            to_host(
+                _roi.roi_align_backward_cuda(
+                    to_device(np.ascontiguousarray(dy[idx])),
+                    rois[idx],
+                    tuple(m.shape),
+                    scales[i],
+                    sampling_ratio,
+                    aligned,
+                    mode,
+                    x_dev=m if use_max else None,
+                )
+            )
+        )
     return grads

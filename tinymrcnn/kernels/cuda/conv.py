@@ -75,6 +75,7 @@ tiles, so Z = 114 chunks of 1152 pixels).
 dbias (channel_sum): one block per channel, each thread sums a strided slice
 of that channel over the batch, then a tree reduction in shared memory.
 """
+
 from __future__ import annotations
 
 import math
@@ -115,14 +116,23 @@ class Tile:
 
     def check(self) -> None:
         t = self.threads
-        ok = (self.bm % self.tm == 0 and self.bn % self.tn == 0 and t % self.bn == 0
-              and t % self.bk == 0 and (self.bm * self.bk) % t == 0
-              and (self.bn * self.bk) % t == 0 and t <= 1024
-              and 0 < self.reduce <= 1024 and self.reduce & (self.reduce - 1) == 0)
+        ok = (
+            self.bm % self.tm == 0
+            and self.bn % self.tn == 0
+            and t % self.bn == 0
+            and t % self.bk == 0
+            and (self.bm * self.bk) % t == 0
+            and (self.bn * self.bk) % t == 0
+            and t <= 1024
+            and 0 < self.reduce <= 1024
+            and self.reduce & (self.reduce - 1) == 0
+        )
         if not ok:
-            raise ValueError(f"unsupported tile {self}: the load loops need threads % bn == 0, "
-                             "threads % bk == 0 and bm*bk, bn*bk multiples of threads; "
-                             "reduce must be a power of 2")
+            raise ValueError(
+                f"unsupported tile {self}: the load loops need threads % bn == 0, "
+                "threads % bk == 0 and bm*bk, bn*bk multiples of threads; "
+                "reduce must be a power of 2"
+            )
 
 
 DEFAULT_TILE = Tile()
@@ -148,19 +158,20 @@ def _kernels(tile: Tile):
     tile.check()
     cuda = require_cuda()
     BM, BN, BK, TM, TN = tile.bm, tile.bn, tile.bk, tile.tm, tile.tn
-    TX = BN // TN            # threads along a tile row (pixels / k columns)
-    TY = BM // TM            # threads along a tile column (channels)
-    T = TX * TY              # threads per block
-    A_LOADS = BM * BK // T   # shared-memory elements each thread loads per step
+    TX = BN // TN  # threads along a tile row (pixels / k columns)
+    TY = BM // TM  # threads along a tile column (channels)
+    T = TX * TY  # threads per block
+    A_LOADS = BM * BK // T  # shared-memory elements each thread loads per step
     B_LOADS = BN * BK // T
-    B_KSTEP = T // BN        # gather kernel: rows of Bs loaded together
-    R_STEP = T // BK         # dweight kernel: columns loaded together
-    RT = tile.reduce         # threads per block of the reduction kernels
+    B_KSTEP = T // BN  # gather kernel: rows of Bs loaded together
+    R_STEP = T // BK  # dweight kernel: columns loaded together
+    RT = tile.reduce  # threads per block of the reduction kernels
     BM1, BN1 = BM + 1, BN + 1  # padded shared-memory rows (shapes must be constants, not expressions)
 
     @cuda.jit
-    def gemm_gather(a, a_mstride, src, src_img, Hs, Ws, ktab, K,
-                    mul_h, mul_w, div_h, div_w, Ht, Wt, P, M, bias, has_bias, out):
+    def gemm_gather(
+        a, a_mstride, src, src_img, Hs, Ws, ktab, K, mul_h, mul_w, div_h, div_w, Ht, Wt, P, M, bias, has_bias, out
+    ):
         """out[n, m, th, tw] = sum_k A[m, k] * B[k, p] (+ bias[m]), p = (n, th, tw).
 
         A[m, k] = a[m * a_mstride + ktab[0, k]]                 (the weights)
@@ -196,7 +207,7 @@ def _kernels(tile: Tile):
         src_base = n * src_img
 
         for k0 in range(0, K, BK):
-            for q in range(A_LOADS):                  # As[kk, mm] = A[m0 + mm, k0 + kk]
+            for q in range(A_LOADS):  # As[kk, mm] = A[m0 + mm, k0 + kk]
                 e = tid + T * q
                 kk = e % BK
                 mm = e // BK
@@ -204,7 +215,7 @@ def _kernels(tile: Tile):
                 if m0 + mm < M and k0 + kk < K:
                     v = a[(m0 + mm) * a_mstride + ktab[0, k0 + kk]]
                 As[kk, mm] = v
-            for q in range(B_LOADS):                  # Bs[kk, pb] = B[k0 + kk, p]: im2col on the fly
+            for q in range(B_LOADS):  # Bs[kk, pb] = B[k0 + kk, p]: im2col on the fly
                 kk = tid // BN + B_KSTEP * q
                 k = k0 + kk
                 v = np.float32(0.0)
@@ -212,7 +223,7 @@ def _kernels(tile: Tile):
                     h = h_base + ktab[2, k]
                     w = w_base + ktab[3, k]
                     ok = True
-                    if div_h != 1:                    # only dx / conv_transpose with stride > 1
+                    if div_h != 1:  # only dx / conv_transpose with stride > 1
                         ok = h % div_h == 0
                         h = h // div_h
                     if div_w != 1:
@@ -222,7 +233,7 @@ def _kernels(tile: Tile):
                         v = src[src_base + ktab[1, k] + h * Ws + w]
                 Bs[kk, pb] = v
             cuda.syncthreads()
-            for kk in range(BK):                      # the micro-tile update, all in registers
+            for kk in range(BK):  # the micro-tile update, all in registers
                 for i in range(TM):
                     a_reg[i] = As[kk, ty + i * TY]
                 for j in range(TN):
@@ -246,8 +257,7 @@ def _kernels(tile: Tile):
                         out[base + m * HWt] = v
 
     @cuda.jit
-    def gemm_dweight(dy, x, x_img, H, W, ktab, K, stride_h, stride_w, Ho, Wo, P, O,
-                     chunk, part):
+    def gemm_dweight(dy, x, x_img, H, W, ktab, K, stride_h, stride_w, Ho, Wo, P, O, chunk, part):
         """part[z, o, k] = sum over pixels p in chunk z of dy[o, p] * X[k, p].
 
         dy (N,O,Ho,Wo) and x (N,C,H,W) flat; X[k, p] = x[n, c, oh*s + ktab[2,k],
@@ -256,8 +266,8 @@ def _kernels(tile: Tile):
         tid = cuda.threadIdx.x
         tx = tid % TX
         ty = tid // TX
-        m0 = cuda.blockIdx.y * BM   # output channels
-        c0 = cuda.blockIdx.x * BN   # columns k = (c, i, j)
+        m0 = cuda.blockIdx.y * BM  # output channels
+        c0 = cuda.blockIdx.x * BN  # columns k = (c, i, j)
         z = cuda.blockIdx.z
         As = cuda.shared.array((BK, BM1), np.float32)  # As[r, mm] = dy[m0 + mm, pixel r]
         Bs = cuda.shared.array((BK, BN1), np.float32)  # Bs[r, cc] = X[c0 + cc, pixel r]
@@ -269,7 +279,7 @@ def _kernels(tile: Tile):
                 acc[i, j] = np.float32(0.0)
 
         HWo = Ho * Wo
-        r = tid % BK                 # the pixel row this thread loads, every step
+        r = tid % BK  # the pixel row this thread loads, every step
         p_begin = z * chunk
         p_end = min(p_begin + chunk, P)
         for ps in range(p_begin, p_end, BK):
@@ -351,13 +361,18 @@ def _kernels(tile: Tile):
         if tid == 0:
             out[c] = buf[0]
 
-    return {"gemm_gather": gemm_gather, "gemm_dweight": gemm_dweight,
-            "sum_slices": sum_slices, "channel_sum": channel_sum}
+    return {
+        "gemm_gather": gemm_gather,
+        "gemm_dweight": gemm_dweight,
+        "sum_slices": sum_slices,
+        "channel_sum": channel_sum,
+    }
 
 
 # ---------------------------------------------------------------------------
 # Index tables: ktab[:, k] = (weight offset, source channel offset, tap_h, tap_w)
 # Built once per geometry on the host (K entries) and kept on the device.
+
 
 @lru_cache(maxsize=128)
 def _forward_table(C, kh, kw, H, W, ph, pw):
@@ -372,8 +387,7 @@ def _transposed_table(O, C, kh, kw, Ho, Wo, ph, pw):
     """k' = (o, i, j): A[c, k'] = W[o, c, i, j] at c*kh*kw + (o*C*kh*kw + i*kw + j),
     source dy channel o, tap (pad - i), divided by the stride in the kernel."""
     o, i, j = np.meshgrid(np.arange(O), np.arange(kh), np.arange(kw), indexing="ij")
-    tab = np.stack([(o * C * kh * kw + i * kw + j).ravel(), (o * Ho * Wo).ravel(),
-                    (ph - i).ravel(), (pw - j).ravel()])
+    tab = np.stack([(o * C * kh * kw + i * kw + j).ravel(), (o * Ho * Wo).ravel(), (ph - i).ravel(), (pw - j).ravel()])
     return to_device(tab.astype(np.int32))
 
 
@@ -381,6 +395,7 @@ def _transposed_table(O, C, kh, kw, Ho, Wo, ph, pw):
 # Host wrappers. They take numba device arrays (NumPy arrays are copied to the
 # device first) and return device arrays; nothing is copied back. ``tile``: a
 # Tile, or None for DEFAULT_TILE (SIMULATOR_TILE on the CUDA simulator).
+
 
 def _check_array(a, name, ndim):
     """dtype and rank of one argument (None passes), checked before the GPU is touched."""
@@ -424,8 +439,7 @@ def _out_size(H, W, kh, kw, sh, sw, ph, pw):
     Ho = (H + 2 * ph - kh) // sh + 1
     Wo = (W + 2 * pw - kw) // sw + 1
     if Ho < 1 or Wo < 1:
-        raise ValueError(f"no output: input {H}x{W}, kernel {kh}x{kw}, stride ({sh},{sw}), "
-                         f"padding ({ph},{pw})")
+        raise ValueError(f"no output: input {H}x{W}, kernel {kh}x{kw}, stride ({sh},{sw}), padding ({ph},{pw})")
     return Ho, Wo
 
 
@@ -442,9 +456,26 @@ def _gather_gemm(tile, a, a_mstride, src, tab, K, mul, div, out_shape, bias):
     grid = (math.ceil(P / tile.bn), math.ceil(M / tile.bm))
     has_bias = bias is not None
     _kernels(tile)["gemm_gather"][grid, tile.threads](
-        a.reshape(-1), a_mstride, src.reshape(-1), Cs * Hs * Ws, Hs, Ws, tab, K,
-        mul[0], mul[1], div[0], div[1], Ht, Wt, P, M,
-        bias if has_bias else out.reshape(-1), has_bias, out.reshape(-1))
+        a.reshape(-1),
+        a_mstride,
+        src.reshape(-1),
+        Cs * Hs * Ws,
+        Hs,
+        Ws,
+        tab,
+        K,
+        mul[0],
+        mul[1],
+        div[0],
+        div[1],
+        Ht,
+        Wt,
+        P,
+        M,
+        bias if has_bias else out.reshape(-1),
+        has_bias,
+        out.reshape(-1),
+    )
     return out
 
 
@@ -468,8 +499,8 @@ def _dweight(tile, dy, x, kh, kw, stride, padding):
     tab = _forward_table(C, kh, kw, H, W, padding[0], padding[1])
     k = _kernels(tile)
     k["gemm_dweight"][(math.ceil(K / tile.bn), math.ceil(O / tile.bm), Z), tile.threads](
-        dy.reshape(-1), x.reshape(-1), C * H * W, H, W, tab, K, stride[0], stride[1],
-        Ho, Wo, P, O, chunk, part)
+        dy.reshape(-1), x.reshape(-1), C * H * W, H, W, tab, K, stride[0], stride[1], Ho, Wo, P, O, chunk, part
+    )
     if Z > 1:
         L = O * K
         k["sum_slices"][math.ceil(L / tile.reduce), tile.reduce](part, Z, L, dw.reshape(-1))
@@ -488,8 +519,7 @@ def _channel_sum(tile, dy):
 def _zero(tile, d):
     """Fill a device array with zeros (for degenerate empty-batch gradients)."""
     flat = d.reshape(-1)
-    _kernels(tile)["sum_slices"][math.ceil(flat.size / tile.reduce), tile.reduce](
-        flat, 0, flat.size, flat)
+    _kernels(tile)["sum_slices"][math.ceil(flat.size / tile.reduce), tile.reduce](flat, 0, flat.size, flat)
 
 
 def conv2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, tile=None):
@@ -513,8 +543,7 @@ def conv2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, tile=None):
     tile = _resolve_tile(tile)
     x, weight, bias = _on_device(x, weight, bias)
     tab = _forward_table(C, kh, kw, H, W, ph, pw)
-    return _gather_gemm(tile, weight, C * kh * kw, x, tab, C * kh * kw, (sh, sw), (1, 1),
-                        (N, O, Ho, Wo), bias)
+    return _gather_gemm(tile, weight, C * kh * kw, x, tab, C * kh * kw, (sh, sw), (1, 1), (N, O, Ho, Wo), bias)
 
 
 def conv2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=None):
@@ -533,8 +562,10 @@ def conv2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=None):
     O, Cw, kh, kw = weight.shape
     Ho, Wo = _out_size(H, W, kh, kw, sh, sw, ph, pw)
     if Cw != C or tuple(dy.shape) != (N, O, Ho, Wo):
-        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-                         f"dy {tuple(dy.shape)} (expected {(N, O, Ho, Wo)})")
+        raise ValueError(
+            f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"dy {tuple(dy.shape)} (expected {(N, O, Ho, Wo)})"
+        )
     tile = _resolve_tile(tile)
     dy, x, weight = _on_device(dy, x, weight)
     dx = _conv2d_dx(tile, dy, weight, (H, W), (sh, sw), (ph, pw), None)
@@ -547,8 +578,7 @@ def _conv2d_dx(tile, dy, weight, in_hw, stride, padding, bias):
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = weight.shape
     tab = _transposed_table(O, C, kh, kw, Ho, Wo, padding[0], padding[1])
-    return _gather_gemm(tile, weight, kh * kw, dy, tab, O * kh * kw, (1, 1), stride,
-                        (N, C) + tuple(in_hw), bias)
+    return _gather_gemm(tile, weight, kh * kw, dy, tab, O * kh * kw, (1, 1), stride, (N, C) + tuple(in_hw), bias)
 
 
 def conv_transpose2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, tile=None):
@@ -590,8 +620,10 @@ def conv_transpose2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=None
     Cw, Cout, kh, kw = weight.shape
     expect = (N, Cout, (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw)
     if Cw != Cin or tuple(dy.shape) != expect:
-        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-                         f"dy {tuple(dy.shape)} (expected {expect})")
+        raise ValueError(
+            f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"dy {tuple(dy.shape)} (expected {expect})"
+        )
     tile = _resolve_tile(tile)
     dy, x, weight = _on_device(dy, x, weight)
     dx = conv2d_forward_cuda(dy, weight, None, (sh, sw), (ph, pw), tile)

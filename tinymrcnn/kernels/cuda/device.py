@@ -26,6 +26,7 @@ Two differences between the targets matter to this file:
   using them (they still work, and CuPy would be one more dependency) and
   silence only that warning.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,7 @@ def _import_numba_cuda():
         return importlib.import_module("numba.cuda")
     except ImportError as e:  # no numba-cuda and a numba without a CUDA target
         raise RuntimeError(
-            "the GPU path needs numba.cuda, which could not be imported "
-            f"({e}). Install the CUDA extra: {INSTALL_HINT}"
+            f"the GPU path needs numba.cuda, which could not be imported ({e}). Install the CUDA extra: {INSTALL_HINT}"
         ) from None
 
 

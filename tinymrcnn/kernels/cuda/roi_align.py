@@ -40,6 +40,7 @@ Host wrappers (operate on numba device arrays; the ops' device path)
     roi_align_backward_cuda(dy_dev, rois_dev, input_shape, spatial_scale=1.0,
                             sampling_ratio=-1, aligned=False, mode="avg", x_dev=None) -> (N, C, H, W) device array
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,7 +51,7 @@ import numpy as np
 from .device import empty, is_simulator, require_cuda, to_device
 
 THREADS_PER_BLOCK = 256
-SIMULATOR_THREADS_PER_BLOCK = 32   # the simulator runs each thread in Python: fewer idle ones
+SIMULATOR_THREADS_PER_BLOCK = 32  # the simulator runs each thread in Python: fewer idle ones
 MAX_BLOCKS = 65535
 
 # numba.cuda, set by _kernels() on first use. A module global, not a local, because
@@ -81,7 +82,7 @@ def _kernels(dtype: str):
     """
     global cuda
     cuda = require_cuda()
-    cast = np.dtype(dtype).type                      # np.float32 or np.float64
+    cast = np.dtype(dtype).type  # np.float32 or np.float64
 
     from ..cpu import roi_align as cpu
 
@@ -96,23 +97,27 @@ def _kernels(dtype: str):
         valid, y0, x0, y1, x1, w1, w2, w3, w4 = bilinear(yy, xx, H, W)
         if not valid:
             return cast(0.0)
-        return (cast(w1) * x[b, c, y0, x0] + cast(w2) * x[b, c, y0, x1]
-                + cast(w3) * x[b, c, y1, x0] + cast(w4) * x[b, c, y1, x1])
+        return (
+            cast(w1) * x[b, c, y0, x0]
+            + cast(w2) * x[b, c, y0, x1]
+            + cast(w3) * x[b, c, y1, x0]
+            + cast(w4) * x[b, c, y1, x1]
+        )
 
     @cuda.jit
     def forward(x, rois, spatial_scale, sampling_ratio, aligned, use_max, out):
         K, C, PH, PW = out.shape
         H = x.shape[2]
         W = x.shape[3]
-        for i in range(cuda.grid(1), K * C * PH * PW, cuda.gridsize(1)):   # grid-stride loop
+        for i in range(cuda.grid(1), K * C * PH * PW, cuda.gridsize(1)):  # grid-stride loop
             pw = i % PW
             ph = (i // PW) % PH
             c = (i // (PW * PH)) % C
             k = i // (PW * PH * C)
             b = int(rois[k, 0])
             start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = geometry(
-                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale,
-                PH, PW, sampling_ratio, aligned)
+                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale, PH, PW, sampling_ratio, aligned
+            )
             acc = cast(0.0)
             for iy in range(grid_h):
                 yy = coord(start_h, ph, bin_h, iy, grid_h)
@@ -138,16 +143,23 @@ def _kernels(dtype: str):
             k = i // (PW * PH * C)
             b = int(rois[k, 0])
             start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = geometry(
-                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale,
-                PH, PW, sampling_ratio, aligned)
-            g = dy[k, c, ph, pw] * 1.0                # float64, as the weights
+                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], spatial_scale, PH, PW, sampling_ratio, aligned
+            )
+            g = dy[k, c, ph, pw] * 1.0  # float64, as the weights
             s_lo = 0
             s_hi = grid_h * grid_w
-            if use_max:                # find the winning sample; only its taps get gradient
+            if use_max:  # find the winning sample; only its taps get gradient
                 best = cast(0.0)
                 for s in range(grid_h * grid_w):
-                    v = sample_value(x, b, c, coord(start_h, ph, bin_h, s // grid_w, grid_h),
-                                     coord(start_w, pw, bin_w, s % grid_w, grid_w), H, W)
+                    v = sample_value(
+                        x,
+                        b,
+                        c,
+                        coord(start_h, ph, bin_h, s // grid_w, grid_h),
+                        coord(start_w, pw, bin_w, s % grid_w, grid_w),
+                        H,
+                        W,
+                    )
                     if s == 0 or v > best:
                         best = v
                         s_lo = s
@@ -156,8 +168,8 @@ def _kernels(dtype: str):
                 g = g / count
             for s in range(s_lo, s_hi):
                 valid, y0, x0, y1, x1, w1, w2, w3, w4 = bilinear(
-                    coord(start_h, ph, bin_h, s // grid_w, grid_h),
-                    coord(start_w, pw, bin_w, s % grid_w, grid_w), H, W)
+                    coord(start_h, ph, bin_h, s // grid_w, grid_h), coord(start_w, pw, bin_w, s % grid_w, grid_w), H, W
+                )
                 if valid:
                     cuda.atomic.add(dx, (b, c, y0, x0), cast(g * w1))
                     cuda.atomic.add(dx, (b, c, y0, x1), cast(g * w2))
@@ -189,6 +201,7 @@ def _rois_device(rois, num_images):
     """NumPy rois are checked (tinymrcnn.checks.check_rois) and copied; device rois are trusted."""
     if isinstance(rois, np.ndarray):
         from ...checks import check_rois
+
         return to_device(check_rois(rois, num_images))
     if rois.ndim != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois must have shape (K, 5), got {rois.shape}")
@@ -197,6 +210,7 @@ def _rois_device(rois, num_images):
 
 def _check(output_size, mode, shape):
     from ...checks import pair
+
     ph, pw = pair(output_size, "output_size")
     if ph < 1 or pw < 1:
         raise ValueError(f"output_size must be positive, got {output_size!r}")
@@ -207,8 +221,9 @@ def _check(output_size, mode, shape):
     return ph, pw
 
 
-def roi_align_forward_cuda(x_dev, rois_dev, output_size, spatial_scale=1.0, sampling_ratio=-1,
-                           aligned=False, mode="avg"):
+def roi_align_forward_cuda(
+    x_dev, rois_dev, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg"
+):
     """RoIAlign forward on the GPU.
 
     Args:
@@ -228,13 +243,15 @@ def roi_align_forward_cuda(x_dev, rois_dev, output_size, spatial_scale=1.0, samp
     out = empty((K, C, ph, pw), x_dev.dtype)
     n = K * C * ph * pw
     if n:
-        forward[_launch(n)](x_dev, rois_dev, float(spatial_scale), int(sampling_ratio),
-                            bool(aligned), mode == "max", out)
+        forward[_launch(n)](
+            x_dev, rois_dev, float(spatial_scale), int(sampling_ratio), bool(aligned), mode == "max", out
+        )
     return out
 
 
-def roi_align_backward_cuda(dy_dev, rois_dev, input_shape, spatial_scale=1.0, sampling_ratio=-1,
-                            aligned=False, mode="avg", x_dev=None):
+def roi_align_backward_cuda(
+    dy_dev, rois_dev, input_shape, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg", x_dev=None
+):
     """RoIAlign backward on the GPU (atomic adds into dx).
 
     Args:
@@ -256,14 +273,16 @@ def roi_align_backward_cuda(dy_dev, rois_dev, input_shape, spatial_scale=1.0, sa
         if tuple(x_dev.shape) != shape:
             raise ValueError(f"x_dev has shape {tuple(x_dev.shape)}, expected {shape}")
     else:
-        x_dev = dy_dev                            # unused by the avg path; any array of the dtype
+        x_dev = dy_dev  # unused by the avg path; any array of the dtype
     if tuple(dy_dev.shape[:2]) != (rois_dev.shape[0], shape[1]):
-        raise ValueError(f"dy has shape {tuple(dy_dev.shape)}, expected (K, C, ph, pw) with "
-                         f"K = {rois_dev.shape[0]}, C = {shape[1]}")
+        raise ValueError(
+            f"dy has shape {tuple(dy_dev.shape)}, expected (K, C, ph, pw) with K = {rois_dev.shape[0]}, C = {shape[1]}"
+        )
     dx = empty(shape, dy_dev.dtype)
     if dx.size:
         fill_zero[_launch(dx.size)](dx)
     if dy_dev.size:
-        backward[_launch(dy_dev.size)](dy_dev, rois_dev, x_dev, float(spatial_scale),
-                                       int(sampling_ratio), bool(aligned), mode == "max", dx)
+        backward[_launch(dy_dev.size)](
+            dy_dev, rois_dev, x_dev, float(spatial_scale), int(sampling_ratio), bool(aligned), mode == "max", dx
+        )
     return dx
