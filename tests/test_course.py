@@ -410,7 +410,7 @@ def test_planted_half_pixel_offset_in_roi_align_forward(tmp_path):
     assert 0 < result.score < 100
     # the pooled outputs fail because the points do: one line says so, the points' failure is listed
     assert known.blocked_by == "roi_sample_points"
-    assert "fix roi_sample_points first" in text and "FAIL SPEC.md's known answer" not in text
+    assert "fix roi_sample_points first" in text and "FAIL RoIAlign's known answer" not in text
     assert "FAIL roi_sample_points: adaptive grid, aligned=True, (3, 4) bins:" in text
 
 
@@ -419,7 +419,7 @@ SAMPLE_POINTS = SAMPLE_POINTS_NO_OFFSET.replace(
     "offset = 0.5 if aligned else 0.0",
 )
 SAMPLE_POINT_CHECKS = (
-    "roi_sample_points: the blog's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
+    "roi_sample_points: the walkthrough's 200 x 145 px RoI at stride 32, 3x3 bins, 2x2 points",
     "roi_sample_points: adaptive grid, aligned=True, (3, 4) bins",
     "roi_sample_points: a NaN box gets no sampling points (adaptive grid)",
 )
