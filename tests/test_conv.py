@@ -47,12 +47,16 @@ def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b))) / scale if np.size(b) else 0.0
 
 
-@pytest.fixture(params=["per_tap", "im2col", "blocks"])
+@pytest.fixture(params=["per_tap", "im2col", "blocks", "direct"])
 def path(request, monkeypatch):
     """Run a test through every fast path: one GEMM per tap, im2col chunks (few channels),
-    and, where kernel == stride and padding == 0, per-image block matrices."""
+    where kernel == stride and padding == 0 per-image block matrices, and the direct
+    dot products of conv_direct.py (forward; input gradient for stride 1)."""
     monkeypatch.setattr(cpu_conv, "IM2COL_MAX_CHANNELS", 10**9 if request.param == "im2col" else 0)
     monkeypatch.setattr(cpu_conv, "DISJOINT_MIN_PIXELS", 1 if request.param == "blocks" else 10**9)
+    direct = request.param == "direct"
+    monkeypatch.setattr(cpu_conv, "DIRECT_MIN_CHANNELS", 1 if direct else 10**9)
+    monkeypatch.setattr(cpu_conv, "DIRECT_MAX_CHANNELS", 10**9 if direct else 0)
     return request.param
 
 

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from . import conv_direct
 from .blas import gemm
 
 # Wide buffers are processed in column chunks of about this many bytes per
@@ -73,6 +74,11 @@ IM2COL_MAX_CHANNELS = 16
 # block matrix when the output maps have at least this many pixels (fewer: the
 # batched wide layout gives BLAS one big product instead of N tiny ones).
 DISJOINT_MIN_PIXELS = 64
+# The forward and (stride 1) the input gradient run as direct dot products
+# (``conv_direct.py``) when both channel counts lie in this range: there a GEMM
+# per tap has an inner dimension too short for BLAS. Measured: see DIRECT_TABLE.
+DIRECT_MIN_CHANNELS = 16
+DIRECT_MAX_CHANNELS = 128
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,17 @@ class Geometry:
         """Kernel == stride, no padding, big enough maps: one GEMM per image on its blocks."""
         return (self.kh == self.sh and self.kw == self.sw and self.ph == self.pw == 0
                 and self.Ho * self.Wo >= DISJOINT_MIN_PIXELS)
+
+    @property
+    def direct(self) -> bool:
+        """Small channel counts: the forward runs in conv_direct (one dot product per output)."""
+        return (not self.disjoint and DIRECT_MIN_CHANNELS <= min(self.C, self.O)
+                and max(self.C, self.O) <= DIRECT_MAX_CHANNELS)
+
+    @property
+    def direct_input_grad(self) -> bool:
+        """The input gradient too, for stride 1 (a correlation of dy with the flipped kernel)."""
+        return self.direct and self.sh == self.sw == 1
 
     @property
     def pointwise(self) -> bool:
@@ -428,6 +445,8 @@ def _bias_or_zeros(bias, n: int, dtype) -> np.ndarray:
 def conv_output(x, w, bias, g: Geometry) -> np.ndarray:
     """y (N, O, Ho, Wo) = conv2d(x, w) + bias[o]."""
     b = _bias_or_zeros(bias, g.O, x.dtype)
+    if g.direct:                                   # y[n, o, r, q] = dot(window, w[o]) + b[o]
+        return conv_direct.forward(x, w, b, (g.sh, g.sw), (g.ph, g.pw))
     y = np.empty((g.N, g.O, g.Ho, g.Wo), dtype=x.dtype)
     if g.disjoint:                                 # y[n] = W (O, C*kh*kw) @ blocks[n]
         w2, blocks = w.reshape(g.O, -1), _blocks_of(x, g)
@@ -462,6 +481,8 @@ def conv_input_grad(dy, w, g: Geometry, bias=None, dyw=None) -> np.ndarray:
             gemm(w2, dy[n].reshape(g.O, -1), dblocks[n], trans_a=True)
         scatter_blocks(dblocks, g.kh, g.kw, g.Ho, g.Wo, b, dx)
         return dx
+    if g.direct_input_grad:                        # dy correlated with the flipped kernel
+        return conv_direct.input_grad(dy, w, b, (g.H, g.W), (g.ph, g.pw))
     dxph = wide_input_grad(wide_of(dy, g) if dyw is None else dyw, tap_weights(w), g)
     gather_phases(dxph, g.sh, g.sw, g.ph, g.pw, g.Hq, g.Wq, b, dx)
     return dx

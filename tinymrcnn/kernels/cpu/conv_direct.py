@@ -1,0 +1,195 @@
+"""Direct convolution for small channel counts: one dot product per output, in Numba.
+
+Readable reference: ``tinymrcnn/ops/conv.py`` (``conv2d_reference``); the
+GEMM path and the rule that picks between the two: ``kernels/cpu/conv.py``.
+
+Why another algorithm
+---------------------
+The GEMM path multiplies a (O, C) weight matrix per kernel tap into the
+shifted input. With C = 32..64 input channels that is a GEMM with an inner
+dimension of 32..64, too short for BLAS to reach its speed (it re-reads and
+re-writes the output for every tap). Here every output value is instead
+computed in one go, as one long dot product, and written once.
+
+The layout: stacked rows, channels last
+---------------------------------------
+For output row r, the window of output pixel q covers kh input rows
+(r*sh + i - ph, i < kh) and kw input columns (q*sw + j - pw, j < kw), all C
+channels. ``stack_rows`` copies the input (N, C, H, W) into
+
+    xs[n, r, v, i, c] = x[n, c, r*sh + i - ph, v - pw]      (0 outside x)
+
+i.e. for every output row, the kh input rows it reads, interleaved column by
+column, channels last. Then the whole window of pixel q is *one contiguous
+run* of L = kw*kh*C numbers, starting at column v = q*sw:
+
+    window(n, r, q) = xs[n, r].ravel()[q*sw*kh*C : q*sw*kh*C + L]
+
+and with the weights laid out the same way, wk[o] = w[o, :, :, :] as
+(kw, kh, C) flattened (``stacked_weights``), an output is a dot product of
+two contiguous vectors:
+
+    y[n, o, r, q] = bias[o] + dot(window(n, r, q), wk[o])
+
+The copy costs kh times the input (3x for 3x3), once per pass.
+
+The blocking: 2 pixels x 4 output channels in registers
+-------------------------------------------------------
+``correlate`` computes a block of PIXELS = 2 neighbouring output pixels times
+OUTPUTS = 4 output channels at once: 8 dot products that share their loads
+(each input number is used 4 times, each weight 2 times). The 8 running sums
+are 8 scalar variables; the compiler vectorises the loop over the L inputs
+(fastmath allows reordering the sums), so each sum lives in one SIMD register
+(8 float32 lanes on AVX2) and is summed across lanes once at the end. A local
+array of accumulators would be simpler to write but is kept in memory, not in
+registers (measured 20x slower). More pixels or channels per block would need
+more registers than x86 has (16 with AVX2) and spill.
+
+One ``prange`` task per output row (n, r): each writes only its own row of y.
+
+The passes
+----------
+* forward: ``correlate(stack_rows(x), stacked_weights(w))``.
+* input gradient, stride 1: the same correlation of dy, padded by
+  (kh - 1 - ph, kw - 1 - pw), with the kernel flipped and its two channel
+  axes swapped (``flipped_weights``). (Stride > 1 stays on the GEMM path.)
+* weight gradient: a long reduction over all pixels; it stays on BLAS.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+PIXELS = 2      # output pixels per register block (the unrolled p0/p1 sums below)
+OUTPUTS = 4     # output channels per register block (the unrolled o0..o3 sums below)
+
+
+@njit(cache=True, parallel=True)
+def stack_rows(x, kh, sh, ph, pw, Ho, out):
+    """x (N, C, H, W) -> out (N, Ho, Ws, kh, C): out[n, r, v, i, c] = x[n, c, r*sh + i - ph, v - pw].
+
+    Entries outside x are 0; Ws = out.shape[2] may be wider than the padded
+    input (the extra columns are zeros that round a row up to whole blocks).
+    ph and pw may be negative (they then crop).
+    """
+    N, C, H, W = x.shape
+    Ws = out.shape[2]
+    vlo = min(max(0, pw), Ws)           # columns v with 0 <= v - pw < W
+    vhi = max(min(Ws, W + pw), vlo)
+    for task in prange(N * Ho):
+        n, r = task // Ho, task % Ho
+        for i in range(kh):
+            h = r * sh + i - ph
+            dst = out[n, r, :, i, :]                        # (Ws, C)
+            if h < 0 or h >= H:
+                dst[:, :] = 0
+                continue
+            dst[:vlo, :] = 0
+            dst[vhi:, :] = 0
+            for c in range(C):
+                src = x[n, c, h]
+                for v in range(vlo, vhi):
+                    dst[v, c] = src[v - pw]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def correlate(xs, wk, bias, step, y):
+    """y[n, o, r, q] = bias[o] + dot(xs[n, r, q*step : q*step + L], wk[o]) for every o < O, q < Wo.
+
+    xs (N, Ho, Ls): stacked rows (``stack_rows``) with each row flattened; a
+    row must hold the windows of Wo rounded up to PIXELS pixels.
+    wk (Ok, L): stacked weights, Ok = O rounded up to OUTPUTS (rows past O are
+    not used). y (N, O, Ho, Wo).
+    """
+    N, O, Ho, Wo = y.shape
+    L = wk.shape[1]
+    zero = y.dtype.type(0)
+    for task in prange(N * Ho):
+        n, r = task // Ho, task % Ho
+        row = xs[n, r]
+        for q in range(0, Wo, PIXELS):
+            x0 = row[q * step:q * step + L]                # the windows of pixels q and q + 1
+            x1 = row[(q + 1) * step:(q + 1) * step + L]
+            for o in range(0, O, OUTPUTS):
+                w0, w1, w2, w3 = wk[o], wk[o + 1], wk[o + 2], wk[o + 3]
+                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+                for k in range(L):                         # vectorised: 8 SIMD accumulators
+                    a, b = x0[k], x1[k]
+                    s00 += a * w0[k]
+                    s01 += a * w1[k]
+                    s02 += a * w2[k]
+                    s03 += a * w3[k]
+                    s10 += b * w0[k]
+                    s11 += b * w1[k]
+                    s12 += b * w2[k]
+                    s13 += b * w3[k]
+                _store(y, n, r, q, o, s00, s01, s02, s03, bias)
+                if q + 1 < Wo:
+                    _store(y, n, r, q + 1, o, s10, s11, s12, s13, bias)
+
+
+@njit(inline="always")
+def _store(y, n, r, q, o, s0, s1, s2, s3, bias):
+    """y[n, o + t, r, q] = s_t + bias[o + t] for the channels t < 4 that exist."""
+    O = y.shape[1]
+    y[n, o, r, q] = s0 + bias[o]
+    if o + 1 < O:
+        y[n, o + 1, r, q] = s1 + bias[o + 1]
+    if o + 2 < O:
+        y[n, o + 2, r, q] = s2 + bias[o + 2]
+    if o + 3 < O:
+        y[n, o + 3, r, q] = s3 + bias[o + 3]
+
+
+# ---------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------
+def stacked_weights(w: np.ndarray) -> np.ndarray:
+    """(O, C, kh, kw) -> (Ok, kw*kh*C): row o is w[o] ordered (j, i, c); zero rows up to Ok."""
+    O, C, kh, kw = w.shape
+    Ok = -(-O // OUTPUTS) * OUTPUTS
+    wk = np.zeros((Ok, kw * kh * C), dtype=w.dtype)
+    wk[:O] = w.transpose(0, 3, 2, 1).reshape(O, -1)
+    return wk
+
+
+def flipped_weights(w: np.ndarray) -> np.ndarray:
+    """The kernel of the input gradient: (O, C, kh, kw) -> (C, O, kh, kw), rotated by 180 degrees."""
+    return np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+
+
+def _stacked(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, Ho: int, Wo: int):
+    """stack_rows of x for an output of Ho x Wo, rows flattened: (N, Ho, Ws*kh*C), and the step of a pixel."""
+    N, C = x.shape[:2]
+    Wb = -(-Wo // PIXELS) * PIXELS                     # pixels rounded up to whole blocks
+    Ws = max((Wb - 1) * sw + kw, x.shape[3] + pw)
+    xs = np.empty((N, Ho, Ws, kh, C), dtype=x.dtype)
+    stack_rows(x, kh, sh, ph, pw, Ho, xs)
+    return xs.reshape(N, Ho, Ws * kh * C), sw * kh * C
+
+
+def forward(x: np.ndarray, w: np.ndarray, bias: np.ndarray, stride, padding) -> np.ndarray:
+    """y (N, O, Ho, Wo) = conv2d(x, w) + bias; x (N, C, H, W), w (O, C, kh, kw), bias (O,)."""
+    N, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    (sh, sw), (ph, pw) = stride, padding
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    xs, step = _stacked(x, kh, kw, sh, sw, ph, pw, Ho, Wo)
+    y = np.empty((N, O, Ho, Wo), dtype=x.dtype)
+    correlate(xs, stacked_weights(w), bias, step, y)
+    return y
+
+
+def input_grad(dy: np.ndarray, w: np.ndarray, bias: np.ndarray, x_hw: tuple[int, int], padding) -> np.ndarray:
+    """dx (N, C, H, W) of a stride-1 conv2d for upstream dy (N, O, Ho, Wo), plus bias[c].
+
+    dx[n, c, h, w] = sum_{o, i, j} dy[n, o, h + ph - i, w + pw - j] w[o, c, i, j]: the
+    correlation of dy, padded by (kh - 1 - ph, kw - 1 - pw), with the flipped kernel.
+    """
+    _, _, kh, kw = w.shape
+    ph, pw = padding
+    H, W = x_hw
+    ds, step = _stacked(dy, kh, kw, 1, 1, kh - 1 - ph, kw - 1 - pw, H, W)
+    dx = np.empty((dy.shape[0], w.shape[1], H, W), dtype=dy.dtype)
+    correlate(ds, stacked_weights(flipped_weights(w)), bias, step, dx)
+    return dx
