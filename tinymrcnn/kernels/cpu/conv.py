@@ -131,10 +131,6 @@ class Geometry:
         return (not self.disjoint and DIRECT_MIN_CHANNELS <= min(self.C, self.O)
                 and max(self.C, self.O) <= DIRECT_MAX_CHANNELS)
 
-    @property
-    def direct_input_grad(self) -> bool:
-        """The input gradient too, for stride 1 (a correlation of dy with the flipped kernel)."""
-        return self.direct and self.sh == self.sw == 1
 
     @property
     def pointwise(self) -> bool:
@@ -481,8 +477,8 @@ def conv_input_grad(dy, w, g: Geometry, bias=None, dyw=None) -> np.ndarray:
             gemm(w2, dy[n].reshape(g.O, -1), dblocks[n], trans_a=True)
         scatter_blocks(dblocks, g.kh, g.kw, g.Ho, g.Wo, b, dx)
         return dx
-    if g.direct_input_grad:                        # dy correlated with the flipped kernel
-        return conv_direct.input_grad(dy, w, b, (g.H, g.W), (g.ph, g.pw))
+    if g.direct:                                   # dy correlated with the flipped kernel
+        return conv_direct.input_grad(dy, w, b, (g.H, g.W), (g.sh, g.sw), (g.ph, g.pw))
     dxph = wide_input_grad(wide_of(dy, g) if dyw is None else dyw, tap_weights(w), g)
     gather_phases(dxph, g.sh, g.sw, g.ph, g.pw, g.Hq, g.Wq, b, dx)
     return dx

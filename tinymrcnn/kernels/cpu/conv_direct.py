@@ -50,10 +50,14 @@ One ``prange`` task per output row (n, r): each writes only its own row of y.
 The passes
 ----------
 * forward: ``correlate(stack_rows(x), stacked_weights(w))``.
-* input gradient, stride 1: the same correlation of dy, padded by
+* input gradient, stride 1: the same correlation, of dy padded by
   (kh - 1 - ph, kw - 1 - pw), with the kernel flipped and its two channel
-  axes swapped (``flipped_weights``). (Stride > 1 stays on the GEMM path.)
-* weight gradient: a long reduction over all pixels; it stays on BLAS.
+  axes swapped (``flipped_weights``). Stride s: the input pixels split into
+  s*s phases (h % s, w % s); each phase receives only the taps a, a + s, ...
+  and is again such a correlation, written into dx[:, :, h0::s, w0::s]
+  (``_phases``). This is also conv_transpose2d's forward.
+* weight gradient: a reduction over all N*Ho*Wo pixels, which is a GEMM with a
+  long inner dimension; it stays on BLAS (``kernels/cpu/conv.py``).
 """
 from __future__ import annotations
 
@@ -180,16 +184,41 @@ def forward(x: np.ndarray, w: np.ndarray, bias: np.ndarray, stride, padding) -> 
     return y
 
 
-def input_grad(dy: np.ndarray, w: np.ndarray, bias: np.ndarray, x_hw: tuple[int, int], padding) -> np.ndarray:
-    """dx (N, C, H, W) of a stride-1 conv2d for upstream dy (N, O, Ho, Wo), plus bias[c].
+def _phases(k: int, s: int, p: int, n: int):
+    """Along one axis of the input gradient: for each phase a < s, the taps a, a + s, ... it reads.
 
-    dx[n, c, h, w] = sum_{o, i, j} dy[n, o, h + ph - i, w + pw - j] w[o, c, i, j]: the
-    correlation of dy, padded by (kh - 1 - ph, kw - 1 - pw), with the flipped kernel.
+    Input positions h with (h + p) % s == a (h = h0, h0 + s, ...: count m) receive
+    dx[h0 + s*r] = sum_t dy[r + t - pad] * w[a + s*(T - 1 - t)], t < T: a stride-1
+    correlation of dy with the T taps a::s flipped, with padding pad.
+    Yields (a, h0, T, m, pad); T = 0 where no tap reads the phase (s > k).
     """
-    _, _, kh, kw = w.shape
-    ph, pw = padding
+    for a in range(s):
+        h0 = (a - p) % s
+        if h0 >= n:
+            continue
+        T, m = len(range(a, k, s)), len(range(h0, n, s))
+        yield a, h0, T, m, T - 1 - (h0 + p - a) // s
+
+
+def input_grad(dy: np.ndarray, w: np.ndarray, bias: np.ndarray, x_hw: tuple[int, int],
+               stride, padding) -> np.ndarray:
+    """dx (N, C, H, W) of conv2d for upstream dy (N, O, Ho, Wo), plus bias[c].
+
+    dx[n, c, h, w] = sum_{o, i, j: h = oh*sh + i - ph, w = ow*sw + j - pw} dy[n, o, oh, ow] w[o, c, i, j].
+    For stride 1: the correlation of dy, padded by (kh - 1 - ph, kw - 1 - pw), with
+    the flipped kernel. For stride s: the same, once per phase (h % s, w % s) of dx,
+    with the taps that reach that phase (``_phases``).
+    """
+    _, C, kh, kw = w.shape
+    (sh, sw), (ph, pw) = stride, padding
     H, W = x_hw
-    ds, step = _stacked(dy, kh, kw, 1, 1, kh - 1 - ph, kw - 1 - pw, H, W)
-    dx = np.empty((dy.shape[0], w.shape[1], H, W), dtype=dy.dtype)
-    correlate(ds, stacked_weights(flipped_weights(w)), bias, step, dx)
+    dx = np.empty((dy.shape[0], C, H, W), dtype=dy.dtype)
+    for a, h0, Th, Mh, pad_h in _phases(kh, sh, ph, H):
+        for b, w0, Tw, Mw, pad_w in _phases(kw, sw, pw, W):
+            out = dx[:, :, h0::sh, w0::sw]                  # (N, C, Mh, Mw)
+            if Th == 0 or Tw == 0:
+                out[...] = bias[None, :, None, None]
+                continue
+            ds, step = _stacked(dy, Th, Tw, 1, 1, pad_h, pad_w, Mh, Mw)
+            correlate(ds, stacked_weights(flipped_weights(w[:, :, a::sh, b::sw])), bias, step, out)
     return dx
