@@ -56,8 +56,13 @@ The passes
   s*s phases (h % s, w % s); each phase receives only the taps a, a + s, ...
   and is again such a correlation, written into dx[:, :, h0::s, w0::s]
   (``_phases``). This is also conv_transpose2d's forward.
-* weight gradient: a reduction over all N*Ho*Wo pixels, which is a GEMM with a
-  long inner dimension; it stays on BLAS (``kernels/cpu/conv.py``).
+* weight gradient: dW[o] (as wk[o], L numbers) = sum over pixels of
+  dy[n, o, r, q] * window(n, r, q). ``weight_sums`` adds GRAD_PIXELS = 4
+  windows at a time into two rows of dW (8 multiply-adds per read and write
+  of a row element, vectorised along L); each task sums a band of output
+  rows into its own copy of dW, and the copies are added at the end.
+  No BLAS at all on this path: on a 2-core machine, OpenBLAS's threads and
+  Numba's would fight over the cores (``kernels/cpu/conv.py``).
 """
 from __future__ import annotations
 
@@ -66,6 +71,7 @@ from numba import njit, prange
 
 PIXELS = 2      # output pixels per register block (the unrolled p0/p1 sums below)
 OUTPUTS = 4     # output channels per register block (the unrolled o0..o3 sums below)
+GRAD_PIXELS = 4  # pixels per step of the weight gradient (a multiple of PIXELS)
 
 
 @njit(cache=True, parallel=True)
@@ -132,6 +138,49 @@ def correlate(xs, wk, bias, step, y):
                     _store(y, n, r, q + 1, o, s10, s11, s12, s13, bias)
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def weight_sums(xs, dy, step, bands, dwk):
+    """dwk[b, o] = sum over the output rows (n, r) of band b of sum_q dy[n, o, r, q] * window(n, r, q).
+
+    xs (N, Ho, Ls) stacked rows (``stack_rows``, rows flattened) holding Wo
+    rounded up to GRAD_PIXELS windows; dy (N, O, Ho, Wo); bands (B + 1,) row
+    boundaries in the flat (n, r) order; dwk (B, O, L), overwritten.
+    """
+    N, O, Ho, Wo = dy.shape
+    L = dwk.shape[2]
+    zero = dwk.dtype.type(0)
+    for band in prange(dwk.shape[0]):
+        acc = dwk[band]
+        acc[:, :] = 0
+        for task in range(bands[band], bands[band + 1]):
+            n, r = task // Ho, task % Ho
+            row = xs[n, r]
+            for q in range(0, Wo, GRAD_PIXELS):
+                x0 = row[q * step:q * step + L]
+                x1 = row[(q + 1) * step:(q + 1) * step + L]
+                x2 = row[(q + 2) * step:(q + 2) * step + L]
+                x3 = row[(q + 3) * step:(q + 3) * step + L]
+                d = dy[n, :, r]
+                for o in range(0, O, 2):                   # two rows of dW at a time
+                    p = min(o + 1, O - 1)                  # (the same row twice if O is odd)
+                    d00, d01, d02, d03 = _four(d[o], q, Wo, zero)
+                    d10, d11, d12, d13 = _four(d[p], q, Wo, zero)
+                    if p == o:
+                        d10 = d11 = d12 = d13 = zero
+                    a, b = acc[o], acc[p]
+                    for k in range(L):                     # vectorised along the window
+                        u0, u1, u2, u3 = x0[k], x1[k], x2[k], x3[k]
+                        a[k] += d00 * u0 + d01 * u1 + d02 * u2 + d03 * u3
+                        b[k] += d10 * u0 + d11 * u1 + d12 * u2 + d13 * u3
+
+
+@njit(inline="always")
+def _four(d, q, Wo, zero):
+    """d[q : q + 4], 0 past Wo."""
+    return (d[q], d[q + 1] if q + 1 < Wo else zero, d[q + 2] if q + 2 < Wo else zero,
+            d[q + 3] if q + 3 < Wo else zero)
+
+
 @njit(inline="always")
 def _store(y, n, r, q, o, s0, s1, s2, s3, bias):
     """y[n, o + t, r, q] = s_t + bias[o + t] for the channels t < 4 that exist."""
@@ -165,7 +214,7 @@ def flipped_weights(w: np.ndarray) -> np.ndarray:
 def _stacked(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, Ho: int, Wo: int):
     """stack_rows of x for an output of Ho x Wo, rows flattened: (N, Ho, Ws*kh*C), and the step of a pixel."""
     N, C = x.shape[:2]
-    Wb = -(-Wo // PIXELS) * PIXELS                     # pixels rounded up to whole blocks
+    Wb = -(-Wo // GRAD_PIXELS) * GRAD_PIXELS           # pixels rounded up to whole blocks
     Ws = max((Wb - 1) * sw + kw, x.shape[3] + pw)
     xs = np.empty((N, Ho, Ws, kh, C), dtype=x.dtype)
     stack_rows(x, kh, sh, ph, pw, Ho, xs)
@@ -222,3 +271,20 @@ def input_grad(dy: np.ndarray, w: np.ndarray, bias: np.ndarray, x_hw: tuple[int,
             ds, step = _stacked(dy, Th, Tw, 1, 1, pad_h, pad_w, Mh, Mw)
             correlate(ds, stacked_weights(flipped_weights(w[:, :, a::sh, b::sw])), bias, step, out)
     return dx
+
+
+def weight_grad(dy: np.ndarray, x: np.ndarray, kernel: tuple[int, int], stride, padding,
+                bands: int = 8) -> np.ndarray:
+    """dW (O, C, kh, kw) of conv2d for upstream dy (N, O, Ho, Wo) and input x (N, C, H, W).
+
+    bands: the output rows are cut into this many bands, each summed into its own dW.
+    """
+    N, O, Ho, Wo = dy.shape
+    C = x.shape[1]
+    kh, kw = kernel
+    xs, step = _stacked(x, kh, kw, *stride, *padding, Ho, Wo)
+    rows = N * Ho
+    cuts = np.linspace(0, rows, min(bands, rows) + 1).astype(np.int64)
+    dwk = np.empty((len(cuts) - 1, O, kw * kh * C), dtype=x.dtype)
+    weight_sums(xs, dy, step, cuts, dwk)
+    return dwk.sum(axis=0).reshape(O, kw, kh, C).transpose(0, 3, 2, 1).copy()
