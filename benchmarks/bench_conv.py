@@ -4,7 +4,7 @@
     python benchmarks/bench_conv.py --repeats 9   # more repeats (the median is reported)
     python benchmarks/bench_conv.py --stat min    # the fastest repeat (a busy machine)
     python benchmarks/bench_conv.py --cold-start  # first call with an empty / a warm Numba cache
-    python benchmarks/bench_conv.py --profile     # our time split into BLAS and data movement
+    python benchmarks/bench_conv.py --profile     # our time split into its kernels
 
 Each row times one forward and one backward (dx, dw, db) of a convolution at
 (N, C, H, W) -> O channels: 3x3 with padding 1 on three shapes, and a 1x1. All
@@ -13,7 +13,10 @@ a warm-up call and then ``--repeats`` timed calls; the table gives the median.
 torch (``torch.nn.functional.conv2d`` + autograd) is used when importable.
 
 "vs torch" is torch's time / ours (throughput ratio; target >= 0.7), and
-"vs NumPy" is the NumPy baseline's time / ours (target >= 5).
+"vs NumPy" is the NumPy baseline's time / ours (target >= 5). "path" is the
+algorithm tinymrcnn picks for the shape (tinymrcnn/kernels/cpu/conv.py):
+"direct" (conv_direct.py, Numba dot products), "GEMM" (shifted windows in
+BLAS) or "blocks" (one GEMM per image, kernel == stride).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import time
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+import tinymrcnn.kernels.cpu.conv as kc
 from tinymrcnn.ops import conv2d, conv2d_backward
 
 SHAPES = [  # (N, C, H, W, O, k)
@@ -90,6 +94,11 @@ def _torch():
         return None, None
 
 
+def _path(x_shape, w_shape, pad) -> str:
+    g = kc.geometry(x_shape, w_shape, (1, 1), (pad, pad))
+    return "direct" if g.direct else "blocks" if g.disjoint else "GEMM"
+
+
 def run_table(repeats: int, stat: str) -> None:
     torch, F = _torch()
     rng = np.random.default_rng(0)
@@ -98,7 +107,8 @@ def run_table(repeats: int, stat: str) -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load:.1f}; "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
           + (f"torch {torch.__version__}, {torch.get_num_threads()} threads" if torch else "torch: not installed"))
-    head = f"{'(N, C, H, W) -> O, k':<28}{'tinymrcnn':>11}{'NumPy':>10}{'torch':>10}{'vs torch':>10}{'vs NumPy':>10}"
+    head = (f"{'(N, C, H, W) -> O, k':<28}{'path':>7}{'tinymrcnn':>11}{'NumPy':>10}{'torch':>10}"
+            f"{'vs torch':>10}{'vs NumPy':>10}")
     print(head)
     print("-" * len(head))
     for N, C, H, W, O, k in SHAPES:
@@ -132,7 +142,7 @@ def run_table(repeats: int, stat: str) -> None:
             t_torch = _time_ms(torch_fb, repeats, stat)
         name = f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}"
         vs_torch = f"{t_torch / t_ours:.2f}x" if torch is not None else "-"
-        print(f"{name:<28}{t_ours:>9.1f}ms{t_np:>8.1f}ms"
+        print(f"{name:<28}{_path(x.shape, w.shape, pad):>7}{t_ours:>9.1f}ms{t_np:>8.1f}ms"
               + (f"{t_torch:>8.1f}ms" if torch is not None else f"{'-':>10}")
               + f"{vs_torch:>10}{t_np / t_ours:>9.1f}x", flush=True)
 
@@ -141,8 +151,8 @@ def run_table(repeats: int, stat: str) -> None:
 # Profile: where the time of one forward+backward goes
 # ---------------------------------------------------------------------------
 def run_profile(repeats: int) -> None:
-    """Time every BLAS call and every Numba data-movement kernel of the fast path."""
-    import tinymrcnn.kernels.cpu.conv as kc
+    """Time every BLAS call and every Numba kernel of the fast path."""
+    import tinymrcnn.kernels.cpu.conv_direct as kd
 
     spent: dict[str, float] = {}
 
@@ -154,11 +164,12 @@ def run_profile(repeats: int) -> None:
             return out
         return wrapper
 
-    originals = {name: getattr(kc, name) for name in
+    originals = {(kc, name): getattr(kc, name) for name in
                  ("gemm", "pad_phases", "gather_output", "scatter_wide", "gather_phases",
                   "copy_windows", "add_windows")}
-    for name, fn in originals.items():
-        setattr(kc, name, timed("BLAS gemm" if name == "gemm" else name, fn))
+    originals.update({(kd, name): getattr(kd, name) for name in ("stack_rows", "correlate", "weight_sums")})
+    for (module, name), fn in originals.items():
+        setattr(module, name, timed("BLAS gemm" if name == "gemm" else name, fn))
     try:
         rng = np.random.default_rng(0)
         print(f"# where the time goes (min over {repeats} runs of each part; ms)")
@@ -179,11 +190,12 @@ def run_profile(repeats: int) -> None:
                         best[name] = min(best.get(name, np.inf), t)
             gflop = 3 * 2 * N * O * C * k * k * H * W / 1e9
             parts = ", ".join(f"{n} {1e3 * t:.1f}" for n, t in best.items() if n != "total")
+            kernel = best.get("BLAS gemm", 0.0) + best.get("correlate", 0.0) + best.get("weight_sums", 0.0)
             print(f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}: total {1e3 * best['total']:.1f}: {parts}; "
-                  f"GEMM rate {gflop / best['BLAS gemm']:.0f} GFLOP/s")
+                  f"multiply-add rate {gflop / kernel:.0f} GFLOP/s")
     finally:
-        for name, fn in originals.items():
-            setattr(kc, name, fn)
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
 
 
 # ---------------------------------------------------------------------------
@@ -193,6 +205,7 @@ _CHILD = r"""
 import time
 t0 = time.perf_counter()
 import numpy as np
+import tinymrcnn.kernels.cpu.conv as kc
 from tinymrcnn.ops import conv2d, conv2d_backward
 t1 = time.perf_counter()
 rng = np.random.default_rng(0)
