@@ -42,7 +42,7 @@ are 8 scalar variables; the compiler vectorises the loop over the L inputs
 (fastmath allows reordering the sums), so each sum lives in one SIMD register
 (8 float32 lanes on AVX2) and is summed across lanes once at the end. A local
 array of accumulators would be simpler to write but is kept in memory, not in
-registers (measured 20x slower). More pixels or channels per block would need
+registers (measured 5-20x slower). More pixels or channels per block would need
 more registers than x86 has (16 with AVX2) and spill.
 
 One ``prange`` task per output row (n, r): each writes only its own row of y.
@@ -58,8 +58,8 @@ The passes
   (``_phases``). This is also conv_transpose2d's forward.
 * weight gradient: dW[o] (as wk[o], L numbers) = sum over pixels of
   dy[n, o, r, q] * window(n, r, q). ``weight_sums`` adds GRAD_PIXELS = 4
-  windows at a time into two rows of dW (8 multiply-adds per read and write
-  of a row element, vectorised along L); each task sums a band of output
+  windows at a time into two rows of dW (4 multiply-adds per read and write
+  of an element of dW, vectorised along L); each task sums a band of output
   rows into its own copy of dW, and the copies are added at the end.
   No BLAS at all on this path: on a 2-core machine, OpenBLAS's threads and
   Numba's would fight over the cores (``kernels/cpu/conv.py``).
