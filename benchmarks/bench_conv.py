@@ -188,7 +188,7 @@ def run_profile(repeats: int) -> None:
     originals = {(kc, name): getattr(kc, name) for name in
                  ("gemm", "pad_phases", "gather_output", "scatter_wide", "gather_phases",
                   "copy_windows", "add_windows")}
-    originals.update({(kd, name): getattr(kd, name) for name in ("stack_rows", "correlate", "weight_sums")})
+    originals.update({(kd, name): getattr(kd, name) for name in ("channels_last", "stack_rows", "correlate", "weight_sums")})
     for (module, name), fn in originals.items():
         setattr(module, name, timed("BLAS gemm" if name == "gemm" else name, fn))
     try:

