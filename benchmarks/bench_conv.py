@@ -4,20 +4,25 @@
     python benchmarks/bench_conv.py --repeats 9   # more repeats (the median is reported)
     python benchmarks/bench_conv.py --stat min    # the fastest repeat (a busy machine)
     python benchmarks/bench_conv.py --cold-start  # first call with an empty / a warm Numba cache
-    python benchmarks/bench_conv.py --profile     # our time split into BLAS and data movement
+    python benchmarks/bench_conv.py --profile     # our time split into its kernels
 
 Each row times one forward and one backward (dx, dw, db) of a convolution at
-(N, C, H, W) -> O channels: 3x3 with padding 1 on three shapes, and a 1x1. All
-three implementations run in the same process, one after the other, each with
-a warm-up call and then ``--repeats`` timed calls; the table gives the median.
+(N, C, H, W) -> O channels: 3x3 with padding 1 on three shapes, and a 1x1.
+Each implementation runs in its own process (one after the other), each shape
+with a warm-up call and then ``--repeats`` timed calls; the table gives the
+median.
 torch (``torch.nn.functional.conv2d`` + autograd) is used when importable.
 
 "vs torch" is torch's time / ours (throughput ratio; target >= 0.7), and
-"vs NumPy" is the NumPy baseline's time / ours (target >= 5).
+"vs NumPy" is the NumPy baseline's time / ours (target >= 5). "path" is the
+algorithm tinymrcnn picks for the shape (tinymrcnn/kernels/cpu/conv.py):
+"direct" (conv_direct.py, Numba dot products), "GEMM" (shifted windows in
+BLAS) or "blocks" (one GEMM per image, kernel == stride).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -28,6 +33,7 @@ import time
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+import tinymrcnn.kernels.cpu.conv as kc
 from tinymrcnn.ops import conv2d, conv2d_backward
 
 SHAPES = [  # (N, C, H, W, O, k)
@@ -90,59 +96,84 @@ def _torch():
         return None, None
 
 
-def run_table(repeats: int, stat: str) -> None:
-    torch, F = _torch()
+def _path(x_shape, w_shape, pad) -> str:
+    g = kc.geometry(x_shape, w_shape, (1, 1), (pad, pad))
+    return "direct" if g.direct else "blocks" if g.disjoint else "GEMM"
+
+
+def _inputs(N, C, H, W, O, k):
     rng = np.random.default_rng(0)
-    print(f"# conv2d forward+backward, float32, {stat} of {repeats} after a warm-up")
+    x = rng.standard_normal((N, C, H, W), dtype=np.float32)
+    w = (rng.standard_normal((O, C, k, k), dtype=np.float32) / np.sqrt(C * k * k)).astype(np.float32)
+    b = rng.standard_normal(O, dtype=np.float32)
+    dy = rng.standard_normal((N, O, H, W), dtype=np.float32)
+    return x, w, b, dy
+
+
+def time_one(impl: str, repeats: int, stat: str) -> list[float]:
+    """ms per forward+backward of one implementation on every shape (nan: torch not installed)."""
+    torch, F = _torch() if impl == "torch" else (None, None)
+    if impl == "torch" and torch is None:
+        return [float("nan")] * len(SHAPES)
+    times = []
+    for N, C, H, W, O, k in SHAPES:
+        pad = k // 2
+        x, w, b, dy = _inputs(N, C, H, W, O, k)
+        if impl == "tinymrcnn":
+            def fb():
+                conv2d(x, w, b, 1, pad)
+                conv2d_backward(dy, x, w, 1, pad)
+        elif impl == "numpy":
+            def fb():
+                _, cols = numpy_conv2d(x, w, b, pad)
+                numpy_conv2d_backward(dy, x, w, cols, pad)
+        else:
+            tx, tw, tb = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
+            tdy = torch.from_numpy(dy)
+
+            def fb():
+                tx.grad = tw.grad = tb.grad = None
+                F.conv2d(tx, tw, tb, padding=pad).backward(tdy)
+        times.append(_time_ms(fb, max(1, min(repeats, 3)) if impl == "numpy" else repeats, stat))
+    return times
+
+
+def run_table(repeats: int, stat: str) -> None:
+    """The table. Each implementation runs in its own process: three thread pools in one
+    process (Numba's, OpenBLAS's, torch's OpenMP) were measured to slow each other down
+    up to 20x on 2 cores, which would make the ratios meaningless."""
+    torch, _ = _torch()
+    print(f"# conv2d forward+backward, float32, {stat} of {repeats} after a warm-up, "
+          f"each implementation in its own process")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load:.1f}; "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
           + (f"torch {torch.__version__}, {torch.get_num_threads()} threads" if torch else "torch: not installed"))
-    head = f"{'(N, C, H, W) -> O, k':<28}{'tinymrcnn':>11}{'NumPy':>10}{'torch':>10}{'vs torch':>10}{'vs NumPy':>10}"
+    results = {}
+    for impl in ("tinymrcnn", "numpy", "torch"):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl,
+                              "--repeats", str(repeats), "--stat", stat],
+                             check=True, capture_output=True, text=True).stdout
+        results[impl] = json.loads(out.strip().splitlines()[-1])
+    head = (f"{'(N, C, H, W) -> O, k':<30}{'path':>7}{'tinymrcnn':>11}{'NumPy':>10}{'torch':>10}"
+            f"{'vs torch':>10}{'vs NumPy':>10}")
     print(head)
     print("-" * len(head))
-    for N, C, H, W, O, k in SHAPES:
-        pad = k // 2
-        x = rng.standard_normal((N, C, H, W), dtype=np.float32)
-        w = (rng.standard_normal((O, C, k, k), dtype=np.float32) / np.sqrt(C * k * k)).astype(np.float32)
-        b = rng.standard_normal(O, dtype=np.float32)
-        dy = rng.standard_normal((N, O, H, W), dtype=np.float32)
-
-        def ours():
-            conv2d(x, w, b, 1, pad)
-            conv2d_backward(dy, x, w, 1, pad)
-
-        def numpy_baseline():
-            _, cols = numpy_conv2d(x, w, b, pad)
-            numpy_conv2d_backward(dy, x, w, cols, pad)
-
-        t_ours = _time_ms(ours, repeats, stat)
-        t_np = _time_ms(numpy_baseline, max(1, min(repeats, 3)), stat)
-        t_torch = float("nan")
-        if torch is not None:
-            tx = torch.from_numpy(x).requires_grad_()
-            tw = torch.from_numpy(w).requires_grad_()
-            tb = torch.from_numpy(b).requires_grad_()
-            tdy = torch.from_numpy(dy)
-
-            def torch_fb():
-                tx.grad = tw.grad = tb.grad = None
-                F.conv2d(tx, tw, tb, padding=pad).backward(tdy)
-
-            t_torch = _time_ms(torch_fb, repeats, stat)
+    for row, (N, C, H, W, O, k) in enumerate(SHAPES):
+        t_ours, t_np, t_torch = (results[impl][row] for impl in ("tinymrcnn", "numpy", "torch"))
         name = f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}"
-        vs_torch = f"{t_torch / t_ours:.2f}x" if torch is not None else "-"
-        print(f"{name:<28}{t_ours:>9.1f}ms{t_np:>8.1f}ms"
-              + (f"{t_torch:>8.1f}ms" if torch is not None else f"{'-':>10}")
-              + f"{vs_torch:>10}{t_np / t_ours:>9.1f}x", flush=True)
+        have_torch = t_torch == t_torch                                   # not nan
+        print(f"{name:<30}{_path((N, C, H, W), (O, C, k, k), k // 2):>7}{t_ours:>9.1f}ms{t_np:>8.1f}ms"
+              + (f"{t_torch:>8.1f}ms{t_torch / t_ours:>9.2f}x" if have_torch else f"{'-':>10}{'-':>10}")
+              + f"{t_np / t_ours:>9.1f}x", flush=True)
 
 
 # ---------------------------------------------------------------------------
 # Profile: where the time of one forward+backward goes
 # ---------------------------------------------------------------------------
 def run_profile(repeats: int) -> None:
-    """Time every BLAS call and every Numba data-movement kernel of the fast path."""
-    import tinymrcnn.kernels.cpu.conv as kc
+    """Time every BLAS call and every Numba kernel of the fast path."""
+    import tinymrcnn.kernels.cpu.conv_direct as kd
 
     spent: dict[str, float] = {}
 
@@ -154,11 +185,12 @@ def run_profile(repeats: int) -> None:
             return out
         return wrapper
 
-    originals = {name: getattr(kc, name) for name in
+    originals = {(kc, name): getattr(kc, name) for name in
                  ("gemm", "pad_phases", "gather_output", "scatter_wide", "gather_phases",
                   "copy_windows", "add_windows")}
-    for name, fn in originals.items():
-        setattr(kc, name, timed("BLAS gemm" if name == "gemm" else name, fn))
+    originals.update({(kd, name): getattr(kd, name) for name in ("channels_last", "stack_rows", "correlate", "weight_sums")})
+    for (module, name), fn in originals.items():
+        setattr(module, name, timed("BLAS gemm" if name == "gemm" else name, fn))
     try:
         rng = np.random.default_rng(0)
         print(f"# where the time goes (min over {repeats} runs of each part; ms)")
@@ -179,11 +211,12 @@ def run_profile(repeats: int) -> None:
                         best[name] = min(best.get(name, np.inf), t)
             gflop = 3 * 2 * N * O * C * k * k * H * W / 1e9
             parts = ", ".join(f"{n} {1e3 * t:.1f}" for n, t in best.items() if n != "total")
+            kernel = best.get("BLAS gemm", 0.0) + best.get("correlate", 0.0) + best.get("weight_sums", 0.0)
             print(f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}: total {1e3 * best['total']:.1f}: {parts}; "
-                  f"GEMM rate {gflop / best['BLAS gemm']:.0f} GFLOP/s")
+                  f"multiply-add rate {gflop / kernel:.0f} GFLOP/s")
     finally:
-        for name, fn in originals.items():
-            setattr(kc, name, fn)
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
 
 
 # ---------------------------------------------------------------------------
@@ -193,6 +226,7 @@ _CHILD = r"""
 import time
 t0 = time.perf_counter()
 import numpy as np
+import tinymrcnn.kernels.cpu.conv as kc
 from tinymrcnn.ops import conv2d, conv2d_backward
 t1 = time.perf_counter()
 rng = np.random.default_rng(0)
@@ -227,9 +261,13 @@ def main(argv=None) -> None:
     ap.add_argument("--cold-start", action="store_true",
                     help="measure the first call with an empty and with a warm Numba cache")
     ap.add_argument("--profile", action="store_true",
-                    help="split tinymrcnn's time into BLAS and the Numba data movement")
+                    help="split tinymrcnn's time into its kernels")
+    ap.add_argument("--impl", choices=["tinymrcnn", "numpy", "torch"],
+                    help="(used by the table) time one implementation, print its times as JSON")
     args = ap.parse_args(argv)
-    if args.cold_start:
+    if args.impl:
+        print(json.dumps(time_one(args.impl, args.repeats, args.stat)))
+    elif args.cold_start:
         run_cold_start()
     elif args.profile:
         run_profile(args.repeats)

@@ -47,12 +47,16 @@ def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b))) / scale if np.size(b) else 0.0
 
 
-@pytest.fixture(params=["per_tap", "im2col", "blocks"])
+@pytest.fixture(params=["per_tap", "im2col", "blocks", "direct"])
 def path(request, monkeypatch):
     """Run a test through every fast path: one GEMM per tap, im2col chunks (few channels),
-    and, where kernel == stride and padding == 0, per-image block matrices."""
+    where kernel == stride and padding == 0 per-image block matrices, and the direct
+    dot products of conv_direct.py (forward and input gradient)."""
     monkeypatch.setattr(cpu_conv, "IM2COL_MAX_CHANNELS", 10**9 if request.param == "im2col" else 0)
     monkeypatch.setattr(cpu_conv, "DISJOINT_MIN_PIXELS", 1 if request.param == "blocks" else 10**9)
+    direct = request.param == "direct"
+    monkeypatch.setattr(cpu_conv, "DIRECT_MIN_CHANNELS", 1 if direct else 10**9)
+    monkeypatch.setattr(cpu_conv, "DIRECT_MAX_CHANNELS", 10**9 if direct else 0)
     return request.param
 
 
@@ -128,6 +132,44 @@ def test_fast_equals_reference_chunked(op, dtype, tol, case, path, monkeypatch):
     N, C, H, W, O, k, s, p = case
     assert cpu_conv.geometry((N, C, H, W), (O, C, k, k), (s, s), (p, p)).M > 2048   # >= 2 chunks
     _compare_fast_and_reference(op, case, dtype, tol)
+
+
+# Channel counts in the direct path's range (conv_direct.py), multiples and not of
+# its blocks (2 pixels x 4 output channels), odd widths, stride 1/2, padding
+# 0/1/2, batch 1 and 3, with the dispatch left as it is.
+DIRECT_CASES = [(1, 16, 9, 7, 16, 3, 1, 1), (3, 17, 8, 11, 18, 3, 1, 0), (2, 16, 11, 9, 19, 3, 2, 1),
+                (1, 20, 12, 10, 16, 3, 2, 0), (2, 16, 7, 13, 17, 5, 1, 2)]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float64, 1e-10)])
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=[f"C{c[1]}W{c[3]}O{c[4]}k{c[5]}s{c[6]}p{c[7]}"
+                                                    for c in DIRECT_CASES])
+def test_direct_path_equals_reference(op, dtype, tol, case):
+    N, C, H, W, O, k, s, p = case
+    g = cpu_conv.geometry((N, C, H, W), (O, C, k, k), (s, s), (p, p))
+    assert g.direct
+    _compare_fast_and_reference(op, case, dtype, tol)
+
+
+def test_direct_path_empty_batch():
+    for dtype in (np.float32, np.float64):
+        x, w = np.zeros((0, 16, 8, 7), dtype), np.ones((20, 16, 3, 3), dtype)
+        g = cpu_conv.geometry(x.shape, w.shape, (1, 1), (1, 1))
+        assert g.direct
+        y = cpu_conv.conv_output(x, w, None, g)
+        assert y.shape == (0, 20, 8, 7) and y.dtype == dtype
+        assert cpu_conv.conv_input_grad(y, w, g).shape == x.shape
+
+
+def test_dispatch_rule():
+    def geometry(C, O, k=3, s=1, p=1, size=64):
+        return cpu_conv.geometry((2, C, size, size), (O, C, k, k), (s, s), (p, p))
+    assert geometry(32, 32).direct and geometry(64, 128, s=2).direct
+    assert not geometry(256, 256).direct                      # long inner dimension: BLAS
+    assert not geometry(3, 32, k=7, s=2, p=3).direct          # the stem: im2col
+    assert not geometry(64, 64, k=1, p=0).direct              # 1x1: one GEMM per image
+    assert not geometry(64, 64, k=2, s=2, p=0).direct         # kernel == stride: blocks
 
 
 def test_noncontiguous_inputs():

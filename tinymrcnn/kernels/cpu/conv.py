@@ -1,5 +1,8 @@
 """The fast CPU convolution: shifted-window GEMMs in BLAS, data movement in Numba.
 
+(With 16..128 channels the three passes run as direct dot products instead:
+``kernels/cpu/conv_direct.py``; the rule is at DIRECT_MIN_CHANNELS below.)
+
 Readable reference: ``tinymrcnn/ops/conv.py`` (``conv2d_reference`` & co.);
 derivation: ``docs/derivations/conv.md``. The public functions are
 ``tinymrcnn.ops.conv2d`` etc., which validate their input and call these.
@@ -50,6 +53,8 @@ They are serial: on the benchmark shapes they take ~5% (256 channels) to ~20%
 OpenBLAS's threads made both slower (up to 2x measured: each pool's threads
 spin for a while after their work and steal the other's cores on a 2-core box).
 What BLAS does: every multiply-add (``tinymrcnn/kernels/cpu/blas.py``).
+(The direct path of ``conv_direct.py`` uses no BLAS, for the same reason: its
+kernels are parallel Numba loops, and BLAS's threads would fight them.)
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from . import conv_direct
 from .blas import gemm
 
 # Wide buffers are processed in column chunks of about this many bytes per
@@ -73,6 +79,24 @@ IM2COL_MAX_CHANNELS = 16
 # block matrix when the output maps have at least this many pixels (fewer: the
 # batched wide layout gives BLAS one big product instead of N tiny ones).
 DISJOINT_MIN_PIXELS = 64
+# All three passes run in ``conv_direct.py`` (blocked dot products, Numba,
+# no BLAS) when both channel counts lie in [DIRECT_MIN_CHANNELS,
+# DIRECT_MAX_CHANNELS] and the windows overlap (not ``disjoint``). There a GEMM
+# per tap has an inner dimension of only C = 16..128, too short for BLAS.
+# Measured (2-core AMD EPYC shared with other jobs, so medians of interleaved
+# runs; float32, 3x3 pad 1; ms, GEMM path / direct path):
+#   (8, 32, 64, 64) -> 32      forward 161 / 59,  input grad 82 / 69
+#   (2, 64, 128, 128) -> 64    forward 593 / 155, input grad 512 / 124
+#   (2, 128, 64, 64) -> 128    forward 233 / 111, input grad 226 / 107
+#   (1, 256, 64, 64) -> 256    forward 459 / 339, input grad 384 / 367
+#   (32, 64, 14, 14) -> 64     forward 477 / 74,  input grad 461 / 79   (mask head)
+# and forward+backward (8, 32, 64, 64) -> 32: 113 ms with the weight gradient
+# in Numba, 1027 ms with it in BLAS next to Numba's threads (torch: 168 ms).
+# On an idle machine the GEMM path at 256 channels runs near BLAS's peak (the
+# long inner dimension), so 256 stays there; 16 and fewer channels are the
+# stem, where im2col chunks do better.
+DIRECT_MIN_CHANNELS = 16
+DIRECT_MAX_CHANNELS = 128
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,13 @@ class Geometry:
         """Kernel == stride, no padding, big enough maps: one GEMM per image on its blocks."""
         return (self.kh == self.sh and self.kw == self.sw and self.ph == self.pw == 0
                 and self.Ho * self.Wo >= DISJOINT_MIN_PIXELS)
+
+    @property
+    def direct(self) -> bool:
+        """Small channel counts: the forward runs in conv_direct (one dot product per output)."""
+        return (not self.disjoint and DIRECT_MIN_CHANNELS <= min(self.C, self.O)
+                and max(self.C, self.O) <= DIRECT_MAX_CHANNELS)
+
 
     @property
     def pointwise(self) -> bool:
@@ -410,7 +441,7 @@ def _blocks_of(x: np.ndarray, g: Geometry) -> np.ndarray:
 
 def wide_of(dy: np.ndarray, g: Geometry) -> np.ndarray | None:
     """dy (N, O, Ho, Wo) in the wide layout (O, M), or None where a conv does not use it."""
-    if g.disjoint:
+    if g.disjoint or g.direct:
         return None
     dyw = wide_buffer((g.O,), g.M, dy.dtype)
     scatter_wide(dy, g.Wq, g.P, dyw)
@@ -428,6 +459,8 @@ def _bias_or_zeros(bias, n: int, dtype) -> np.ndarray:
 def conv_output(x, w, bias, g: Geometry) -> np.ndarray:
     """y (N, O, Ho, Wo) = conv2d(x, w) + bias[o]."""
     b = _bias_or_zeros(bias, g.O, x.dtype)
+    if g.direct:                                   # y[n, o, r, q] = dot(window, w[o]) + b[o]
+        return conv_direct.forward(x, w, b, (g.sh, g.sw), (g.ph, g.pw))
     y = np.empty((g.N, g.O, g.Ho, g.Wo), dtype=x.dtype)
     if g.disjoint:                                 # y[n] = W (O, C*kh*kw) @ blocks[n]
         w2, blocks = w.reshape(g.O, -1), _blocks_of(x, g)
@@ -462,6 +495,8 @@ def conv_input_grad(dy, w, g: Geometry, bias=None, dyw=None) -> np.ndarray:
             gemm(w2, dy[n].reshape(g.O, -1), dblocks[n], trans_a=True)
         scatter_blocks(dblocks, g.kh, g.kw, g.Ho, g.Wo, b, dx)
         return dx
+    if g.direct:                                   # dy correlated with the flipped kernel
+        return conv_direct.input_grad(dy, w, b, (g.H, g.W), (g.sh, g.sw), (g.ph, g.pw))
     dxph = wide_input_grad(wide_of(dy, g) if dyw is None else dyw, tap_weights(w), g)
     gather_phases(dxph, g.sh, g.sw, g.ph, g.pw, g.Hq, g.Wq, b, dx)
     return dx
@@ -472,6 +507,8 @@ def conv_weight_grad(dy, x, g: Geometry, dyw=None) -> np.ndarray:
 
     dyw: as for :func:`conv_input_grad` (a backward computing both makes it once).
     """
+    if g.direct:                                   # windows summed in Numba, no BLAS
+        return conv_direct.weight_grad(dy, x, (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw))
     if g.disjoint:                                 # dW = sum_n dy[n] @ blocks[n]^T
         dw = np.zeros((g.O, g.C * g.kh * g.kw), dtype=x.dtype)
         blocks = _blocks_of(x, g)
