@@ -19,6 +19,7 @@ algorithm tinymrcnn picks for the shape (tinymrcnn/kernels/cpu/conv.py):
 "direct" (conv_direct.py, Numba dot products), "GEMM" (shifted windows in
 BLAS) or "blocks" (one GEMM per image, kernel == stride).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,7 @@ def numpy_conv2d(x, w, b, pad):
     N, C, H, W = x.shape
     O, _, kh, kw = w.shape
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))                  # (N, C, Ho, Wo, kh, kw)
+    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))  # (N, C, Ho, Wo, kh, kw)
     Ho, Wo = win.shape[2:4]
     cols = win.transpose(1, 4, 5, 0, 2, 3).reshape(C * kh * kw, N * Ho * Wo)  # copy
     y = (w.reshape(O, -1) @ cols).reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3) + b[None, :, None, None]
@@ -63,14 +64,14 @@ def numpy_conv2d_backward(dy, x, w, cols, pad):
     N, C, H, W = x.shape
     O, _, kh, kw = w.shape
     Ho, Wo = dy.shape[2:]
-    dyr = dy.transpose(1, 0, 2, 3).reshape(O, -1)                         # (O, N*Ho*Wo)
+    dyr = dy.transpose(1, 0, 2, 3).reshape(O, -1)  # (O, N*Ho*Wo)
     dw = (dyr @ cols.T).reshape(w.shape)
     dcols = (w.reshape(O, -1).T @ dyr).reshape(C, kh, kw, N, Ho, Wo)
     dxp = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=x.dtype)
-    for i in range(kh):                                                   # col2im
+    for i in range(kh):  # col2im
         for j in range(kw):
-            dxp[:, :, i:i + Ho, j:j + Wo] += dcols[:, i, j].transpose(1, 0, 2, 3)
-    return dxp[:, :, pad:pad + H, pad:pad + W], dw, dy.sum(axis=(0, 2, 3))
+            dxp[:, :, i : i + Ho, j : j + Wo] += dcols[:, i, j].transpose(1, 0, 2, 3)
+    return dxp[:, :, pad : pad + H, pad : pad + W], dw, dy.sum(axis=(0, 2, 3))
 
 
 # ---------------------------------------------------------------------------
@@ -78,7 +79,7 @@ STAT = {"median": np.median, "min": np.min}
 
 
 def _time_ms(fn, repeats, stat):
-    fn()                                                                  # warm-up
+    fn()  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -91,6 +92,7 @@ def _torch():
     try:
         import torch
         import torch.nn.functional as F
+
         return torch, F
     except ImportError:
         return None, None
@@ -120,10 +122,12 @@ def time_one(impl: str, repeats: int, stat: str) -> list[float]:
         pad = k // 2
         x, w, b, dy = _inputs(N, C, H, W, O, k)
         if impl == "tinymrcnn":
+
             def fb():
                 conv2d(x, w, b, 1, pad)
                 conv2d_backward(dy, x, w, 1, pad)
         elif impl == "numpy":
+
             def fb():
                 _, cols = numpy_conv2d(x, w, b, pad)
                 numpy_conv2d_backward(dy, x, w, cols, pad)
@@ -134,6 +138,7 @@ def time_one(impl: str, repeats: int, stat: str) -> list[float]:
             def fb():
                 tx.grad = tw.grad = tb.grad = None
                 F.conv2d(tx, tw, tb, padding=pad).backward(tdy)
+
         times.append(_time_ms(fb, max(1, min(repeats, 3)) if impl == "numpy" else repeats, stat))
     return times
 
@@ -143,29 +148,41 @@ def run_table(repeats: int, stat: str) -> None:
     process (Numba's, OpenBLAS's, torch's OpenMP) were measured to slow each other down
     up to 20x on 2 cores, which would make the ratios meaningless."""
     torch, _ = _torch()
-    print(f"# conv2d forward+backward, float32, {stat} of {repeats} after a warm-up, "
-          f"each implementation in its own process")
+    print(
+        f"# conv2d forward+backward, float32, {stat} of {repeats} after a warm-up, "
+        f"each implementation in its own process"
+    )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load:.1f}; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
-          + (f"torch {torch.__version__}, {torch.get_num_threads()} threads" if torch else "torch: not installed"))
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load:.1f}; "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
+        + (f"torch {torch.__version__}, {torch.get_num_threads()} threads" if torch else "torch: not installed")
+    )
     results = {}
     for impl in ("tinymrcnn", "numpy", "torch"):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl,
-                              "--repeats", str(repeats), "--stat", stat],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--impl", impl, "--repeats", str(repeats), "--stat", stat],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
-    head = (f"{'(N, C, H, W) -> O, k':<30}{'path':>7}{'tinymrcnn':>11}{'NumPy':>10}{'torch':>10}"
-            f"{'vs torch':>10}{'vs NumPy':>10}")
+    head = (
+        f"{'(N, C, H, W) -> O, k':<30}{'path':>7}{'tinymrcnn':>11}{'NumPy':>10}{'torch':>10}"
+        f"{'vs torch':>10}{'vs NumPy':>10}"
+    )
     print(head)
     print("-" * len(head))
     for row, (N, C, H, W, O, k) in enumerate(SHAPES):
         t_ours, t_np, t_torch = (results[impl][row] for impl in ("tinymrcnn", "numpy", "torch"))
         name = f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}"
-        have_torch = t_torch == t_torch                                   # not nan
-        print(f"{name:<30}{_path((N, C, H, W), (O, C, k, k), k // 2):>7}{t_ours:>9.1f}ms{t_np:>8.1f}ms"
-              + (f"{t_torch:>8.1f}ms{t_torch / t_ours:>9.2f}x" if have_torch else f"{'-':>10}{'-':>10}")
-              + f"{t_np / t_ours:>9.1f}x", flush=True)
+        have_torch = t_torch == t_torch  # not nan
+        print(
+            f"{name:<30}{_path((N, C, H, W), (O, C, k, k), k // 2):>7}{t_ours:>9.1f}ms{t_np:>8.1f}ms"
+            + (f"{t_torch:>8.1f}ms{t_torch / t_ours:>9.2f}x" if have_torch else f"{'-':>10}{'-':>10}")
+            + f"{t_np / t_ours:>9.1f}x",
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -183,12 +200,24 @@ def run_profile(repeats: int) -> None:
             out = fn(*args, **kwargs)
             spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
             return out
+
         return wrapper
 
-    originals = {(kc, name): getattr(kc, name) for name in
-                 ("gemm", "pad_phases", "gather_output", "scatter_wide", "gather_phases",
-                  "copy_windows", "add_windows")}
-    originals.update({(kd, name): getattr(kd, name) for name in ("channels_last", "stack_rows", "correlate", "weight_sums")})
+    originals = {
+        (kc, name): getattr(kc, name)
+        for name in (
+            "gemm",
+            "pad_phases",
+            "gather_output",
+            "scatter_wide",
+            "gather_phases",
+            "copy_windows",
+            "add_windows",
+        )
+    }
+    originals.update(
+        {(kd, name): getattr(kd, name) for name in ("channels_last", "stack_rows", "correlate", "weight_sums")}
+    )
     for (module, name), fn in originals.items():
         setattr(module, name, timed("BLAS gemm" if name == "gemm" else name, fn))
     try:
@@ -206,14 +235,16 @@ def run_profile(repeats: int) -> None:
                 conv2d(x, w, None, 1, pad)
                 conv2d_backward(dy, x, w, 1, pad)
                 spent["total"] = time.perf_counter() - t0
-                if r:                                                    # the first is a warm-up
+                if r:  # the first is a warm-up
                     for name, t in spent.items():
                         best[name] = min(best.get(name, np.inf), t)
             gflop = 3 * 2 * N * O * C * k * k * H * W / 1e9
             parts = ", ".join(f"{n} {1e3 * t:.1f}" for n, t in best.items() if n != "total")
             kernel = best.get("BLAS gemm", 0.0) + best.get("correlate", 0.0) + best.get("weight_sums", 0.0)
-            print(f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}: total {1e3 * best['total']:.1f}: {parts}; "
-                  f"multiply-add rate {gflop / kernel:.0f} GFLOP/s")
+            print(
+                f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}: total {1e3 * best['total']:.1f}: {parts}; "
+                f"multiply-add rate {gflop / kernel:.0f} GFLOP/s"
+            )
     finally:
         for (module, name), fn in originals.items():
             setattr(module, name, fn)
@@ -247,8 +278,9 @@ def run_cold_start() -> None:
     with tempfile.TemporaryDirectory(prefix="tinymrcnn-numba-cache-") as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         for label in ("empty", "warm", "warm"):
-            out = subprocess.run([sys.executable, "-c", _CHILD], env=env, check=True,
-                                 capture_output=True, text=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD], env=env, check=True, capture_output=True, text=True
+            ).stdout.split()
             t_import, t_first = float(out[-2]), float(out[-1])
             print(f"{label:<14}{t_import:>9.2f}s{t_first:>15.2f}s", flush=True)
 
@@ -256,14 +288,21 @@ def run_cold_start() -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--stat", choices=sorted(STAT), default="median",
-                    help="how the repeats are summarised (min: the least disturbed run)")
-    ap.add_argument("--cold-start", action="store_true",
-                    help="measure the first call with an empty and with a warm Numba cache")
-    ap.add_argument("--profile", action="store_true",
-                    help="split tinymrcnn's time into its kernels")
-    ap.add_argument("--impl", choices=["tinymrcnn", "numpy", "torch"],
-                    help="(used by the table) time one implementation, print its times as JSON")
+    ap.add_argument(
+        "--stat",
+        choices=sorted(STAT),
+        default="median",
+        help="how the repeats are summarised (min: the least disturbed run)",
+    )
+    ap.add_argument(
+        "--cold-start", action="store_true", help="measure the first call with an empty and with a warm Numba cache"
+    )
+    ap.add_argument("--profile", action="store_true", help="split tinymrcnn's time into its kernels")
+    ap.add_argument(
+        "--impl",
+        choices=["tinymrcnn", "numpy", "torch"],
+        help="(used by the table) time one implementation, print its times as JSON",
+    )
     args = ap.parse_args(argv)
     if args.impl:
         print(json.dumps(time_one(args.impl, args.repeats, args.stat)))

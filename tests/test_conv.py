@@ -1,4 +1,5 @@
 """conv2d / conv_transpose2d: finite differences, fast == reference, Modules, torch, bad input."""
+
 import numpy as np
 import pytest
 
@@ -6,8 +7,12 @@ import tinymrcnn.kernels.cpu.conv as cpu_conv
 from tinymrcnn.gradcheck import check_module, gradcheck
 from tinymrcnn.nn import Conv2d, ConvTranspose2d
 from tinymrcnn.ops import conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward
-from tinymrcnn.ops.conv import (conv2d_backward_reference, conv2d_reference,
-                                conv_transpose2d_backward_reference, conv_transpose2d_reference)
+from tinymrcnn.ops.conv import (
+    conv2d_backward_reference,
+    conv2d_reference,
+    conv_transpose2d_backward_reference,
+    conv_transpose2d_reference,
+)
 
 # (N, C, H, W, O, kernel, stride, padding): stride 1/2, padding 0/1/3, kernel 1/3/7,
 # batch > 1, non-square maps, and (h, w) pairs.
@@ -62,8 +67,13 @@ def path(request, monkeypatch):
 
 OPS = {
     "conv2d": (conv2d, conv2d_backward, conv2d_reference, conv2d_backward_reference, False),
-    "conv_transpose2d": (conv_transpose2d, conv_transpose2d_backward, conv_transpose2d_reference,
-                         conv_transpose2d_backward_reference, True),
+    "conv_transpose2d": (
+        conv_transpose2d,
+        conv_transpose2d_backward,
+        conv_transpose2d_reference,
+        conv_transpose2d_backward_reference,
+        True,
+    ),
 }
 
 
@@ -81,8 +91,7 @@ H = 1e-3
 def test_finite_differences(op, case, path):
     fwd, bwd, _, _, transposed = OPS[op]
     x, w, b, s, p = _arrays(case, transposed)
-    errs = gradcheck(lambda x, w, b: fwd(x, w, b, s, p), [x, w, b],
-                     lambda g: bwd(g, x, w, s, p), h=H, max_checks=150)
+    errs = gradcheck(lambda x, w, b: fwd(x, w, b, s, p), [x, w, b], lambda g: bwd(g, x, w, s, p), h=H, max_checks=150)
     assert max(errs) <= 1e-6, f"{op}: relative errors (dx, dw, db) = {errs}"
 
 
@@ -91,8 +100,9 @@ def test_finite_differences_of_the_references(op):
     _, _, fwd, bwd, transposed = OPS[op]
     for case in (CASES[1], CASES[8]):
         x, w, b, s, p = _arrays(case, transposed)
-        errs = gradcheck(lambda x, w, b: fwd(x, w, b, s, p), [x, w, b],
-                         lambda g: bwd(g, x, w, s, p), h=H, max_checks=60)
+        errs = gradcheck(
+            lambda x, w, b: fwd(x, w, b, s, p), [x, w, b], lambda g: bwd(g, x, w, s, p), h=H, max_checks=60
+        )
         assert max(errs) <= 1e-6, f"{op} reference: {errs}"
 
 
@@ -124,27 +134,35 @@ def test_fast_equals_reference(op, dtype, tol, case, path):
 # forced, the wide path).
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float64, 1e-10)])
-@pytest.mark.parametrize("case", [(2, 5, 33, 40, 6, 3, 1, 1), (3, 4, 61, 58, 5, 3, 2, 1),
-                                  (2, 6, 36, 32, 5, 1, 1, 0), (3, 4, 47, 66, 5, 2, 2, 0)],
-                         ids=["3x3s1", "3x3s2", "1x1", "2x2s2"])
+@pytest.mark.parametrize(
+    "case",
+    [(2, 5, 33, 40, 6, 3, 1, 1), (3, 4, 61, 58, 5, 3, 2, 1), (2, 6, 36, 32, 5, 1, 1, 0), (3, 4, 47, 66, 5, 2, 2, 0)],
+    ids=["3x3s1", "3x3s2", "1x1", "2x2s2"],
+)
 def test_fast_equals_reference_chunked(op, dtype, tol, case, path, monkeypatch):
-    monkeypatch.setattr(cpu_conv, "CHUNK_BYTES", 1)          # -> 1024-column chunks
+    monkeypatch.setattr(cpu_conv, "CHUNK_BYTES", 1)  # -> 1024-column chunks
     N, C, H, W, O, k, s, p = case
-    assert cpu_conv.geometry((N, C, H, W), (O, C, k, k), (s, s), (p, p)).M > 2048   # >= 2 chunks
+    assert cpu_conv.geometry((N, C, H, W), (O, C, k, k), (s, s), (p, p)).M > 2048  # >= 2 chunks
     _compare_fast_and_reference(op, case, dtype, tol)
 
 
 # Channel counts in the direct path's range (conv_direct.py), multiples and not of
 # its blocks (2 pixels x 4 output channels), odd widths, stride 1/2, padding
 # 0/1/2, batch 1 and 3, with the dispatch left as it is.
-DIRECT_CASES = [(1, 16, 9, 7, 16, 3, 1, 1), (3, 17, 8, 11, 18, 3, 1, 0), (2, 16, 11, 9, 19, 3, 2, 1),
-                (1, 20, 12, 10, 16, 3, 2, 0), (2, 16, 7, 13, 17, 5, 1, 2)]
+DIRECT_CASES = [
+    (1, 16, 9, 7, 16, 3, 1, 1),
+    (3, 17, 8, 11, 18, 3, 1, 0),
+    (2, 16, 11, 9, 19, 3, 2, 1),
+    (1, 20, 12, 10, 16, 3, 2, 0),
+    (2, 16, 7, 13, 17, 5, 1, 2),
+]
 
 
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float64, 1e-10)])
-@pytest.mark.parametrize("case", DIRECT_CASES, ids=[f"C{c[1]}W{c[3]}O{c[4]}k{c[5]}s{c[6]}p{c[7]}"
-                                                    for c in DIRECT_CASES])
+@pytest.mark.parametrize(
+    "case", DIRECT_CASES, ids=[f"C{c[1]}W{c[3]}O{c[4]}k{c[5]}s{c[6]}p{c[7]}" for c in DIRECT_CASES]
+)
 def test_direct_path_equals_reference(op, dtype, tol, case):
     N, C, H, W, O, k, s, p = case
     g = cpu_conv.geometry((N, C, H, W), (O, C, k, k), (s, s), (p, p))
@@ -165,17 +183,18 @@ def test_direct_path_empty_batch():
 def test_dispatch_rule():
     def geometry(C, O, k=3, s=1, p=1, size=64):
         return cpu_conv.geometry((2, C, size, size), (O, C, k, k), (s, s), (p, p))
+
     assert geometry(32, 32).direct and geometry(64, 128, s=2).direct
-    assert not geometry(256, 256).direct                      # long inner dimension: BLAS
-    assert not geometry(3, 32, k=7, s=2, p=3).direct          # the stem: im2col
-    assert not geometry(64, 64, k=1, p=0).direct              # 1x1: one GEMM per image
-    assert not geometry(64, 64, k=2, s=2, p=0).direct         # kernel == stride: blocks
+    assert not geometry(256, 256).direct  # long inner dimension: BLAS
+    assert not geometry(3, 32, k=7, s=2, p=3).direct  # the stem: im2col
+    assert not geometry(64, 64, k=1, p=0).direct  # 1x1: one GEMM per image
+    assert not geometry(64, 64, k=2, s=2, p=0).direct  # kernel == stride: blocks
 
 
 def test_noncontiguous_inputs():
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 6, 9, 8))[:, ::2]                    # (2, 3, 9, 8), not contiguous
-    w = rng.standard_normal((3, 4, 3, 3)).transpose(1, 0, 2, 3)       # (4, 3, 3, 3), not contiguous
+    x = rng.standard_normal((2, 6, 9, 8))[:, ::2]  # (2, 3, 9, 8), not contiguous
+    w = rng.standard_normal((3, 4, 3, 3)).transpose(1, 0, 2, 3)  # (4, 3, 3, 3), not contiguous
     assert _rel(conv2d(x, w, None, 1, 1), conv2d_reference(x, w, None, 1, 1)) < 1e-12
     dy = rng.standard_normal((2, 4, 9, 8))[..., ::-1]
     for got, want in zip(conv2d_backward(dy, x, w, 1, 1), conv2d_backward_reference(dy, x, w, 1, 1)):
@@ -206,21 +225,25 @@ def test_known_values():
     w = np.zeros((1, 1, 2, 2))
     w[0, 0, 1, 0] = 1.0
     yt = conv_transpose2d(np.arange(4.0).reshape(1, 1, 2, 2), w, np.array([0.5]), 2, 0)
-    np.testing.assert_array_equal(yt[0, 0], [[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 1.5, 0.5],
-                                             [0.5, 0.5, 0.5, 0.5], [2.5, 0.5, 3.5, 0.5]])
+    np.testing.assert_array_equal(
+        yt[0, 0], [[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 1.5, 0.5], [0.5, 0.5, 0.5, 0.5], [2.5, 0.5, 3.5, 0.5]]
+    )
 
 
 # ---------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("cls,kwargs,shape", [
-    (Conv2d, dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), (2, 3, 7, 6)),
-    (Conv2d, dict(in_channels=2, out_channels=3, kernel_size=(1, 3), padding=(0, 1), bias=False), (2, 2, 5, 4)),
-    (Conv2d, dict(in_channels=3, out_channels=2, kernel_size=7, stride=2, padding=3), (2, 3, 9, 8)),
-    (ConvTranspose2d, dict(in_channels=3, out_channels=4, kernel_size=2, stride=2), (2, 3, 4, 5)),
-    (ConvTranspose2d, dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=1), (2, 2, 4, 3)),
-    (ConvTranspose2d, dict(in_channels=2, out_channels=2, kernel_size=3, bias=False), (1, 2, 3, 4)),
-])
+@pytest.mark.parametrize(
+    "cls,kwargs,shape",
+    [
+        (Conv2d, dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), (2, 3, 7, 6)),
+        (Conv2d, dict(in_channels=2, out_channels=3, kernel_size=(1, 3), padding=(0, 1), bias=False), (2, 2, 5, 4)),
+        (Conv2d, dict(in_channels=3, out_channels=2, kernel_size=7, stride=2, padding=3), (2, 3, 9, 8)),
+        (ConvTranspose2d, dict(in_channels=3, out_channels=4, kernel_size=2, stride=2), (2, 3, 4, 5)),
+        (ConvTranspose2d, dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=1), (2, 2, 4, 3)),
+        (ConvTranspose2d, dict(in_channels=2, out_channels=2, kernel_size=3, bias=False), (1, 2, 3, 4)),
+    ],
+)
 def test_module_gradients(cls, kwargs, shape):
     m = cls(**kwargs, rng=np.random.default_rng(5)).to_dtype(np.float64)
     x = np.random.default_rng(6).standard_normal(shape)
@@ -234,20 +257,19 @@ def test_module_shapes_and_default_init():
     conv = Conv2d(16, 8, 3, padding=1)
     assert conv.weight.shape == (8, 16, 3, 3) and conv.bias.shape == (8,)
     assert conv.weight.data.dtype == np.float32
-    bound = 1 / np.sqrt(16 * 9)                                   # fan_in = C*kh*kw
+    bound = 1 / np.sqrt(16 * 9)  # fan_in = C*kh*kw
     assert np.abs(conv.weight.data).max() <= bound and np.abs(conv.weight.data).max() > 0.9 * bound
     assert np.abs(conv.bias.data).max() <= bound
-    assert abs(conv.weight.data.std() - bound / np.sqrt(3)) < 0.1 * bound   # U(-a, a) has std a/sqrt(3)
+    assert abs(conv.weight.data.std() - bound / np.sqrt(3)) < 0.1 * bound  # U(-a, a) has std a/sqrt(3)
     deconv = ConvTranspose2d(16, 8, 2, stride=2)
     assert deconv.weight.shape == (16, 8, 2, 2) and deconv.bias.shape == (8,)
-    bound_t = 1 / np.sqrt(8 * 4)                                  # PyTorch: fan_in from dim 1
+    bound_t = 1 / np.sqrt(8 * 4)  # PyTorch: fan_in from dim 1
     assert bound_t * 0.9 < np.abs(deconv.weight.data).max() <= bound_t
     assert list(Conv2d(3, 4, 1, bias=False).state_dict()) == ["weight"]
     assert list(conv.state_dict()) == ["weight", "bias"]
     # the default Generator makes two layers equal; a given one is used
     np.testing.assert_array_equal(Conv2d(3, 4, 3).weight.data, Conv2d(3, 4, 3).weight.data)
-    assert not np.array_equal(Conv2d(3, 4, 3).weight.data,
-                              Conv2d(3, 4, 3, rng=np.random.default_rng(1)).weight.data)
+    assert not np.array_equal(Conv2d(3, 4, 3).weight.data, Conv2d(3, 4, 3, rng=np.random.default_rng(1)).weight.data)
 
 
 def test_module_forward_matches_op_and_shared_calls_accumulate():
@@ -257,7 +279,7 @@ def test_module_forward_matches_op_and_shared_calls_accumulate():
     y1, y2 = m(x1), m(x2)
     np.testing.assert_allclose(y1, conv2d(x1, m.weight.data, m.bias.data, 2, 1), rtol=1e-6)
     g1, g2 = np.ones_like(y1), np.ones_like(y2)
-    dx2 = m.backward(g2)                                          # last in, first out
+    dx2 = m.backward(g2)  # last in, first out
     dx1 = m.backward(g1)
     assert dx1.shape == x1.shape and dx2.shape == x2.shape
     dw = conv2d_backward(g1, x1, m.weight.data, 2, 1)[1] + conv2d_backward(g2, x2, m.weight.data, 2, 1)[1]
@@ -281,6 +303,7 @@ def test_module_bad_arguments():
 def no_kernels(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a kernel ran on bad input")
+
     for name in ("conv_output", "conv_input_grad", "conv_weight_grad"):
         monkeypatch.setattr(cpu_conv, name, boom)
 
@@ -375,8 +398,10 @@ def test_against_torch(op, case):
 @pytest.mark.torch
 def test_module_init_matches_torch_fan_in():
     torch = pytest.importorskip("torch")
-    for tmod, ours in ((torch.nn.Conv2d(6, 5, 3), Conv2d(6, 5, 3)),
-                       (torch.nn.ConvTranspose2d(6, 5, 2, stride=2), ConvTranspose2d(6, 5, 2, stride=2))):
+    for tmod, ours in (
+        (torch.nn.Conv2d(6, 5, 3), Conv2d(6, 5, 3)),
+        (torch.nn.ConvTranspose2d(6, 5, 2, stride=2), ConvTranspose2d(6, 5, 2, stride=2)),
+    ):
         assert tuple(tmod.weight.shape) == ours.weight.shape and tuple(tmod.bias.shape) == ours.bias.shape
         fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(tmod.weight)
         bound = 1 / np.sqrt(fan_in)

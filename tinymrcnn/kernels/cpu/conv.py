@@ -56,6 +56,7 @@ What BLAS does: every multiply-add (``tinymrcnn/kernels/cpu/blas.py``).
 (The direct path of ``conv_direct.py`` uses no BLAS, for the same reason: its
 kernels are parallel Numba loops, and BLAS's threads would fight them.)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class Geometry:
     (up to the last valid one); taps[t] = (phase row, phase col, shift) of
     tap t = i*kw + j.
     """
+
     N: int
     C: int
     H: int
@@ -140,15 +142,21 @@ class Geometry:
     @property
     def disjoint(self) -> bool:
         """Kernel == stride, no padding, big enough maps: one GEMM per image on its blocks."""
-        return (self.kh == self.sh and self.kw == self.sw and self.ph == self.pw == 0
-                and self.Ho * self.Wo >= DISJOINT_MIN_PIXELS)
+        return (
+            self.kh == self.sh
+            and self.kw == self.sw
+            and self.ph == self.pw == 0
+            and self.Ho * self.Wo >= DISJOINT_MIN_PIXELS
+        )
 
     @property
     def direct(self) -> bool:
         """Small channel counts: the forward runs in conv_direct (one dot product per output)."""
-        return (not self.disjoint and DIRECT_MIN_CHANNELS <= min(self.C, self.O)
-                and max(self.C, self.O) <= DIRECT_MAX_CHANNELS)
-
+        return (
+            not self.disjoint
+            and DIRECT_MIN_CHANNELS <= min(self.C, self.O)
+            and max(self.C, self.O) <= DIRECT_MAX_CHANNELS
+        )
 
     @property
     def pointwise(self) -> bool:
@@ -166,8 +174,9 @@ def geometry(x_shape, w_shape, stride, padding) -> Geometry:
     Hq, Wq = -(-(H + 2 * ph) // sh), -(-(W + 2 * pw) // sw)
     P = Hq * Wq
     M = (N - 1) * P + (Ho - 1) * Wq + Wo
-    taps = np.array([[i % sh, j % sw, (i // sh) * Wq + j // sw]
-                     for i in range(kh) for j in range(kw)], dtype=np.int64).reshape(-1, 3)
+    taps = np.array(
+        [[i % sh, j % sw, (i // sh) * Wq + j // sw] for i in range(kh) for j in range(kw)], dtype=np.int64
+    ).reshape(-1, 3)
     return Geometry(N, C, H, W, O, kh, kw, sh, sw, ph, pw, Ho, Wo, Hq, Wq, P, M, taps)
 
 
@@ -197,17 +206,17 @@ def pad_phases(x, sh, sw, ph, pw, Hq, Wq, out):
                         h = u * sh + a - ph
                         base = n * P + u * Wq
                         if h < 0 or h >= H:
-                            row[base:base + Wq] = 0
+                            row[base : base + Wq] = 0
                             continue
                         src = x[n, c, h]
-                        row[base:base + vlo] = 0
+                        row[base : base + vlo] = 0
                         if sw == 1:
-                            for v in range(vlo, vhi):          # contiguous: vectorises
+                            for v in range(vlo, vhi):  # contiguous: vectorises
                                 row[base + v] = src[v + off]
                         else:
                             for v in range(vlo, vhi):
                                 row[base + v] = src[v * sw + off]
-                        row[base + vhi:base + Wq] = 0
+                        row[base + vhi : base + Wq] = 0
 
 
 @njit(cache=True)
@@ -218,7 +227,7 @@ def gather_output(yw, bias, Ho, Wo, Wq, P, y):
         for o in range(O):
             bo = bias[o]
             for oh in range(Ho):
-                src = yw[o, n * P + oh * Wq:n * P + oh * Wq + Wo]
+                src = yw[o, n * P + oh * Wq : n * P + oh * Wq + Wo]
                 dst = y[n, o, oh]
                 for ow in range(Wo):
                     dst[ow] = src[ow] + bo
@@ -228,7 +237,6 @@ def gather_output(yw, bias, Ho, Wo, Wq, P, y):
 def scatter_wide(dy, Wq, P, dyw):
     """dy (N, O, Ho, Wo) -> wide (O, M) with zeros in the columns that hold no pixel."""
     N, O, Ho, Wo = dy.shape
-    M = dyw.shape[1]
     for o in range(O):
         row = dyw[o]
         row[:] = 0
@@ -261,7 +269,7 @@ def gather_phases(xph, sh, sw, ph, pw, Hq, Wq, bias, out):
                 base = n * P + u * Wq
                 if sw == 1:
                     src = xph[a, 0, c]
-                    for w in range(W):                       # contiguous: vectorises
+                    for w in range(W):  # contiguous: vectorises
                         dst[w] = src[base + w + pw] + bc
                 else:
                     for w in range(W):
@@ -384,8 +392,12 @@ def wide_forward(xph: np.ndarray, wt: np.ndarray, g: Geometry) -> np.ndarray:
             gemm(wt, cols, yw[:, m0:m1])
             continue
         for t, (a, b, shift) in enumerate(g.taps):
-            gemm(wt[:, t * C:(t + 1) * C], xph[a, b, :, shift + m0:shift + m1], yw[:, m0:m1],
-                 beta=0.0 if t == 0 else 1.0)
+            gemm(
+                wt[:, t * C : (t + 1) * C],
+                xph[a, b, :, shift + m0 : shift + m1],
+                yw[:, m0:m1],
+                beta=0.0 if t == 0 else 1.0,
+            )
     return yw
 
 
@@ -401,8 +413,13 @@ def wide_input_grad(dyw: np.ndarray, wt: np.ndarray, g: Geometry) -> np.ndarray:
             add_windows(cols, g.taps, m0, dxph)
             continue
         for t, (a, b, shift) in enumerate(g.taps):
-            gemm(wt[:, t * C:(t + 1) * C], dyw[:, m0:m1], dxph[a, b, :, shift + m0:shift + m1],
-                 trans_a=True, beta=1.0)
+            gemm(
+                wt[:, t * C : (t + 1) * C],
+                dyw[:, m0:m1],
+                dxph[a, b, :, shift + m0 : shift + m1],
+                trans_a=True,
+                beta=1.0,
+            )
     return dxph
 
 
@@ -418,8 +435,13 @@ def wide_weight_grad(dyw: np.ndarray, xph: np.ndarray, g: Geometry) -> np.ndarra
             gemm(dyw[:, m0:m1], cols, dwt, trans_b=True, beta=beta)
             continue
         for t, (a, b, shift) in enumerate(g.taps):
-            gemm(dyw[:, m0:m1], xph[a, b, :, shift + m0:shift + m1], dwt[:, t * C:(t + 1) * C],
-                 trans_b=True, beta=beta)
+            gemm(
+                dyw[:, m0:m1],
+                xph[a, b, :, shift + m0 : shift + m1],
+                dwt[:, t * C : (t + 1) * C],
+                trans_b=True,
+                beta=beta,
+            )
     return dwt.reshape(g.O, g.kh, g.kw, C).transpose(0, 3, 1, 2).copy()
 
 
@@ -459,10 +481,10 @@ def _bias_or_zeros(bias, n: int, dtype) -> np.ndarray:
 def conv_output(x, w, bias, g: Geometry) -> np.ndarray:
     """y (N, O, Ho, Wo) = conv2d(x, w) + bias[o]."""
     b = _bias_or_zeros(bias, g.O, x.dtype)
-    if g.direct:                                   # y[n, o, r, q] = dot(window, w[o]) + b[o]
+    if g.direct:  # y[n, o, r, q] = dot(window, w[o]) + b[o]
         return conv_direct.forward(x, w, b, (g.sh, g.sw), (g.ph, g.pw))
     y = np.empty((g.N, g.O, g.Ho, g.Wo), dtype=x.dtype)
-    if g.disjoint:                                 # y[n] = W (O, C*kh*kw) @ blocks[n]
+    if g.disjoint:  # y[n] = W (O, C*kh*kw) @ blocks[n]
         w2, blocks = w.reshape(g.O, -1), _blocks_of(x, g)
         for n in range(g.N):
             yn = y[n].reshape(g.O, -1)
@@ -482,9 +504,9 @@ def conv_input_grad(dy, w, g: Geometry, bias=None, dyw=None) -> np.ndarray:
     """
     b = _bias_or_zeros(bias, g.C, dy.dtype)
     dx = np.empty((g.N, g.C, g.H, g.W), dtype=dy.dtype)
-    if g.disjoint:                                 # dblocks[n] = W^T @ dy[n], scattered back
+    if g.disjoint:  # dblocks[n] = W^T @ dy[n], scattered back
         w2 = w.reshape(g.O, -1)
-        if g.pointwise:                            # the blocks are dx itself
+        if g.pointwise:  # the blocks are dx itself
             for n in range(g.N):
                 dxn = dx[n].reshape(g.C, -1)
                 dxn[...] = b[:, None]
@@ -495,7 +517,7 @@ def conv_input_grad(dy, w, g: Geometry, bias=None, dyw=None) -> np.ndarray:
             gemm(w2, dy[n].reshape(g.O, -1), dblocks[n], trans_a=True)
         scatter_blocks(dblocks, g.kh, g.kw, g.Ho, g.Wo, b, dx)
         return dx
-    if g.direct:                                   # dy correlated with the flipped kernel
+    if g.direct:  # dy correlated with the flipped kernel
         return conv_direct.input_grad(dy, w, b, (g.H, g.W), (g.sh, g.sw), (g.ph, g.pw))
     dxph = wide_input_grad(wide_of(dy, g) if dyw is None else dyw, tap_weights(w), g)
     gather_phases(dxph, g.sh, g.sw, g.ph, g.pw, g.Hq, g.Wq, b, dx)
@@ -507,9 +529,9 @@ def conv_weight_grad(dy, x, g: Geometry, dyw=None) -> np.ndarray:
 
     dyw: as for :func:`conv_input_grad` (a backward computing both makes it once).
     """
-    if g.direct:                                   # windows summed in Numba, no BLAS
+    if g.direct:  # windows summed in Numba, no BLAS
         return conv_direct.weight_grad(dy, x, (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw))
-    if g.disjoint:                                 # dW = sum_n dy[n] @ blocks[n]^T
+    if g.disjoint:  # dW = sum_n dy[n] @ blocks[n]^T
         dw = np.zeros((g.O, g.C * g.kh * g.kw), dtype=x.dtype)
         blocks = _blocks_of(x, g)
         for n in range(g.N):

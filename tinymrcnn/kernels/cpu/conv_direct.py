@@ -69,13 +69,14 @@ The passes
   No BLAS at all on this path: on a 2-core machine, OpenBLAS's threads and
   Numba's would fight over the cores (``kernels/cpu/conv.py``).
 """
+
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, parallel_chunksize, prange
 
-PIXELS = 2      # output pixels per register block (the first index of the sums s00..s13)
-OUTPUTS = 4     # output channels per register block (the second index)
+PIXELS = 2  # output pixels per register block (the first index of the sums s00..s13)
+OUTPUTS = 4  # output channels per register block (the second index)
 GRAD_PIXELS = 4  # pixels per step of the weight gradient (a multiple of PIXELS)
 TASKS_PER_CHUNK = 2  # rows a thread takes at a time
 
@@ -86,7 +87,7 @@ def channels_last(x, out):
     N, C, H, W = x.shape
     for task in prange(N * H):
         n, h = task // H, task % H
-        dst = out[n, h]                                     # (W, C)
+        dst = out[n, h]  # (W, C)
         for c in range(C):
             src = x[n, c, h]
             for w in range(W):
@@ -105,13 +106,13 @@ def stack_rows(xt, kh, sh, ph, pw, Ho, out):
     """
     N, H, W, C = xt.shape
     Ws = out.shape[2]
-    vlo = min(max(0, pw), Ws)           # columns v with 0 <= v - pw < W
+    vlo = min(max(0, pw), Ws)  # columns v with 0 <= v - pw < W
     vhi = max(min(Ws, W + pw), vlo)
     for task in prange(N * Ho):
         n, r = task // Ho, task % Ho
         for i in range(kh):
             h = r * sh + i - ph
-            dst = out[n, r, :, i, :]                        # (Ws, C)
+            dst = out[n, r, :, i, :]  # (Ws, C)
             if h < 0 or h >= H:
                 dst[:, :] = 0
                 continue
@@ -140,12 +141,12 @@ def correlate(xs, wk, bias, step, y):
         n, r = task // Ho, task % Ho
         row = xs[n, r]
         for q in range(0, Wo, PIXELS):
-            x0 = row[q * step:q * step + L]                # the windows of pixels q and q + 1
-            x1 = row[(q + 1) * step:(q + 1) * step + L]
+            x0 = row[q * step : q * step + L]  # the windows of pixels q and q + 1
+            x1 = row[(q + 1) * step : (q + 1) * step + L]
             for o in range(0, O, OUTPUTS):
                 w0, w1, w2, w3 = wk[o], wk[o + 1], wk[o + 2], wk[o + 3]
                 s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
-                for k in range(L):                         # vectorised: 8 SIMD accumulators
+                for k in range(L):  # vectorised: 8 SIMD accumulators
                     a, b = x0[k], x1[k]
                     s00 += a * w0[k]
                     s01 += a * w1[k]
@@ -178,19 +179,19 @@ def weight_sums(xs, dy, step, bands, dwk):
             n, r = task // Ho, task % Ho
             row = xs[n, r]
             for q in range(0, Wo, GRAD_PIXELS):
-                x0 = row[q * step:q * step + L]
-                x1 = row[(q + 1) * step:(q + 1) * step + L]
-                x2 = row[(q + 2) * step:(q + 2) * step + L]
-                x3 = row[(q + 3) * step:(q + 3) * step + L]
+                x0 = row[q * step : q * step + L]
+                x1 = row[(q + 1) * step : (q + 1) * step + L]
+                x2 = row[(q + 2) * step : (q + 2) * step + L]
+                x3 = row[(q + 3) * step : (q + 3) * step + L]
                 d = dy[n, :, r]
-                for o in range(0, O, 2):                   # two rows of dW at a time
-                    p = min(o + 1, O - 1)                  # (the same row twice if O is odd)
+                for o in range(0, O, 2):  # two rows of dW at a time
+                    p = min(o + 1, O - 1)  # (the same row twice if O is odd)
                     d00, d01, d02, d03 = _four(d[o], q, Wo, zero)
                     d10, d11, d12, d13 = _four(d[p], q, Wo, zero)
                     if p == o:
                         d10 = d11 = d12 = d13 = zero
                     a, b = acc[o], acc[p]
-                    for k in range(L):                     # vectorised along the window
+                    for k in range(L):  # vectorised along the window
                         u0, u1, u2, u3 = x0[k], x1[k], x2[k], x3[k]
                         a[k] += d00 * u0 + d01 * u1 + d02 * u2 + d03 * u3
                         b[k] += d10 * u0 + d11 * u1 + d12 * u2 + d13 * u3
@@ -199,8 +200,7 @@ def weight_sums(xs, dy, step, bands, dwk):
 @njit(inline="always")
 def _four(d, q, Wo, zero):
     """d[q : q + 4], 0 past Wo."""
-    return (d[q], d[q + 1] if q + 1 < Wo else zero, d[q + 2] if q + 2 < Wo else zero,
-            d[q + 3] if q + 3 < Wo else zero)
+    return (d[q], d[q + 1] if q + 1 < Wo else zero, d[q + 2] if q + 2 < Wo else zero, d[q + 3] if q + 3 < Wo else zero)
 
 
 @njit(inline="always")
@@ -236,7 +236,7 @@ def flipped_weights(w: np.ndarray) -> np.ndarray:
 def _stacked(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, Ho: int, Wo: int):
     """The stacked rows of x for an output of Ho x Wo, flattened: (N, Ho, Ws*kh*C), and the step of a pixel."""
     N, C = x.shape[:2]
-    Wb = -(-Wo // GRAD_PIXELS) * GRAD_PIXELS           # pixels rounded up to whole blocks
+    Wb = -(-Wo // GRAD_PIXELS) * GRAD_PIXELS  # pixels rounded up to whole blocks
     Ws = max((Wb - 1) * sw + kw, x.shape[3] + pw)
     xt = np.empty((N, x.shape[2], x.shape[3], C), dtype=x.dtype)
     xs = np.empty((N, Ho, Ws, kh, C), dtype=x.dtype)
@@ -275,8 +275,7 @@ def _phases(k: int, s: int, p: int, n: int):
         yield a, h0, T, m, T - 1 - (h0 + p - a) // s
 
 
-def input_grad(dy: np.ndarray, w: np.ndarray, bias: np.ndarray, x_hw: tuple[int, int],
-               stride, padding) -> np.ndarray:
+def input_grad(dy: np.ndarray, w: np.ndarray, bias: np.ndarray, x_hw: tuple[int, int], stride, padding) -> np.ndarray:
     """dx (N, C, H, W) of conv2d for upstream dy (N, O, Ho, Wo), plus bias[c].
 
     dx[n, c, h, w] = sum_{o, i, j: h = oh*sh + i - ph, w = ow*sw + j - pw} dy[n, o, oh, ow] w[o, c, i, j].
@@ -290,7 +289,7 @@ def input_grad(dy: np.ndarray, w: np.ndarray, bias: np.ndarray, x_hw: tuple[int,
     dx = np.empty((dy.shape[0], C, H, W), dtype=dy.dtype)
     for a, h0, Th, Mh, pad_h in _phases(kh, sh, ph, H):
         for b, w0, Tw, Mw, pad_w in _phases(kw, sw, pw, W):
-            out = dx[:, :, h0::sh, w0::sw]                  # (N, C, Mh, Mw)
+            out = dx[:, :, h0::sh, w0::sw]  # (N, C, Mh, Mw)
             if Th == 0 or Tw == 0:
                 out[...] = bias[None, :, None, None]
                 continue
@@ -300,8 +299,7 @@ def input_grad(dy: np.ndarray, w: np.ndarray, bias: np.ndarray, x_hw: tuple[int,
     return dx
 
 
-def weight_grad(dy: np.ndarray, x: np.ndarray, kernel: tuple[int, int], stride, padding,
-                bands: int = 16) -> np.ndarray:
+def weight_grad(dy: np.ndarray, x: np.ndarray, kernel: tuple[int, int], stride, padding, bands: int = 16) -> np.ndarray:
     """dW (O, C, kh, kw) of conv2d for upstream dy (N, O, Ho, Wo) and input x (N, C, H, W).
 
     bands: the output rows are cut into this many bands, each summed into its own dW.
