@@ -61,7 +61,6 @@ def compute_gradients(model, images, targets) -> dict:
 # The stages of a MaskRCNN whose forward and backward a StageTimer times
 # (dotted path, method names): nested stages are included in their parents.
 MASK_RCNN_STAGES = (
-    ("transform", ("forward",)),
     ("backbone.body", ("forward", "backward")),
     ("backbone.fpn", ("forward", "backward")),
     ("rpn", ("forward",)),  # head + anchors + proposal layer

@@ -1,0 +1,78 @@
+"""The runtime layer: sessions restore what they change, the timer watches from outside, one training step."""
+
+import numpy as np
+import pytest
+
+from tinymrcnn import MaskRCNN, MaskRCNNConfig, kernels, runtime
+from tinymrcnn.data.shapes import ShapesDataset
+
+
+def small_model():
+    config = MaskRCNNConfig.shapes(
+        stem_channels=8,
+        stage_channels=(8, 8, 16, 16),
+        fpn_channels=8,
+        box_representation_size=16,
+        mask_channels=8,
+        group_norm_groups=4,
+    )
+    return MaskRCNN(config, seed=0)
+
+
+def batch(n=2):
+    ds = ShapesDataset(n, image_size=64, seed=1)
+    items = [ds[i] for i in range(n)]
+    return [img for img, _ in items], [t for _, t in items]
+
+
+def test_session_sets_and_restores_device_and_blas_threads():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    with runtime.session(MaskRCNNConfig.shapes(blas_threads=1)):
+        assert kernels.get_device() == "cpu"
+        assert all(n == 1 for n in blas_threads())
+    assert blas_threads() == before and kernels.get_device() == "cpu"
+    with pytest.raises(ValueError, match="device must be one of"):
+        kernels.set_device("tpu")
+
+
+def test_stage_timer_times_each_stage_and_leaves_the_model_as_it_was():
+    images, targets = batch()
+    plain, timed = small_model(), small_model()
+    runtime.compute_gradients(plain, images, targets)
+    timer = runtime.StageTimer()
+    with timer.watch(timed):
+        timed.rng = np.random.default_rng(1)
+        runtime.compute_gradients(timed, images, targets)
+    for stage in (
+        "backbone.body forward",
+        "backbone.body backward",
+        "rpn.head forward",
+        "rpn.head backward",
+        "rpn loss",
+        "roi_heads forward_train",
+        "roi_heads.mask_head backward",
+    ):
+        assert timer.seconds[stage] > 0 and timer.calls[stage] >= 1, stage
+    assert timer.calls["rpn.head forward"] == timer.calls["rpn.head backward"] == 5  # once per level
+    assert "rpn.head backward" in timer.table() and "whole step" in timer.table(total_s=1.0)
+    # unwrapped again: the methods are the class's, and nothing was changed by watching
+    assert "forward" not in timed.backbone.body.__dict__ and "loss" not in timed.rpn.__dict__
+    plain.rng = np.random.default_rng(1)
+    plain.zero_grad()
+    runtime.compute_gradients(plain, images, targets)
+    for (name, a), (_, b) in zip(plain.named_parameters(), timed.named_parameters()):
+        np.testing.assert_array_equal(a.grad, b.grad, err_msg=name)
+
+
+def test_compute_gradients_skips_the_backward_on_a_non_finite_loss(monkeypatch):
+    model = small_model()
+    images, targets = batch(1)
+    monkeypatch.setattr(model, "forward_train", lambda *a: {"loss_mask": float("nan")})
+    monkeypatch.setattr(model, "backward", lambda: pytest.fail("backward ran after a NaN loss"))
+    losses = runtime.compute_gradients(model, images, targets)
+    assert np.isnan(losses["loss_mask"])
