@@ -294,6 +294,12 @@ def cmd_evaluate(args):
             ds = CocoDataset(args.coco, args.images)
         except (ValueError, OSError) as e:
             raise UsageError(f"argument --coco: {e}") from None
+        from .classes import ClassMismatchError, label_map
+
+        try:  # classes are matched by name; refused before any prediction
+            label_map(model.config.class_names, ds.class_names, f"the dataset {args.coco}")
+        except ClassMismatchError as e:
+            raise UsageError(f"argument --coco: {e}") from None
     else:
         from .data.shapes import ShapesDataset
 

@@ -290,17 +290,33 @@ def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | 
 
 
 def evaluate_model(model, dataset, batch_size: int = 8) -> dict:
-    """Mask and box COCO AP of ``model`` on ``dataset``."""
+    """Mask and box COCO AP of ``model`` on ``dataset``.
+
+    The model's classes are matched to the dataset's categories by name
+    (:mod:`tinymrcnn.classes`; a category the model does not know raises
+    :class:`~tinymrcnn.classes.ClassMismatchError` before any prediction);
+    a dataset without ``class_names`` is taken to number them as the model.
+    """
+    from .classes import label_map, to_dataset_labels
     from .evaluate import coco_evaluate
 
+    names = getattr(dataset, "class_names", None)
+    mapping = None if names is None else label_map(model.config.class_names, names, _describe_dataset(dataset))
     preds = []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         preds.extend(model.predict([img for img, _ in items]))
+    if mapping is not None:
+        preds = to_dataset_labels(preds, mapping)
     segm = coco_evaluate(preds, dataset, iou_type="segm")
     bbox = coco_evaluate(preds, dataset, iou_type="bbox")
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     return {**{f"mask_{k}": float(segm[k]) for k in keys}, **{f"box_{k}": float(bbox[k]) for k in keys}}
+
+
+def _describe_dataset(dataset) -> str:
+    path = getattr(dataset, "annotation_json", None)
+    return f"the dataset {path}" if path else "the dataset"
 
 
 def _save(model, optimizer, path, step, cfg, elapsed, warmup_end_s):
