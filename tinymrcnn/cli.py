@@ -367,16 +367,16 @@ def cmd_evaluate(args):
             ds = CocoDataset(args.coco, args.images)
         except (ValueError, OSError) as e:
             raise UsageError(f"argument --coco: {e}") from None
-        from .classes import ClassMismatchError, label_map
-
-        try:  # classes are matched by name; refused before any prediction
-            label_map(model.config.class_names, ds.class_names, f"the dataset {args.coco}")
-        except ClassMismatchError as e:
-            raise UsageError(f"argument --coco: {e}") from None
     else:
         from .data.shapes import ShapesDataset
 
         ds = ShapesDataset.heldout(args.num_images)
+    from .classes import ClassMismatchError, label_map
+
+    try:  # classes are matched by name; refused before any prediction
+        label_map(model.config.class_names, ds.class_names, f"the dataset {args.coco}" if args.coco else "shapes")
+    except ClassMismatchError as e:
+        raise UsageError(f"argument --coco: {e}" if args.coco else f"{e} (give the model's data with --coco)") from None
     with warnings.catch_warnings(record=True) as caught, runtime.session(model.config):
         warnings.simplefilter("always")
         ev = evaluate_model(model, ds)
