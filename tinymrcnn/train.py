@@ -20,8 +20,15 @@ cosine decay runs on the training clock, so it ends when the budget does,
 however the speed of a step changes along the way). Training time counts
 loading the batches and the steps, not the periodic evaluations.
 
+Data: the built-in shapes sets, or a COCO-format annotation file and image
+folder (``coco_train_json``/``coco_train_images``) with a validation file or a
+fixed held-out fraction of its images (``tinymrcnn/data/batches.py``,
+docs/own_data.md). A new run's classes are the dataset's categories; with
+``init`` it starts from another checkpoint's weights (``tinymrcnn/finetune.py``).
+
 Files written to ``out_dir``:
     checkpoint.npz      latest checkpoint (atomic writes; a bad step never overwrites it)
+    best.npz            the model with the best held-out mask AP so far (for evaluate and predict)
     metrics.jsonl       one JSON object per logged step / evaluation
     loss_curve.png      the five losses and their sum against steps
     ap_curve.png        mask and box AP on the held-out split against minutes
