@@ -111,6 +111,18 @@ def test_validation_file(tmp_path):
     assert len(train_set) == 6 and len(val_set) == 2 and isinstance(val_set, CocoDataset)
 
 
+def test_a_validation_file_with_other_names_is_refused(tmp_path):
+    path = export_to_coco(ShapesDataset(4, image_size=64, seed=1, split="val"), str(tmp_path / "train"))
+    val = export_to_coco(ShapesDataset(2, image_size=64, seed=2, split="val"), str(tmp_path / "val"))
+    data = json.load(open(val))
+    data["categories"][2]["name"] = "wedge"
+    json.dump(data, open(val, "w"))
+    cfg = coco_cfg(tmp_path, "x", path, str(tmp_path / "train/images"), iters=1)
+    cfg.coco_val_json, cfg.coco_val_images = val, str(tmp_path / "val/images")
+    with pytest.raises(ValueError, match=r"validation file .*val/annotations\.json names the categories .*'wedge'"):
+        make_datasets(cfg)
+
+
 def test_resume_of_a_coco_run_repeats_the_uninterrupted_run(tmp_path):
     ds = ShapesDataset(8, image_size=64, seed=1, split="val")
     path = export_to_coco(ds, str(tmp_path / "data"))

@@ -97,7 +97,7 @@ def test_same_classes_keep_everything_and_other_architectures_are_refused(tmp_pa
         init_from_checkpoint(wider, str(tmp_path / "a.npz"), log=lambda s: None)
 
 
-def test_cli_init_to_new_classes(tmp_path, capsys):
+def test_cli_init_to_new_classes(tmp_path, capsys, monkeypatch):
     MaskRCNN(small_model_config(), seed=1).save(str(tmp_path / "a.npz"))
     path, image_dir = three_class_coco(str(tmp_path / "data"), names=("kiwi", "lime", "plum"))
     argv = ["train", "--init", tmp_path / "a.npz", "--coco", path, "--images", image_dir, "--out", tmp_path / "run"]
@@ -110,3 +110,13 @@ def test_cli_init_to_new_classes(tmp_path, capsys):
                            "--images", image_dir)  # fmt: skip
     assert status == 0, err
     assert "mask" in out
+    drawn = {}
+
+    def save(image, pred, path, class_names=None, score_thresh=0.5):
+        drawn[path] = class_names
+
+    monkeypatch.setattr("tinymrcnn.viz.detections.save_prediction_image", save)
+    image = f"{image_dir}/000000.png"
+    status, out, err = cli(capsys, "predict", "--checkpoint", tmp_path / "run" / "best.npz", image, "--out", tmp_path)
+    assert status == 0, err
+    assert list(drawn.values()) == [("background", "kiwi", "lime", "plum")]  # drawings are labelled with the names
