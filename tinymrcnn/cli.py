@@ -480,7 +480,8 @@ def build_parser():
     t = sub.add_parser(
         "train",
         help="train a model",
-        description="Train a model into --out. A folder that already holds a run is refused "
+        description="Train a model into --out, on the built-in shapes or on a COCO-format dataset "
+        "(--coco TRAIN.json --images DIR; docs/own_data.md). A folder that already holds a run is refused "
         "unless --resume (continue it with its own settings; flags given override "
         "them) or --overwrite (start again). Ctrl-C saves a checkpoint at the "
         "current step.",
@@ -501,6 +502,7 @@ def build_parser():
         "--num-train-images",
         "--train-images",
         dest="train_images",
+        metavar="N",
         type=int,
         default=None,
         help="how many shapes images to train on (default 4000)",
@@ -509,6 +511,7 @@ def build_parser():
         "--num-val-images",
         "--val-images",
         dest="val_images",
+        metavar="N",
         type=int,
         default=None,
         help="how many held-out shapes images to evaluate on (default 200)",
@@ -546,6 +549,7 @@ def build_parser():
     )
     t.add_argument(
         "--val-fraction",
+        metavar="F",
         type=float,
         default=None,
         help="with --coco and no --val-coco: the fraction of the training images held out (default 0.1; a fixed split)",
@@ -559,6 +563,7 @@ def build_parser():
     )
     t.add_argument(
         "--freeze-stages",
+        metavar="K",
         type=int,
         default=None,
         help="backbone stages not trained (MaskRCNNConfig.frozen_stages; 0: train all; 1: the stem; "
