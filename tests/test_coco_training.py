@@ -73,6 +73,18 @@ def test_mixed_images_crowds_and_empty_images_train(tmp_path):
     assert os.path.exists(tmp_path / "run" / "best.npz") and summary["best"]["step"] in (2, 4)
 
 
+def test_cli_trains_mixed_images_resized(tmp_path, capsys):
+    path, image_dir = mixed_coco(str(tmp_path / "data"))
+    argv = ["--coco", path, "--images", image_dir, "--out", tmp_path / "run", "--iters", 2, "--batch-size", 2]
+    status, out, err = cli(capsys, "train", *argv, "--workers", 1, "--min-size", 40, "--max-size", 64)
+    assert status == 0, err
+    model = MaskRCNN.load(str(tmp_path / "run" / "checkpoint.npz"))
+    assert (model.config.min_size, model.config.max_size) == (40, 64)
+    assert "trained 2 steps" in out  # (a NaN or inf loss would have stopped it)
+    steps = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert all(np.isfinite(r["loss"]) for r in steps)
+
+
 def test_training_view_drops_crowds_and_maps_names():
     class Named:
         class_names = ("b", "a")
@@ -198,6 +210,7 @@ def test_bad_input_is_one_line_naming_file_and_entry_and_touches_nothing(tmp_pat
         (["--init", "nowhere.npz"], r"argument --init: checkpoint not found: nowhere\.npz"),
         (["--init", "ANN", "--config", "shapes"], r"--config cannot be combined with --init"),
         (["--freeze-stages", "9"], r"argument --freeze-stages: must be in 0\.\.5"),
+        (["--min-size", "64", "--max-size", "32"], r"argument --max-size: must be >= --min-size \(64\), got 32"),
     ],
 )
 def test_bad_dataset_flags(tmp_path, capsys, argv, pattern):

@@ -213,6 +213,11 @@ def cmd_train(args):
         model_config = _model_config(args.config or "shapes", args.device)
     if args.freeze_stages is not None:
         model_config = model_config.replace(frozen_stages=args.freeze_stages)
+    if args.min_size is not None or args.max_size is not None:
+        model_config = model_config.replace(
+            min_size=args.min_size if args.min_size is not None else model_config.min_size,
+            max_size=args.max_size if args.max_size is not None else model_config.max_size,
+        )
     summary = _start_training(cfg, model_config, args.resume, args.overwrite)
     print(f"trained {summary['step']} steps in {summary['elapsed_s'] / 60:.1f} min")
     _print_ap_table(summary["eval"])
@@ -261,6 +266,13 @@ def _check_data_flags(args):
                 f"argument --freeze-stages: must be in 0..5 (0: train all; 1: the stem; k: the stem and "
                 f"layer1..layer(k-1)), got {args.freeze_stages}"
             )
+    for flag, value in (("--min-size", args.min_size), ("--max-size", args.max_size)):
+        if value is not None and args.resume:
+            raise UsageError(f"{flag} cannot be combined with --resume: a resumed run keeps its model config")
+        if value is not None and value < 16:
+            raise UsageError(f"argument {flag}: must be at least 16 pixels, got {value}")
+    if args.min_size is not None and args.max_size is not None and args.max_size < args.min_size:
+        raise UsageError(f"argument --max-size: must be >= --min-size ({args.min_size}), got {args.max_size}")
     if args.init is not None:
         if args.config is not None:
             raise UsageError("--config cannot be combined with --init: the model is the checkpoint's architecture")
@@ -568,6 +580,17 @@ def build_parser():
         default=None,
         help="backbone stages not trained (MaskRCNNConfig.frozen_stages; 0: train all; 1: the stem; "
         "k: the stem and layer1..layer(k-1); default: the preset's or the --init checkpoint's)",
+    )
+    t.add_argument(
+        "--min-size",
+        type=int,
+        metavar="PX",
+        default=None,
+        help="resize every image so its short side is PX (MaskRCNNConfig.min_size; default: the preset's, "
+        "none for shapes: images are used at their size)",
+    )
+    t.add_argument(
+        "--max-size", type=int, metavar="PX", default=None, help="cap on the long side after resizing (max_size)"
     )
     _add_device_flag(t, "the preset's (cpu)")
     t.set_defaults(func=cmd_train)
