@@ -56,7 +56,9 @@ def test_init_from_a_converted_torchvision_model(tmp_path):
     for name in report["kept"]:
         np.testing.assert_array_equal(state[name], converted[name], err_msg=name)
     assert (
-        "kept 301 tensors" in lines[0] and "re-initialised 6 for the 3 new classes (the checkpoint had 90)" in lines[0]
+        "kept 301 tensors (backbone.body 265, backbone.fpn 16, rpn 6, roi_heads.box_head 4, roi_heads.mask_head 10)"
+        in lines[0]
+        and "re-initialised 6 for the 3 new classes (the checkpoint had 90)" in lines[0]
     )
 
     cfg = TrainConfig(

@@ -95,7 +95,7 @@ def init_from_checkpoint(model, path: str, log=print) -> dict:
     model.load_state_dict(new, strict=True)
     old = list(config.class_names[1:])
     log(
-        f"initialised from {path}: kept {len(kept)} tensors (backbone, FPN, RPN, box and mask heads); "
+        f"initialised from {path}: kept {len(kept)} tensors ({_by_part(kept)}); "
         + (
             f"re-initialised {len(fresh)} for the {model.config.num_classes - 1} new classes "
             f"(the checkpoint had {len(old)}): {', '.join(fresh)}"
@@ -104,3 +104,13 @@ def init_from_checkpoint(model, path: str, log=print) -> dict:
         )
     )
     return {"kept": kept, "reinitialised": fresh}
+
+
+def _by_part(names) -> str:
+    """``backbone.body 265, backbone.fpn 16, rpn 6, ...``: how many tensors of each part of the model."""
+    counts = {}
+    for name in names:
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] in ("backbone", "roi_heads") else parts[0]
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} {n}" for k, n in counts.items())
