@@ -260,3 +260,38 @@ def test_precision_recall_plot(tmp_path):
     ax = fig.axes[0]
     assert len(ax.lines) == 2 * (3 + 1)  # 3 classes + their mean, at IoU 0.5 and 0.75
     np.testing.assert_allclose(ax.lines[0].get_ydata(), result["precision"][0, :, 0, 0])
+
+
+class _Renumbered:
+    """A dataset whose image ids are a shuffle of 0..n-1, listed in dataset order (not by id)."""
+
+    def __init__(self, dataset, ids):
+        self.dataset, self.ids = dataset, [int(i) for i in ids]
+        self.class_names = dataset.class_names
+        self.num_classes = dataset.num_classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, target = self.dataset[i]
+        return image, {**target, "image_id": self.ids[i]}
+
+
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+def test_score_ties_are_broken_by_image_id_as_pycocotools(tmp_path, iou_type):
+    """Image ids not in dataset order and exact ties (scores 1.0 and rounded ones): the same as COCOeval,
+    and the same whatever order the dataset lists the images in."""
+    ds = _Renumbered(ShapesDataset(20, image_size=96, seed=5, split="val"), np.random.default_rng(1).permutation(20))
+    preds = random_predictions(ds, np.random.default_rng(7), round_scores=True)
+    rng = np.random.default_rng(3)
+    for p in preds:  # saturated scores, as a trained model gives in float32
+        p["scores"][rng.random(len(p["scores"])) < 0.5] = np.float32(1.0)
+    gt_json = export_to_coco(ds, str(tmp_path))
+    ours = coco_evaluate(preds, ds, iou_type=iou_type)
+    assert_same_as_cocoeval(ours, pycocotools_eval(gt_json, preds, ds.ids, iou_type, [1, 2, 3]))
+    reverse = _Renumbered(ShapesDataset(20, image_size=96, seed=5, split="val"), ds.ids)
+    reverse.dataset = [ds.dataset[i] for i in range(len(ds))][::-1]
+    reverse.ids = ds.ids[::-1]
+    again = coco_evaluate(preds[::-1], reverse, iou_type=iou_type)
+    np.testing.assert_array_equal(again["precision"], ours["precision"])

@@ -97,7 +97,7 @@ MISTAKES = [
     ),
     (
         ["train", "--out", "RUN", "--overwrite", "--iters", "2", "--train-images", "1"],
-        r"argument --train-images: must be at least the batch size",
+        r"argument --num-train-images: must be at least the batch size",
     ),
     (["train", "--out", "RUN", "--iters", "x"], r"argument --iters: invalid int value: 'x'"),
     (["train", "--out", "RUN", "--resume", "--overwrite"], r"--resume and --overwrite exclude each other"),

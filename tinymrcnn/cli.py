@@ -2,6 +2,7 @@
 
     tinymrcnn demo                      train on shapes for a few minutes, evaluate, draw
     tinymrcnn train --config shapes --out runs/NAME [--minutes M | --iters N] [--resume | --overwrite] [--workers N] [--device cuda]
+    tinymrcnn train --coco TRAIN.json --images DIR [--val-coco VAL.json --val-image-dir DIR] [--init CKPT] --out runs/NAME
     tinymrcnn evaluate --checkpoint CKPT [--num-images N | --coco ANN.json --images DIR] [--device cpu]
     tinymrcnn predict --checkpoint CKPT IMAGE... --out DIR [--device cpu]
 
@@ -59,9 +60,15 @@ TRAIN_FLAGS = {
     "workers": "--workers",
     "eval_every": "--eval-every",
     "checkpoint_every": "--checkpoint-every",
-    "num_train_images": "--train-images",
-    "num_val_images": "--val-images",
+    "num_train_images": "--num-train-images",
+    "num_val_images": "--num-val-images",
     "dataset": "--dataset",
+    "coco_train_json": "--coco",
+    "coco_train_images": "--images",
+    "coco_val_json": "--val-coco",
+    "coco_val_images": "--val-image-dir",
+    "val_fraction": "--val-fraction",
+    "init": "--init",
 }
 _DEST = {"num_train_images": "train_images", "num_val_images": "val_images"}
 PRESETS = ("shapes", "torchvision_r50_fpn")
@@ -163,6 +170,9 @@ def _print_ap_table(ev: dict, file=None):
 
 def _start_training(cfg, model_config, resume: bool, overwrite: bool):
     """train(), its refusals (run folder, lock, a finished run) said as one line."""
+    from .classes import ClassMismatchError
+    from .data.coco import CocoFormatError
+    from .finetune import InitError
     from .train import ConfigError, RunExistsError, RunLockedError, check_out_dir, train
 
     try:
@@ -171,6 +181,8 @@ def _start_training(cfg, model_config, resume: bool, overwrite: bool):
     except ConfigError as e:
         raise _flag_error(e) from None
     except (RunExistsError, RunLockedError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise UsageError(str(e)) from None
+    except (CocoFormatError, ClassMismatchError, InitError) as e:  # the data or --init checkpoint, before any write
         raise UsageError(str(e)) from None
 
 
@@ -187,13 +199,86 @@ def cmd_train(args):
         check_out_dir(args.out, args.resume, args.overwrite)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
+    _check_data_flags(args)
     cfg = _train_config(args)
-    model_config = None if args.resume else _model_config(args.config or "shapes", args.device)
+    if args.resume:
+        model_config = None
+    elif args.init:  # the checkpoint's architecture (train() gives it the dataset's classes)
+        from .finetune import read_checkpoint
+
+        model_config = read_checkpoint(args.init)[1]
+        if args.device is not None:
+            model_config = model_config.replace(device=args.device)
+    else:
+        model_config = _model_config(args.config or "shapes", args.device)
+    if args.freeze_stages is not None:
+        model_config = model_config.replace(frozen_stages=args.freeze_stages)
+    if args.min_size is not None or args.max_size is not None:
+        model_config = model_config.replace(
+            min_size=args.min_size if args.min_size is not None else model_config.min_size,
+            max_size=args.max_size if args.max_size is not None else model_config.max_size,
+        )
     summary = _start_training(cfg, model_config, args.resume, args.overwrite)
     print(f"trained {summary['step']} steps in {summary['elapsed_s'] / 60:.1f} min")
     _print_ap_table(summary["eval"])
     print(f"checkpoint: {summary['checkpoint']}\nmetrics:    {summary['metrics']}")
+    best = summary.get("best")
+    if best:
+        print(f"best:       {best['checkpoint']} (step {best['step']}, held-out mask AP {best['mask_AP']:.3f})")
     return summary
+
+
+def _check_data_flags(args):
+    """The dataset flags of ``train`` go together as they should, and name files and folders that exist."""
+    pairs = (
+        ("--coco", "coco_train_json", "--images", "coco_train_images"),
+        ("--val-coco", "coco_val_json", "--val-image-dir", "coco_val_images"),
+    )
+    for file_flag, file_dest, dir_flag, dir_dest in pairs:
+        path, folder = getattr(args, file_dest), getattr(args, dir_dest)
+        if path and not folder:
+            raise UsageError(f"{file_flag} needs {dir_flag} DIR, the folder of the annotated images")
+        if folder and not path:
+            raise UsageError(f"{dir_flag} needs {file_flag} ANN.json, the annotation file of those images")
+        if path and not os.path.isfile(path):
+            raise UsageError(f"argument {file_flag}: no such file: {path}")
+        if folder and not os.path.isdir(folder):
+            raise UsageError(f"argument {dir_flag}: no such folder: {folder}")
+    if args.coco_val_json and not args.coco_train_json and not args.resume:
+        raise UsageError("--val-coco is the validation set of a --coco training set; give --coco too")
+    if args.coco_train_json:
+        for flag, dest in (
+            ("--dataset", "dataset"),
+            ("--num-train-images", "train_images"),
+            ("--num-val-images", "val_images"),
+        ):
+            if getattr(args, dest) is not None:
+                raise UsageError(
+                    f"{flag} is for the built-in shapes sets; with --coco the annotation files say the images"
+                )
+    if args.val_fraction is not None and args.coco_val_json:
+        raise UsageError("--val-fraction holds out training images when there is no --val-coco; give one or the other")
+    if args.freeze_stages is not None:
+        if args.resume:
+            raise UsageError("--freeze-stages cannot be combined with --resume: a resumed run keeps its model config")
+        if not 0 <= args.freeze_stages <= 5:
+            raise UsageError(
+                f"argument --freeze-stages: must be in 0..5 (0: train all; 1: the stem; k: the stem and "
+                f"layer1..layer(k-1)), got {args.freeze_stages}"
+            )
+    for flag, value in (("--min-size", args.min_size), ("--max-size", args.max_size)):
+        if value is not None and args.resume:
+            raise UsageError(f"{flag} cannot be combined with --resume: a resumed run keeps its model config")
+        if value is not None and value < 16:
+            raise UsageError(f"argument {flag}: must be at least 16 pixels, got {value}")
+    if args.min_size is not None and args.max_size is not None and args.max_size < args.min_size:
+        raise UsageError(f"argument --max-size: must be >= --min-size ({args.min_size}), got {args.max_size}")
+    if args.init is not None:
+        if args.config is not None:
+            raise UsageError("--config cannot be combined with --init: the model is the checkpoint's architecture")
+        if args.resume:
+            raise UsageError("--init starts a new run from a checkpoint's weights; --resume continues a run; give one")
+        _read_checkpoint_meta(args.init, "argument --init")
 
 
 def cmd_demo(args):
@@ -298,6 +383,12 @@ def cmd_evaluate(args):
         from .data.shapes import ShapesDataset
 
         ds = ShapesDataset.heldout(args.num_images)
+    from .classes import ClassMismatchError, label_map
+
+    try:  # classes are matched by name; refused before any prediction
+        label_map(model.config.class_names, ds.class_names, f"the dataset {args.coco}" if args.coco else "shapes")
+    except ClassMismatchError as e:
+        raise UsageError(f"argument --coco: {e}" if args.coco else f"{e} (give the model's data with --coco)") from None
     with warnings.catch_warnings(record=True) as caught, runtime.session(model.config):
         warnings.simplefilter("always")
         ev = evaluate_model(model, ds)
@@ -401,7 +492,8 @@ def build_parser():
     t = sub.add_parser(
         "train",
         help="train a model",
-        description="Train a model into --out. A folder that already holds a run is refused "
+        description="Train a model into --out, on the built-in shapes or on a COCO-format dataset "
+        "(--coco TRAIN.json --images DIR; docs/own_data.md). A folder that already holds a run is refused "
         "unless --resume (continue it with its own settings; flags given override "
         "them) or --overwrite (start again). Ctrl-C saves a checkpoint at the "
         "current step.",
@@ -418,9 +510,88 @@ def build_parser():
     t.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     t.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 0: at the end)")
     t.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 200)")
-    t.add_argument("--train-images", type=int, default=None, help="(default 4000)")
-    t.add_argument("--val-images", type=int, default=None, help="(default 200)")
+    t.add_argument(
+        "--num-train-images",
+        "--train-images",
+        dest="train_images",
+        metavar="N",
+        type=int,
+        default=None,
+        help="how many shapes images to train on (default 4000)",
+    )
+    t.add_argument(
+        "--num-val-images",
+        "--val-images",
+        dest="val_images",
+        metavar="N",
+        type=int,
+        default=None,
+        help="how many held-out shapes images to evaluate on (default 200)",
+    )
     t.add_argument("--dataset", default=None, choices=["shapes", "shapes-hard"], help="(default shapes)")
+    t.add_argument(
+        "--coco",
+        dest="coco_train_json",
+        metavar="TRAIN.json",
+        default=None,
+        help="train on a COCO-format annotation file instead of the shapes (needs --images)",
+    )
+    t.add_argument(
+        "--images",
+        "--image-dir",
+        dest="coco_train_images",
+        metavar="DIR",
+        default=None,
+        help="the folder of the images of --coco",
+    )
+    t.add_argument(
+        "--val-coco",
+        dest="coco_val_json",
+        metavar="VAL.json",
+        default=None,
+        help="validation annotation file for --coco (needs --val-image-dir); "
+        "default: hold out --val-fraction of the training images",
+    )
+    t.add_argument(
+        "--val-image-dir",
+        dest="coco_val_images",
+        metavar="DIR",
+        default=None,
+        help="the folder of the images of --val-coco",
+    )
+    t.add_argument(
+        "--val-fraction",
+        metavar="F",
+        type=float,
+        default=None,
+        help="with --coco and no --val-coco: the fraction of the training images held out (default 0.1; a fixed split)",
+    )
+    t.add_argument(
+        "--init",
+        metavar="CKPT",
+        default=None,
+        help="start from this checkpoint's weights (fine-tuning): every tensor whose shape fits is kept, "
+        "the class-specific layers are re-initialised for the dataset's classes",
+    )
+    t.add_argument(
+        "--freeze-stages",
+        metavar="K",
+        type=int,
+        default=None,
+        help="backbone stages not trained (MaskRCNNConfig.frozen_stages; 0: train all; 1: the stem; "
+        "k: the stem and layer1..layer(k-1); default: the preset's or the --init checkpoint's)",
+    )
+    t.add_argument(
+        "--min-size",
+        type=int,
+        metavar="PX",
+        default=None,
+        help="resize every image so its short side is PX (MaskRCNNConfig.min_size; default: the preset's, "
+        "none for shapes: images are used at their size)",
+    )
+    t.add_argument(
+        "--max-size", type=int, metavar="PX", default=None, help="cap on the long side after resizing (max_size)"
+    )
     _add_device_flag(t, "the preset's (cpu)")
     t.set_defaults(func=cmd_train)
 

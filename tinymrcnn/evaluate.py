@@ -16,7 +16,8 @@ retold for one reader, and it gives the same numbers (tests check 1e-6).
    positive, and a detection prefers a regular match to an ignored one. An
    unmatched detection outside the area range is ignored too.
 3. **Precision-recall**: all detections of a category over all images,
-   sorted by score; running counts of true and false positives give
+   sorted by score (ties: by image id, then by the order within the image,
+   as COCOeval; never by the dataset's order); running counts of true and false positives give
    recall = TP / #GT and precision = TP / (TP + FP). Precision is made
    non-increasing (its "monotone envelope": at each recall the best
    precision at that or any higher recall), then read at the 101 recall
@@ -55,7 +56,8 @@ def coco_evaluate(
         (N, H, W) probabilities (a pixel is in the mask when > mask_threshold)
         or binary masks.
     dataset: ``dataset[i] -> (image, target)`` with boxes, labels, masks and
-        optionally iscrowd and area; ``dataset.class_names`` names the K
+        optionally iscrowd, area and image_id (score ties between images are
+        broken by image id, as pycocotools; default: the index); ``dataset.class_names`` names the K
         categories (else K = the largest label seen).
 
     Returns a dict: AP, AP50, AP75, APs, APm, APl, AR (recall averaged over
@@ -75,11 +77,13 @@ def coco_evaluate(
     num_classes = len(class_names)
     areas = list(AREA_RANGES.values())
 
-    # Per category and area range, the per-image matching results, in image order.
+    # Per category and area range, (image index, matching result); pooled in image-id order below.
     per_cell = [[[] for _ in areas] for _ in range(num_classes)]
     num_gt = 0
+    image_ids = []
     for i, pred in enumerate(predictions):
         target = _target(dataset, i)
+        image_ids.append(target.get("image_id", i))
         dt = _detections(pred, iou_type, mask_threshold, target["masks"].shape[-2:], i, num_classes)
         gt = _ground_truth(target, iou_type)
         num_gt += int(np.count_nonzero(~gt["iscrowd"] & (gt["labels"] >= 1) & (gt["labels"] <= num_classes)))
@@ -92,8 +96,9 @@ def coco_evaluate(
             ious = _iou(dt["geometry"][d], gt["geometry"][g], gt["iscrowd"][g], iou_type)  # (D, G)
             for a, area_range in enumerate(areas):
                 per_cell[k][a].append(
-                    match_image(ious, dt["scores"][d], dt["area"][d], gt["area"][g], gt["iscrowd"][g], area_range)
+                    (i, match_image(ious, dt["scores"][d], dt["area"][d], gt["area"][g], gt["iscrowd"][g], area_range))
                 )
+    rank = _image_id_rank(image_ids)
 
     T, R, A = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(areas)
     precision = -np.ones((T, R, num_classes, A))
@@ -101,7 +106,8 @@ def coco_evaluate(
     for k in range(num_classes):
         for a in range(A):
             if per_cell[k][a]:
-                precision[:, :, k, a], recall[:, k, a] = precision_recall(per_cell[k][a])
+                images = [e for _, e in sorted(per_cell[k][a], key=lambda ie: rank[ie[0]])]
+                precision[:, :, k, a], recall[:, k, a] = precision_recall(images)
 
     def mean_valid(x):
         x = x[x > -1]
@@ -136,6 +142,23 @@ def coco_evaluate(
 
 
 # ------------------------------------------------------------ inputs
+
+
+def _image_id_rank(image_ids: list) -> np.ndarray:
+    """rank[i] = position of image i when the images are sorted by id (stable), COCOeval's pooling order.
+
+    Score ties between images are then broken by image id, as pycocotools
+    does, whatever order the dataset lists its images in; ids that cannot be
+    compared with each other keep the dataset order.
+    """
+    n = len(image_ids)
+    try:
+        order = sorted(range(n), key=lambda i: image_ids[i])
+    except TypeError:
+        order = list(range(n))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank
 
 
 def _target(dataset, i: int) -> dict:
@@ -295,7 +318,7 @@ def precision_recall(images: list) -> tuple[np.ndarray, np.ndarray]:
     if n_gt == 0:
         return -np.ones((T, R)), -np.ones(T)
     scores = np.concatenate([e["scores"] for e in images])
-    order = np.argsort(-scores, kind="mergesort")  # ties keep image order
+    order = np.argsort(-scores, kind="mergesort")  # ties keep the order of the images (by id) and within each image
     tp = np.cumsum(np.concatenate([e["tp"] for e in images], axis=1)[:, order], axis=1).astype(np.float64)
     fp = np.cumsum(np.concatenate([e["fp"] for e in images], axis=1)[:, order], axis=1).astype(np.float64)
 

@@ -259,7 +259,7 @@ def _worker_main(conn):
             raise RuntimeError(f"replica has {flat.size} parameters, the trained model {size}")
         params = _Shared((size,), dtype, name=params_name)
         grads = _Shared((max(n_workers - 1, 1), size), dtype, name=grads_name)
-        train_set, _ = make_datasets(cfg)
+        train_set, _ = make_datasets(cfg, model.config.class_names, check_files=False)
         conn.send(("ready", None))
         while True:
             kind, payload = conn.recv()

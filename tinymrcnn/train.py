@@ -20,8 +20,15 @@ cosine decay runs on the training clock, so it ends when the budget does,
 however the speed of a step changes along the way). Training time counts
 loading the batches and the steps, not the periodic evaluations.
 
+Data: the built-in shapes sets, or a COCO-format annotation file and image
+folder (``coco_train_json``/``coco_train_images``) with a validation file or a
+fixed held-out fraction of its images (``tinymrcnn/data/batches.py``,
+docs/own_data.md). A new run's classes are the dataset's categories; with
+``init`` it starts from another checkpoint's weights (``tinymrcnn/finetune.py``).
+
 Files written to ``out_dir``:
     checkpoint.npz      latest checkpoint (atomic writes; a bad step never overwrites it)
+    best.npz            the model with the best held-out mask AP so far (for evaluate and predict)
     metrics.jsonl       one JSON object per logged step / evaluation
     loss_curve.png      the five losses and their sum against steps
     ap_curve.png        mask and box AP on the held-out split against minutes
@@ -61,8 +68,9 @@ import numpy as np
 
 from . import runtime
 from .checkpoint import atomic_write, remove_stale_temp_files
+from .classes import label_map
 from .config import MaskRCNNConfig
-from .data.batches import batch_indices, load_batch, make_datasets, step_seeds
+from .data.batches import TrainingView, batch_indices, load_batch, make_datasets, step_seeds
 from .model.mask_rcnn import LOSS_NAMES, MaskRCNN
 from .optim import SGD, AdamW, WarmupCosine, clip_grad_norm
 from .parallel import WorkerPool, resolve_workers, shard
@@ -85,7 +93,15 @@ class TrainConfig:
     hflip: bool = True
     num_train_images: int = 4000
     num_val_images: int = 200
-    dataset: str = "shapes"  # "shapes" or "shapes-hard"
+    dataset: str = "shapes"  # "shapes" or "shapes-hard"; ignored with coco_train_json
+    # A COCO-format training set (annotation file + image folder) instead of the shapes; its
+    # validation set likewise, or (None) a fixed val_fraction of the training images held out.
+    coco_train_json: str | None = None
+    coco_train_images: str | None = None
+    coco_val_json: str | None = None
+    coco_val_images: str | None = None
+    val_fraction: float = 0.1
+    init: str | None = None  # start from this checkpoint's weights (fine-tuning; tinymrcnn.finetune)
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     checkpoint_every: int = 200
     log_every: int = 10
@@ -122,8 +138,20 @@ class TrainConfig:
             bad("optimizer", "must be 'adamw' or 'sgd'")
         if self.dataset not in ("shapes", "shapes-hard"):
             bad("dataset", "must be 'shapes' or 'shapes-hard'")
-        if self.num_train_images < self.batch_size:
+        if self.num_train_images < self.batch_size and not self.coco_train_json:
             bad("num_train_images", f"must be at least the batch size ({self.batch_size})")
+        if bool(self.coco_train_json) != bool(self.coco_train_images):
+            raise ConfigError(
+                "coco_train_json", "coco_train_json (annotation file) and coco_train_images (folder) go together"
+            )
+        if bool(self.coco_val_json) != bool(self.coco_val_images):
+            raise ConfigError(
+                "coco_val_json", "coco_val_json (annotation file) and coco_val_images (folder) go together"
+            )
+        if self.coco_val_json and not self.coco_train_json:
+            raise ConfigError("coco_val_json", "coco_val_json is a validation set for coco_train_json; give that too")
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            bad("val_fraction", "must be a fraction strictly between 0 and 1")
 
 
 class ConfigError(ValueError):
@@ -154,7 +182,7 @@ class RunLockedError(RuntimeError):
     """Another trainer holds the output folder's lock."""
 
 
-RUN_FILES = ("checkpoint.npz", "metrics.jsonl", "loss_curve.png", "ap_curve.png", "predictions.png")
+RUN_FILES = ("checkpoint.npz", "best.npz", "metrics.jsonl", "loss_curve.png", "ap_curve.png", "predictions.png")
 
 
 def check_out_dir(out_dir: str, resume: bool = False, overwrite: bool = False) -> None:
@@ -290,17 +318,33 @@ def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | 
 
 
 def evaluate_model(model, dataset, batch_size: int = 8) -> dict:
-    """Mask and box COCO AP of ``model`` on ``dataset``."""
+    """Mask and box COCO AP of ``model`` on ``dataset``.
+
+    The model's classes are matched to the dataset's categories by name
+    (:mod:`tinymrcnn.classes`; a category the model does not know raises
+    :class:`~tinymrcnn.classes.ClassMismatchError` before any prediction);
+    a dataset without ``class_names`` is taken to number them as the model.
+    """
+    from .classes import label_map, to_dataset_labels
     from .evaluate import coco_evaluate
 
+    names = getattr(dataset, "class_names", None)
+    mapping = None if names is None else label_map(model.config.class_names, names, _describe_dataset(dataset))
     preds = []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         preds.extend(model.predict([img for img, _ in items]))
+    if mapping is not None:
+        preds = to_dataset_labels(preds, mapping)
     segm = coco_evaluate(preds, dataset, iou_type="segm")
     bbox = coco_evaluate(preds, dataset, iou_type="bbox")
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     return {**{f"mask_{k}": float(segm[k]) for k in keys}, **{f"box_{k}": float(bbox[k]) for k in keys}}
+
+
+def _describe_dataset(dataset) -> str:
+    path = getattr(dataset, "annotation_json", None)
+    return f"the dataset {path}" if path else "the dataset"
 
 
 def _save(model, optimizer, path, step, cfg, elapsed, warmup_end_s):
@@ -366,10 +410,23 @@ def train(
             )
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict({k[len("optim/") :]: v for k, v in extra.items() if k.startswith("optim/")})
+        train_set, val_set = make_datasets(cfg, log=log)
     else:
-        model = MaskRCNN(model_config or MaskRCNNConfig.shapes(), seed=cfg.seed)
+        train_set, val_set = make_datasets(cfg, log=log)
+        if cfg.init:  # the checkpoint's architecture, the dataset's classes
+            from .finetune import init_from_checkpoint, read_checkpoint
+
+            base = read_checkpoint(cfg.init)[1] if model_config is None else model_config
+            model = MaskRCNN(_classes_of(base, train_set, log), seed=cfg.seed)
+            init_from_checkpoint(model, cfg.init, log=log)
+        else:
+            model = MaskRCNN(_classes_of(model_config or MaskRCNNConfig.shapes(), train_set, log), seed=cfg.seed)
         optimizer = make_optimizer(model, cfg)
-    train_set, val_set = make_datasets(cfg)
+    train_set = TrainingView(train_set, model.config.class_names)  # refuses names the model does not know
+    if getattr(val_set, "class_names", None) is not None:
+        label_map(model.config.class_names, val_set.class_names, _describe_dataset(val_set))
+    best_path = os.path.join(cfg.out_dir, "best.npz")
+    best = _previous_best(best_path, start_step) if resume else None
 
     # -- from here on the folder is written to, under its lock
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -405,6 +462,7 @@ def train(
             log,
             stops,
             resume,
+            (best_path, best),
         )
 
 
@@ -423,8 +481,11 @@ def _train_loop(
     log,
     stops,
     resumed,
+    best=(None, None),
 ):
     from tqdm.auto import tqdm
+
+    best_path, best = best
 
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
     # (a run shorter than its warm-up just warms up: the decay would start after its end)
@@ -514,6 +575,7 @@ def _train_loop(
             if cfg.eval_every and step % cfg.eval_every == 0:
                 ev = evaluate_model(model, val_set)
                 _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": ev})
+                best = _keep_best(model, ev, step, best, best_path)
                 log(f"step {step}  mask AP {ev['mask_AP']:.3f}  AP50 {ev['mask_AP50']:.3f}  box AP {ev['box_AP']:.3f}")
         bar.close()
     if not _weights_finite(model):
@@ -524,15 +586,48 @@ def _train_loop(
     stops.release()  # the checkpoint is saved: Ctrl-C may stop the evaluation
     final = evaluate_model(model, val_set)
     _append_jsonl(metrics_path, {"step": step, "elapsed_s": round(elapsed, 3), "eval": final})
+    best = _keep_best(model, final, step, best, best_path)
     plot_training_curves(metrics_path, cfg.out_dir)
     return {
         "step": step,
         "elapsed_s": elapsed,
         "eval": final,
         "checkpoint": ckpt_path,
+        "best": best,
         "metrics": metrics_path,
         "history": history,
     }
+
+
+def _classes_of(model_config: MaskRCNNConfig, dataset, log) -> MaskRCNNConfig:
+    """A new run's model config, with the dataset's categories as its classes (unless they are already)."""
+    names = getattr(dataset, "class_names", None)
+    if names is None or sorted(model_config.class_names[1:]) == sorted(names):
+        return model_config
+    log(f"classes from the dataset: {', '.join(names)} (+ background: {len(names) + 1} classes)")
+    return model_config.replace(num_classes=len(names) + 1, class_names=("background", *names))
+
+
+def _keep_best(model, ev: dict, step: int, best: dict | None, path: str | None) -> dict | None:
+    """Save the model to ``best.npz`` when its held-out mask AP beats the best so far; the best so far."""
+    if path is None or (best is not None and not ev["mask_AP"] > best["mask_AP"]):
+        return best
+    best = {"step": step, "mask_AP": ev["mask_AP"], "box_AP": ev["box_AP"], "checkpoint": path}
+    model.save(path, extra_meta={"best": best})
+    return best
+
+
+def _previous_best(path: str, start_step: int) -> dict | None:
+    """The best model a resumed run had kept, if it was evaluated no later than the checkpoint resumed from."""
+    from .checkpoint import load_npz
+
+    if not os.path.exists(path):
+        return None
+    try:
+        best = load_npz(path)[1].get("best")
+    except ValueError:
+        return None
+    return best if best and best.get("step", start_step + 1) <= start_step else None
 
 
 def _weights_finite(model) -> bool:

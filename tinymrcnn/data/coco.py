@@ -53,6 +53,10 @@ import numpy as np
 from .segmentation import polygon_to_mask, rle_compress, rle_decode, rle_encode
 
 
+class CocoFormatError(ValueError):
+    """An annotation file that cannot be used; the message names the file and the entry."""
+
+
 class CocoDataset:
     """A COCO annotation file plus its image folder; ``ds[i] -> (image, target)``."""
 
@@ -63,19 +67,21 @@ class CocoDataset:
             with open(self.annotation_json) as f:
                 data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{self.annotation_json}: not valid JSON ({e})") from None
+            raise CocoFormatError(f"{self.annotation_json}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise CocoFormatError(f"{self.annotation_json}: not a text (JSON) file ({e})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{self.annotation_json}: the top level must be a JSON object")
+            raise CocoFormatError(f"{self.annotation_json}: the top level must be a JSON object")
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
-                raise ValueError(f"{self.annotation_json}: missing field {key!r} (a list)")
+                raise CocoFormatError(f"{self.annotation_json}: missing field {key!r} (a list)")
         self._read_categories(data["categories"])
         self._read_images(data["images"])
         self._read_annotations(data["annotations"])
 
     # ------------------------------------------------------------- parsing
-    def _error(self, where: str, message: str) -> ValueError:
-        return ValueError(f"{self.annotation_json}: {where}: {message}")
+    def _error(self, where: str, message: str) -> CocoFormatError:
+        return CocoFormatError(f"{self.annotation_json}: {where}: {message}")
 
     def _require(self, entry, where: str, fields) -> None:
         if not isinstance(entry, dict):
@@ -209,6 +215,37 @@ class CocoDataset:
             )
         return image
 
+    def check_image_files(self) -> None:
+        """Check that every image file is an image of the size its entry says, reading only its header.
+
+        Training calls this before it writes anything, so a wrong file is
+        found before a run starts rather than at the step that loads it.
+        Raises :class:`CocoFormatError` naming the file and its ``images[k]`` entry.
+        """
+        try:
+            from PIL import Image
+        except ImportError:  # no Pillow: decode each image (slower, same check)
+            for i in range(len(self)):
+                try:
+                    self.load_image(i)
+                except ValueError as e:
+                    raise CocoFormatError(str(e)) from None
+            return
+        for rec in self._images:
+            try:
+                with Image.open(rec["path"]) as im:
+                    w, h = im.size
+            except Exception as e:  # Pillow raises many kinds
+                raise CocoFormatError(
+                    f"{rec['path']}: cannot read the image ({type(e).__name__}: {e}; "
+                    f"{self.annotation_json} {rec['where']}, id={rec['id']})"
+                ) from None
+            if (h, w) != (rec["height"], rec["width"]):
+                raise CocoFormatError(
+                    f"{rec['path']}: image is {h}x{w} but {self.annotation_json} {rec['where']} "
+                    f"(id={rec['id']}) says {rec['height']}x{rec['width']} (height x width)"
+                )
+
     def get_target(self, i: int) -> dict:
         """Target of image ``i`` (decodes the masks; does not read the image)."""
         rec = self._images[i]
@@ -234,6 +271,31 @@ class CocoDataset:
         return (
             f"CocoDataset({self.annotation_json!r}, {self.image_dir!r}): {len(self)} images, {self.num_classes} classes"
         )
+
+
+class CocoSubset:
+    """Some images of a :class:`CocoDataset` (a held-out split): the same categories, ids and targets."""
+
+    def __init__(self, dataset, indices):
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.annotation_json = dataset.annotation_json
+        self.class_names = dataset.class_names
+        self.category_ids = dataset.category_ids
+        self.num_classes = dataset.num_classes
+        self.image_ids = [dataset.image_ids[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+    def get_target(self, i: int) -> dict:
+        return self.dataset.get_target(self.indices[i])
+
+    def __repr__(self):
+        return f"CocoSubset({self.dataset!r}, {len(self)} of its images)"
 
 
 def decode_segmentation(segm, height: int, width: int) -> np.ndarray:
