@@ -25,7 +25,18 @@ from tinymrcnn import MaskRCNN, MaskRCNNConfig
 from tinymrcnn.train import TrainConfig, read_metrics, train
 
 SMALL = os.environ.get("TINYMRCNN_NOTEBOOK_SMALL") == "1"
+TEST_MODE_LABEL = "untrained (test mode)"
 RUNS = Path(os.environ.get("TINYMRCNN_NOTEBOOK_RUNS") or Path(__file__).resolve().parent / "_run")
+
+
+def titled(title: str) -> str:
+    """The title of a figure that shows what a trained model computes.
+
+    In the test mode the toy model trains for 30 small steps: as good as
+    untrained, so its detections, masks and scores mean little, and the title
+    says so ("untrained (test mode)"). At full size the title is unchanged.
+    """
+    return f"{title} [{TEST_MODE_LABEL}]" if SMALL else title
 
 
 def toy_train_config(**changes) -> TrainConfig:
