@@ -28,7 +28,11 @@ The example's numbers (the "thirds" placement of sampling points, and the simple
 the code's own sampling points from ``tinymrcnn.ops.roi_align.roi_sample_points``.
 Note that the exact Fast R-CNN kernel (``tinymrcnn.ops.roi_pool``, docs/semantics.md#roi-pooling)
 rounds the corners and uses overlapping floor/ceil bins, a refinement of
-that picture with the same two quantisations.
+that picture with the same two quantisations. The simple picture breaks down
+when there are more output bins than whole cells (the box head's 7 x 7 on the
+example's 4 x 6 cells: bins of floor(4/7) = 0 cells); :func:`draw_roi_pool`
+then draws the kernel's own bins (:func:`kernel_roi_numbers`, from
+``roi_pool_cells``). Every drawing takes any box, stride, map and output size.
 """
 
 from __future__ import annotations
