@@ -7,6 +7,9 @@ for the *same* run (same training settings, same model config, same number
 of steps) loads the checkpoint instead of training again. Change a setting
 and the run is trained afresh; delete ``notebooks/_run`` to start over.
 
+In the test mode the models are as good as untrained: every figure of one
+says "untrained (test mode)" in its title (:func:`titled`, :func:`label_figure`).
+
 Environment variables:
     TINYMRCNN_NOTEBOOK_SMALL=1   tiny settings (what the tests run, a few seconds
                                  per training step); anything else: full size.
@@ -25,7 +28,25 @@ from tinymrcnn import MaskRCNN, MaskRCNNConfig
 from tinymrcnn.train import TrainConfig, read_metrics, train
 
 SMALL = os.environ.get("TINYMRCNN_NOTEBOOK_SMALL") == "1"
+TEST_MODE_LABEL = "untrained (test mode)"
 RUNS = Path(os.environ.get("TINYMRCNN_NOTEBOOK_RUNS") or Path(__file__).resolve().parent / "_run")
+
+
+def titled(title: str) -> str:
+    """The title of a figure that shows what a trained model computes.
+
+    In the test mode the toy model trains for 30 small steps: as good as
+    untrained, so its detections, masks and scores mean little, and the title
+    says so ("untrained (test mode)"). At full size the title is unchanged.
+    """
+    return f"{title} [{TEST_MODE_LABEL}]" if SMALL else title
+
+
+def label_figure(fig) -> None:
+    """In the test mode, add "untrained (test mode)" to the figure's title (its suptitle); else nothing."""
+    if SMALL:
+        current = fig.get_suptitle()
+        fig.suptitle(f"{current} [{TEST_MODE_LABEL}]" if current else TEST_MODE_LABEL, color="firebrick")
 
 
 def toy_train_config(**changes) -> TrainConfig:

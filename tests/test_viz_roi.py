@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from tinymrcnn.ops.roi_align import roi_sample_points
-from tinymrcnn.viz.roi import BLOG_BOX, blog_roi_numbers, blog_sample_points, roi_pool_vs_align_figure
+from tinymrcnn.ops.roi_pool import roi_pool_cells
+from tinymrcnn.viz.roi import (
+    BLOG_BOX,
+    blog_roi_numbers,
+    blog_sample_points,
+    draw_roi_pool,
+    kernel_roi_numbers,
+    roi_pool_vs_align_figure,
+)
 
 
 def test_the_worked_examples_numbers():
@@ -37,3 +45,51 @@ def test_figure_renders(tmp_path):
     out = tmp_path / "roi.png"
     fig.savefig(out, dpi=60)
     assert out.stat().st_size > 10_000
+
+
+def _drawn_bins(ax):
+    """The black outlines of the RoI pooling panel: (h0, h1, w0, w1) of each bin."""
+    from matplotlib.colors import to_rgba
+
+    return sorted(
+        (round(p.get_y()), round(p.get_y() + p.get_height()), round(p.get_x()), round(p.get_x() + p.get_width()))
+        for p in ax.patches
+        if not p.get_fill() and p.get_edgecolor() == to_rgba("black")
+    )
+
+
+def test_seven_by_seven_draws_the_kernels_bins():
+    """7 bins on 4 x 6 whole cells: the floor picture has no bins; the panel draws the kernel's."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    assert blog_roi_numbers(output_size=7)["bin_stride"] == (0, 0)
+    ax = Figure().subplots()
+    assert draw_roi_pool(ax, BLOG_BOX, 32, 7, 16) == "kernel"
+    cells = roi_pool_cells(BLOG_BOX, 7, 1 / 32, 16, 16)
+    assert _drawn_bins(ax) == sorted(b for row in cells for b in row)
+    kn = kernel_roi_numbers(BLOG_BOX, 32, 7, 16)
+    assert kn["region"] == (2, 8, 2, 9) and kn["never_read"] == []  # rows 2..7, columns 2..8, all read
+    assert "0 x 0" not in ax.get_title() and "never pooled (0 cells)" in [t.get_text() for t in ax.get_legend().texts]
+
+
+def test_floor_picture_when_bins_are_whole_cells():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    assert draw_roi_pool(ax) == "floor"  # the worked example: 3 x 3 bins of 1 x 2 cells
+    assert _drawn_bins(ax) == sorted((2 + i, 3 + i, 2 + 2 * j, 4 + 2 * j) for i in range(3) for j in range(3))
+    # a 70 x 90 box at stride 4 pooled to 7 x 7: 17 x 22 whole cells, bins of 2 x 3, 3 rows + 1 column unread
+    nb = blog_roi_numbers((64, 64, 154, 134), 4, 7)
+    assert nb["cells"] == (17, 22) and nb["bin_stride"] == (2, 3) and len(nb["never_read"]) == 3 * 22 + 14
+    with pytest.raises(ValueError, match="rounding"):
+        draw_roi_pool(Figure().subplots(), rounding="round")
+
+
+@pytest.mark.parametrize("box, stride, output, size", [(BLOG_BOX, 32, 7, 16), ((64, 64, 154, 134), 4, 7, 128)])
+def test_figure_renders_for_other_parameters(box, stride, output, size, tmp_path):
+    pytest.importorskip("matplotlib")
+    fig = roi_pool_vs_align_figure(box, stride, output, size)
+    fig.savefig(tmp_path / "roi.png", dpi=40)
+    assert f"{output} x {output} output" in fig._suptitle.get_text()

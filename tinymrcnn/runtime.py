@@ -12,6 +12,9 @@ benchmarks and the data-parallel workers (``parallel.py``):
     with timer.watch(model):                       # time each stage's forward and backward
         ...
     print(timer.table())
+
+    with runtime.record_layers(model, ["backbone.body.layer2"]) as outputs:
+        model.predict([image])                     # outputs["backbone.body.layer2"]: [(N, C, H, W)]
 """
 
 from __future__ import annotations
@@ -133,3 +136,75 @@ class StageTimer:
         if total_s:
             lines.append(f"{'whole step':36s} {1000 * total_s / repeats:9.1f}")
         return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Activations of named layers, recorded from outside the model
+# ----------------------------------------------------------------------------
+def find_module(model, name: str):
+    """The sub-module at a dotted path, e.g. "backbone.body.layer2" or "rpn.head.conv"."""
+    module = model
+    for i, part in enumerate(name.split(".") if name else []):
+        child = getattr(module, part, None)
+        if child is None or not hasattr(child, "forward"):
+            where = ".".join(name.split(".")[:i]) or "the model"
+            have = ", ".join(n for n, _ in module.named_children()) if hasattr(module, "named_children") else ""
+            raise ValueError(f"no layer {name!r}: {where} has no child {part!r} (its children: {have or 'none'})")
+        module = child
+    return module
+
+
+def layer_names(model, depth: int = 3) -> list[str]:
+    """The dotted names :func:`record_layers` accepts, down to ``depth`` levels."""
+
+    def walk(module, prefix, level):
+        for name, child in module.named_children():
+            yield prefix + name
+            if level < depth:
+                yield from walk(child, prefix + name + ".", level + 1)
+
+    return list(walk(model, "", 1))
+
+
+def _to_host(value):
+    """A copy of a layer's output on the host: arrays copied, tuples and lists element by element."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_host(v) for v in value)
+    if hasattr(value, "copy_to_host"):  # a GPU array
+        return value.copy_to_host()
+    return value.copy() if hasattr(value, "copy") else value
+
+
+@contextmanager
+def record_layers(model, names):
+    """Record the outputs of the named layers' forward calls while inside the block.
+
+    As :meth:`StageTimer.watch`, each layer's ``forward`` is wrapped on its
+    instance (the model's code is untouched) and unwrapped on exit. Yields
+    a dict: name -> list of the outputs (host copies), one per call (a
+    layer that runs once per pyramid level records one per level).
+    """
+    names = list(dict.fromkeys(names))  # each name once, in the given order
+    modules = [find_module(model, n) for n in names]  # every name checked before any wrapping
+    recorded = {n: [] for n in names}
+    wrapped = []  # (module, the instance's own forward before, if any: a StageTimer's wrapper)
+    try:
+        for name, module in zip(names, modules):
+            wrapped.append((module, module.__dict__.get("forward")))
+            module.forward = _recording(module.forward, recorded[name])
+        yield recorded
+    finally:
+        for module, before in reversed(wrapped):
+            if before is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = before
+
+
+def _recording(fn, outputs):
+    def forward(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        outputs.append(_to_host(out))
+        return out
+
+    return forward

@@ -30,6 +30,7 @@ import numpy as np
 from ..checkpoint import load_npz, save_npz_atomic
 from ..config import MaskRCNNConfig
 from ..nn import Module
+from ..ops.boxes import clip_boxes_to_image
 from .backbone import ResNet
 from .fpn import FPN
 from .inputs import check_images, check_targets
@@ -151,11 +152,25 @@ class MaskRCNN(Module):
         Threshold masks at 0.5 for binary masks (:func:`binarize_masks`)."""
         return self._inference(images)[-1]
 
-    def inspect(self, image) -> dict:
-        """Every intermediate of one inference pass, for step-through notebooks."""
-        x, sizes, features, proposals, rpn_out, detections, head_info, results = self._inference([image], True)
+    def inspect(self, image, layers=()) -> dict:
+        """Every intermediate of one inference pass, for step-through notebooks.
+
+        layers: dotted names of sub-modules (e.g. "backbone.body.layer2",
+        "rpn.head.conv") whose outputs to return under "activations": name ->
+        the output, or the list of outputs of a layer that runs once per level.
+        They are recorded from outside, by ``runtime.record_layers``.
+        """
+        from ..runtime import record_layers
+
+        with record_layers(self, layers) as recorded:
+            x, sizes, features, proposals, rpn_out, detections, head_info, results = self._inference([image], True)
         mapper = LevelMapper(self.config.canonical_scale, self.config.canonical_level)
         rois = head_info["rois"]
+        size = sizes[0]
+        refined = [  # every anchor moved by its deltas (the proposal layer's decode + clip, before any top-K)
+            clip_boxes_to_image(self.rpn.box_coder.decode(d[0], a), size)
+            for d, a in zip(rpn_out["rpn_deltas"], rpn_out["anchors"])
+        ]
         return {
             "image": image,
             "transformed": x[0],
@@ -164,6 +179,7 @@ class MaskRCNN(Module):
             "anchors": rpn_out["anchors"],
             "objectness": [o[0] for o in rpn_out["objectness"]],
             "rpn_deltas": [d[0] for d in rpn_out["rpn_deltas"]],
+            "refined_anchors": refined,
             "proposal_steps": rpn_out["proposal_steps"],
             "proposals": proposals[0],
             "roi_levels": mapper(rois[:, 1:]) if len(rois) else np.zeros(0, np.int64),
@@ -172,6 +188,7 @@ class MaskRCNN(Module):
             "detections": detections[0],
             "mask_logits": head_info["mask_logits"],
             "result": results[0],
+            "activations": {n: outs[0] if len(outs) == 1 else outs for n, outs in recorded.items()},
         }
 
     # ------------------------------------------------------------------ checkpoints

@@ -28,7 +28,11 @@ The example's numbers (the "thirds" placement of sampling points, and the simple
 the code's own sampling points from ``tinymrcnn.ops.roi_align.roi_sample_points``.
 Note that the exact Fast R-CNN kernel (``tinymrcnn.ops.roi_pool``, docs/semantics.md#roi-pooling)
 rounds the corners and uses overlapping floor/ceil bins, a refinement of
-that picture with the same two quantisations.
+that picture with the same two quantisations. The simple picture breaks down
+when there are more output bins than whole cells (the box head's 7 x 7 on the
+example's 4 x 6 cells: bins of floor(4/7) = 0 cells); :func:`draw_roi_pool`
+then draws the kernel's own bins (:func:`kernel_roi_numbers`, from
+``roi_pool_cells``). Every drawing takes any box, stride, map and output size.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import math
 import numpy as np
 
 from ..ops.roi_align import bilinear_reference, roi_sample_points
+from ..ops.roi_pool import roi_pool_cells
 
 # (x1, y1, x2, y2) in image pixels: 200 wide, 145 high, its corner on a cell corner
 # (cell (2, 2) of the stride-32 map), as the worked example draws it.
@@ -146,35 +151,108 @@ def draw_roi(ax, box=BLOG_BOX, stride=BLOG_STRIDE, **kw):
     _rect(ax, x1, y1, x2 - x1, y2 - y1, **style)
 
 
+def kernel_roi_numbers(box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT, feature_size=BLOG_FEATURE_SIZE):
+    """What the library's RoI pooling kernel reads, from ``roi_pool_cells``.
+
+    Returns:
+        dict with
+        bins: output x output nested lists of (h0, h1, w0, w1) half-open cells
+            (the kernel's rounded corners, overlapping floor/ceil bins);
+        region: (r0, r1, c0, c1) half-open, the cells spanned by the bins;
+        pooled: set of (row, col) cells some bin reads;
+        never_read: sorted cells of the region that no bin reads (none
+            for the kernel, whose bins overlap rather than skip).
+    """
+    bins = roi_pool_cells(box, output_size, 1.0 / stride, feature_size, feature_size)
+    pooled = {(r, c) for row in bins for h0, h1, w0, w1 in row for r in range(h0, h1) for c in range(w0, w1)}
+    flat = [b for row in bins for b in row if b[1] > b[0] and b[3] > b[2]]
+    if not flat:
+        return {"bins": bins, "region": (0, 0, 0, 0), "pooled": pooled, "never_read": []}
+    r0, r1 = min(b[0] for b in flat), max(b[1] for b in flat)
+    c0, c1 = min(b[2] for b in flat), max(b[3] for b in flat)
+    region = {(r, c) for r in range(r0, r1) for c in range(c0, c1)}
+    return {"bins": bins, "region": (r0, r1, c0, c1), "pooled": pooled, "never_read": sorted(region - pooled)}
+
+
+def _lost_strips(ax, roi, region):
+    """Shade the parts of the RoI (x1, y1, x2, y2, cells) outside the quantised region (r0, r1, c0, c1)."""
+    x1, y1, x2, y2 = roi
+    r0, r1, c0, c1 = region
+    lost_h = lost_w = 0.0
+    for top, bottom in ((y1, min(r0, y2)), (max(r1, y1), y2)):  # rows above and below the region
+        if bottom > top:
+            _rect(ax, x1, top, x2 - x1, bottom - top, fc=LOST_H, alpha=0.55, ec="none", zorder=2)
+            lost_h += bottom - top
+    ya, yb = max(y1, r0), min(y2, r1)
+    for left, right in ((x1, min(c0, x2)), (max(c1, x1), x2)):  # columns left and right of it
+        if right > left and yb > ya:
+            _rect(ax, left, ya, right - left, yb - ya, fc=LOST_W, alpha=0.55, ec="none", zorder=2)
+            lost_w += right - left
+    return lost_h, lost_w
+
+
 def draw_roi_pool(
-    ax, box=BLOG_BOX, stride=BLOG_STRIDE, output_size=BLOG_OUTPUT, feature_size=BLOG_FEATURE_SIZE, view=None
+    ax,
+    box=BLOG_BOX,
+    stride=BLOG_STRIDE,
+    output_size=BLOG_OUTPUT,
+    feature_size=BLOG_FEATURE_SIZE,
+    view=None,
+    rounding="auto",
 ):
-    """RoI pooling with "floor" rounding: quantised cells, bins, lost strips, never-read row."""
+    """RoI pooling: quantised cells, bins, lost strips, never-read cells.
+
+    rounding: "floor" draws the walkthrough's simple picture (whole cells
+    from the RoI's corner, bins of floor(cells / output) cells, from
+    :func:`blog_roi_numbers`); "kernel" draws the bins the library's kernel
+    really pools (``roi_pool_cells``: rounded corners, overlapping
+    floor/ceil bins); "auto" is "floor" unless a floor bin would be
+    0 cells wide (more output bins than whole cells, e.g. 7 x 7 on a
+    4 x 6 region), then "kernel".
+
+    Returns:
+        the rounding drawn, "floor" or "kernel".
+    """
     nb = blog_roi_numbers(box, stride, output_size)
-    (r0, c0), (ch, cw), (sh, sw) = nb["origin"], nb["cells"], nb["bin_stride"]
+    if rounding == "auto":
+        rounding = "floor" if min(nb["bin_stride"]) >= 1 else "kernel"
+    if rounding not in ("floor", "kernel"):
+        raise ValueError(f'rounding must be "auto", "floor" or "kernel", got {rounding!r}')
     ph, pw = nb["projected"]
+    roi = tuple(float(v) / stride for v in box)
     draw_feature_grid(ax, feature_size, view)
-    _rect(ax, c0, r0, cw, ch, fc=QUANT, ec="none", alpha=0.7, zorder=1)
-    y1, x1 = float(box[1]) / stride, float(box[0]) / stride
-    # first quantisation: the fractional strips the rounding drops
-    _rect(ax, c0, r0 + ch, pw, y1 + ph - (r0 + ch), fc=LOST_H, alpha=0.55, ec="none", zorder=2)
-    _rect(ax, c0 + cw, r0, x1 + pw - (c0 + cw), ch, fc=LOST_W, alpha=0.55, ec="none", zorder=2)
-    # second quantisation: bins of 1 x 2 cells; what they miss is never read
-    for r, c in nb["never_read"]:
+    if rounding == "floor":
+        (r0, c0), (ch, cw), (sh, sw) = nb["origin"], nb["cells"], nb["bin_stride"]
+        region = (r0, r0 + ch, c0, c0 + cw)
+        never = nb["never_read"]
+        bins = [(r0 + i * sh, r0 + (i + 1) * sh, c0 + j * sw, c0 + (j + 1) * sw) for i in range(output_size)
+                for j in range(output_size)]  # fmt: skip
+        title = f"RoI pooling, floor rounding\n{ph:.2f} x {pw:.2f} -> {ch} x {cw} cells, bins of {sh} x {sw}"
+    else:
+        kn = kernel_roi_numbers(box, stride, output_size, feature_size)
+        region, never = kn["region"], kn["never_read"]
+        bins = [b for row in kn["bins"] for b in row]
+        ch, cw = region[1] - region[0], region[3] - region[2]
+        hs, ws = [b[1] - b[0] for b in bins], [b[3] - b[2] for b in bins]
+        sizes = " x ".join(f"{min(v)}" if min(v) == max(v) else f"{min(v)}..{max(v)}" for v in (hs, ws))
+        title = f"RoI pooling, the kernel's bins\n{ph:.2f} x {pw:.2f} -> {ch} x {cw} cells, bins of {sizes} (overlap)"
+    r0, r1, c0, c1 = region
+    _rect(ax, c0, r0, c1 - c0, r1 - r0, fc=QUANT, ec="none", alpha=0.7, zorder=1)
+    lost_h, lost_w = _lost_strips(ax, roi, region)  # first quantisation: what the rounding drops
+    for r, c in never:  # second: what the bins miss is never read
         _rect(ax, c, r, 1, 1, fc=NEVER, ec="none", zorder=2)
-    for i in range(output_size):
-        for j in range(output_size):
-            _rect(ax, c0 + j * sw, r0 + i * sh, sw, sh, fill=False, ec="black", lw=1.6, zorder=4)
+    for h0, h1, w0, w1 in bins:
+        _rect(ax, w0, h0, w1 - w0, h1 - h0, fill=False, ec="black", lw=1.6 if rounding == "floor" else 1.0, zorder=4)
     draw_roi(ax, box, stride)
-    ax.set_title(f"RoI pooling: {ph:.2f} x {pw:.2f} -> {ch} x {cw} cells, stride {sh} x {sw}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     from matplotlib.patches import Patch
 
     ax.legend(
         handles=[
             Patch(fc=QUANT, label=f"quantised {ch} x {cw} region"),
-            Patch(fc=LOST_H, alpha=0.55, label=f"lost rows ({nb['lost'][0]:.2f} cell)"),
-            Patch(fc=LOST_W, alpha=0.55, label=f"lost columns ({nb['lost'][1]:.2f} cell)"),
-            Patch(fc=NEVER, label="never pooled"),
+            Patch(fc=LOST_H, alpha=0.55, label=f"lost rows ({lost_h:.2f} cell)"),
+            Patch(fc=LOST_W, alpha=0.55, label=f"lost columns ({lost_w:.2f} cell)"),
+            Patch(fc=NEVER, label=f"never pooled ({len(never)} cells)"),
             Patch(fill=False, ec="black", label=f"{output_size}x{output_size} bins"),
             Patch(fill=False, ec="crimson", label="the RoI"),
         ],
@@ -183,6 +261,7 @@ def draw_roi_pool(
         ncol=2,
         fontsize=7,
     )
+    return rounding
 
 
 def draw_roi_align(
@@ -275,17 +354,25 @@ def roi_pool_vs_align_figure(
     feature_size=BLOG_FEATURE_SIZE,
     sampling_ratio=2,
     aligned=True,
+    rounding="auto",
 ):
-    """The four panels: RoI pooling; RoIAlign with the "thirds" and the code's
-    points; one point's bilinear taps. Returns a matplotlib Figure (no pyplot)."""
+    """The four panels: RoI pooling (``rounding`` as in :func:`draw_roi_pool`);
+    RoIAlign with the "thirds" and the code's points; one point's bilinear
+    taps. Any box, stride, map and output size. Returns a matplotlib Figure (no pyplot)."""
     from matplotlib.figure import Figure
 
     nb = blog_roi_numbers(box, stride, output_size)
-    r0, c0 = nb["origin"]
-    view = (c0 - 1, c0 + math.ceil(nb["projected"][1]) + 1, r0 - 1, r0 + math.ceil(nb["projected"][0]) + 1)
+    x1, y1, x2, y2 = (float(v) / stride for v in box)
+    kr0, kr1, kc0, kc1 = kernel_roi_numbers(box, stride, output_size, feature_size)["region"]
+    view = (  # the RoI and every cell the kernel reads, one cell of margin
+        min(math.floor(x1), kc0) - 1,
+        max(math.ceil(x2), kc1) + 1,
+        min(math.floor(y1), kr0) - 1,
+        max(math.ceil(y2), kr1) + 1,
+    )
     fig = Figure(figsize=(15, 5.0))
     axes = fig.subplots(1, 4)
-    draw_roi_pool(axes[0], box, stride, output_size, feature_size, view)
+    draw_roi_pool(axes[0], box, stride, output_size, feature_size, view, rounding)
     draw_roi_align(axes[1], box, stride, output_size, feature_size, "thirds", sampling_ratio, view=view)
     ys, xs = draw_roi_align(
         axes[2], box, stride, output_size, feature_size, "implementation", sampling_ratio, aligned, view
