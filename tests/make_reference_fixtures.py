@@ -557,12 +557,14 @@ def build_resize():
 
 
 # ----------------------------------------------------------------------------- RoIAlign, RoIPool
-# tests/test_roi_align.py / test_roi_pool.py::random_case with seed 4 (the torchvision tests'),
-# less the NaN boxes (torchvision leaves them undefined); forward and backward, and no RoIs at all
+# The cases of the torchvision comparisons in tests/test_roi_align.py / test_roi_pool.py (seed 4), as
+# they stood when the fixtures were made: the rows with NaN coordinates are drawn (so every later draw
+# stays the same) and then dropped (the ops now refuse them); forward and backward, and no RoIs at all
 
 
 def roi_align_case(r, n=2, c=3, h=9, w=11, k=24):
-    """tests/test_roi_align.py::random_case(rng, np.float64), draw for draw."""
+    """The RoIAlign case of the stored fixtures (the live test's random_case now puts boxes wholly
+    outside the map where this one has its NaN rows)."""
     x = r.standard_normal((n, c, h, w))
     b = r.integers(0, n, k)
     xy = r.uniform(-4, 2 * w, (k, 2))
@@ -583,7 +585,8 @@ def roi_align_case(r, n=2, c=3, h=9, w=11, k=24):
 
 
 def roi_pool_case(r, n=2, c=3, h=9, w=11, k=30):
-    """tests/test_roi_pool.py::random_case(rng, np.float64), draw for draw."""
+    """The RoI pooling case of the stored fixtures (the live test's random_case now has a
+    zero-height box where this one has its NaN row)."""
     x = r.standard_normal((n, c, h, w))
     b = r.integers(0, n, k)
     xy = r.uniform(-6, 2 * w, (k, 2))
