@@ -8,7 +8,7 @@ import pytest
 from coco_samples import write_coco
 
 from tinymrcnn.data import CocoDataset, ShapesDataset, export_to_coco
-from tinymrcnn.evaluate import coco_evaluate
+from tinymrcnn.evaluate import bootstrap_ap, coco_evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 
@@ -295,3 +295,49 @@ def test_score_ties_are_broken_by_image_id_as_pycocotools(tmp_path, iou_type):
     reverse.ids = ds.ids[::-1]
     again = coco_evaluate(preds[::-1], reverse, iou_type=iou_type)
     np.testing.assert_array_equal(again["precision"], ours["precision"])
+
+
+class _Resampled:
+    """Images ``indices`` of ``dataset`` as a dataset of their own (a drawn-twice image appears twice).
+
+    Image ids are (id rank in the original, position), so coco_evaluate pools
+    the copies in the same order as bootstrap_ap does.
+    """
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+        self.class_names = dataset.class_names
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        image, target = self.dataset[int(self.indices[j])]
+        return image, {**target, "image_id": (int(self.indices[j]), j)}
+
+
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+def test_bootstrap_scores_each_resample_as_an_evaluation_of_it(iou_type):
+    """Each bootstrap AP equals coco_evaluate on the resampled images written out as a dataset."""
+    ds = ShapesDataset(7, seed=5)
+    rng = np.random.default_rng(3)
+    runs = {"a": random_predictions(ds, rng, round_scores=True), "b": random_predictions(ds, rng)}
+    boot = bootstrap_ap(runs, ds, num_samples=4, seed=11, iou_type=iou_type)
+    samples = np.random.default_rng(11).integers(0, len(ds), size=(4, len(ds)))
+    assert any(len(set(s.tolist())) < len(ds) for s in samples)  # some image is drawn twice
+    for name, preds in runs.items():
+        assert boot[name].shape == (4,)
+        for s, sample in enumerate(samples):
+            expected = coco_evaluate([preds[i] for i in sample], _Resampled(ds, sample), iou_type=iou_type)["AP"]
+            assert boot[name][s] == pytest.approx(expected, abs=1e-12), (name, s)
+    assert not np.allclose(boot["a"], boot["b"])
+
+
+def test_bootstrap_spread_shrinks_with_more_images():
+    """The same detector's AP varies less over resamples of 120 images than of 15."""
+    ds = ShapesDataset(120, seed=4)
+    preds = random_predictions(ds, np.random.default_rng(1))
+    small = bootstrap_ap({"r": preds[:15]}, _Resampled(ds, np.arange(15)), num_samples=60)["r"]
+    large = bootstrap_ap({"r": preds}, ds, num_samples=60)["r"]
+    assert large.std() < small.std()
+    assert abs(large.mean() - coco_evaluate(preds, ds)["AP"]) < 2 * large.std()

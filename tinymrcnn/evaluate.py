@@ -70,37 +70,13 @@ def coco_evaluate(
         raise ValueError(f"iou_type must be 'segm' or 'bbox', got {iou_type!r}")
     if len(predictions) != len(dataset):
         raise ValueError(f"{len(predictions)} predictions for {len(dataset)} dataset images")
-    class_names = getattr(dataset, "class_names", None)
-    if class_names is None:  # K = the largest label in the dataset
-        top = max((int(max(_target(dataset, i)["labels"], default=0)) for i in range(len(dataset))), default=0)
-        class_names = tuple(str(k) for k in range(1, top + 1))
+    class_names = _class_names(dataset)
     num_classes = len(class_names)
-    areas = list(AREA_RANGES.values())
 
-    # Per category and area range, (image index, matching result); pooled in image-id order below.
-    per_cell = [[[] for _ in areas] for _ in range(num_classes)]
-    num_gt = 0
-    image_ids = []
-    for i, pred in enumerate(predictions):
-        target = _target(dataset, i)
-        image_ids.append(target.get("image_id", i))
-        dt = _detections(pred, iou_type, mask_threshold, target["masks"].shape[-2:], i, num_classes)
-        gt = _ground_truth(target, iou_type)
-        num_gt += int(np.count_nonzero(~gt["iscrowd"] & (gt["labels"] >= 1) & (gt["labels"] <= num_classes)))
-        for k in range(num_classes):
-            d = np.flatnonzero(dt["labels"] == k + 1)
-            g = np.flatnonzero(gt["labels"] == k + 1)
-            if len(d) == 0 and len(g) == 0:
-                continue
-            d = d[np.argsort(-dt["scores"][d], kind="mergesort")][:max_dets]  # by score, stable
-            ious = _iou(dt["geometry"][d], gt["geometry"][g], gt["iscrowd"][g], iou_type)  # (D, G)
-            for a, area_range in enumerate(areas):
-                per_cell[k][a].append(
-                    (i, match_image(ious, dt["scores"][d], dt["area"][d], gt["area"][g], gt["iscrowd"][g], area_range))
-                )
+    per_cell, num_gt, image_ids = _match_dataset(predictions, dataset, iou_type, max_dets, mask_threshold, num_classes)
     rank = _image_id_rank(image_ids)
 
-    T, R, A = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(areas)
+    T, R, A = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(AREA_RANGES)
     precision = -np.ones((T, R, num_classes, A))
     recall = -np.ones((T, num_classes, A))
     for k in range(num_classes):
@@ -142,6 +118,44 @@ def coco_evaluate(
 
 
 # ------------------------------------------------------------ inputs
+
+
+def _class_names(dataset) -> tuple:
+    """``dataset.class_names``, else "1".."K" with K the largest label in the dataset."""
+    class_names = getattr(dataset, "class_names", None)
+    if class_names is None:
+        top = max((int(max(_target(dataset, i)["labels"], default=0)) for i in range(len(dataset))), default=0)
+        class_names = tuple(str(k) for k in range(1, top + 1))
+    return tuple(class_names)
+
+
+def _match_dataset(predictions, dataset, iou_type: str, max_dets: int, mask_threshold: float, num_classes: int):
+    """Steps 1 and 2 for every image: per_cell[k][a] = [(image index, match_image result), ...].
+
+    Also returns the number of ground truths that count and each image's id.
+    """
+    areas = list(AREA_RANGES.values())
+    per_cell = [[[] for _ in areas] for _ in range(num_classes)]
+    num_gt = 0
+    image_ids = []
+    for i, pred in enumerate(predictions):
+        target = _target(dataset, i)
+        image_ids.append(target.get("image_id", i))
+        dt = _detections(pred, iou_type, mask_threshold, target["masks"].shape[-2:], i, num_classes)
+        gt = _ground_truth(target, iou_type)
+        num_gt += int(np.count_nonzero(~gt["iscrowd"] & (gt["labels"] >= 1) & (gt["labels"] <= num_classes)))
+        for k in range(num_classes):
+            d = np.flatnonzero(dt["labels"] == k + 1)
+            g = np.flatnonzero(gt["labels"] == k + 1)
+            if len(d) == 0 and len(g) == 0:
+                continue
+            d = d[np.argsort(-dt["scores"][d], kind="mergesort")][:max_dets]  # by score, stable
+            ious = _iou(dt["geometry"][d], gt["geometry"][g], gt["iscrowd"][g], iou_type)  # (D, G)
+            for a, area_range in enumerate(areas):
+                per_cell[k][a].append(
+                    (i, match_image(ious, dt["scores"][d], dt["area"][d], gt["area"][g], gt["iscrowd"][g], area_range))
+                )
+    return per_cell, num_gt, image_ids
 
 
 def _image_id_rank(image_ids: list) -> np.ndarray:
@@ -334,3 +348,52 @@ def precision_recall(images: list) -> tuple[np.ndarray, np.ndarray]:
         reached = idx < len(pr)
         precision[t, reached] = pr[idx[reached]]
     return precision, recall
+
+
+# ------------------------------------------------------------ how much of an AP is the choice of images
+
+
+def bootstrap_ap(
+    predictions_by_run: dict,
+    dataset,
+    num_samples: int = 1000,
+    seed: int = 0,
+    iou_type: str = "segm",
+    max_dets: int = 100,
+    mask_threshold: float = 0.5,
+) -> dict:
+    """COCO AP of several runs on ``num_samples`` bootstrap resamples of ``dataset``'s images.
+
+    predictions_by_run: {run name: predictions as for :func:`coco_evaluate`},
+    every run on the same dataset. Each resample draws len(dataset) images
+    with replacement (an image drawn twice counts twice: its ground truth and
+    its detections); every run is scored on the *same* resamples, so the
+    difference between two runs' arrays is a paired bootstrap of their gap.
+
+    Returns {run name: (num_samples,) AP}. The spread of a run's array is how
+    much its AP depends on which images happen to be held out; a gap between
+    runs is larger than that noise when its 2.5..97.5 percentile interval
+    excludes 0.
+    """
+    class_names = _class_names(dataset)
+    rank = None
+    cells = {}
+    for name, predictions in predictions_by_run.items():
+        if len(predictions) != len(dataset):
+            raise ValueError(f"run {name!r}: {len(predictions)} predictions for {len(dataset)} dataset images")
+        per_cell, _, image_ids = _match_dataset(
+            predictions, dataset, iou_type, max_dets, mask_threshold, len(class_names)
+        )
+        rank = _image_id_rank(image_ids)
+        cells[name] = [dict(per_cell[k][0]) for k in range(len(class_names))]  # area "all": {image: match}
+    samples = np.random.default_rng(seed).integers(0, len(dataset), size=(num_samples, len(dataset)))
+    out = {name: np.empty(num_samples) for name in predictions_by_run}
+    for s, sample in enumerate(samples):
+        sample = sample[np.argsort(rank[sample], kind="mergesort")]  # pooled in image-id order, as coco_evaluate
+        for name, per_class in cells.items():
+            precision = np.stack(
+                [precision_recall([by_image[i] for i in sample if i in by_image])[0] for by_image in per_class], -1
+            )  # (T, R, K)
+            valid = precision[precision > -1]
+            out[name][s] = float(np.mean(valid)) if valid.size else -1.0
+    return out
