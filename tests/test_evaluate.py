@@ -326,18 +326,21 @@ def test_bootstrap_scores_each_resample_as_an_evaluation_of_it(iou_type):
     samples = np.random.default_rng(11).integers(0, len(ds), size=(4, len(ds)))
     assert any(len(set(s.tolist())) < len(ds) for s in samples)  # some image is drawn twice
     for name, preds in runs.items():
-        assert boot[name].shape == (4,)
         for s, sample in enumerate(samples):
-            expected = coco_evaluate([preds[i] for i in sample], _Resampled(ds, sample), iou_type=iou_type)["AP"]
-            assert boot[name][s] == pytest.approx(expected, abs=1e-12), (name, s)
-    assert not np.allclose(boot["a"], boot["b"])
+            expected = coco_evaluate([preds[i] for i in sample], _Resampled(ds, sample), iou_type=iou_type)
+            for key in ("AP", "AP50", "AP75"):
+                assert boot[name][key].shape == (4,)
+                assert boot[name][key][s] == pytest.approx(expected[key], abs=1e-12), (name, s, key)
+    assert not np.allclose(boot["a"]["AP"], boot["b"]["AP"])
+    again = bootstrap_ap({"b": runs["b"]}, ds, num_samples=4, seed=11, iou_type=iou_type)  # alone: same resamples
+    np.testing.assert_array_equal(again["b"]["AP75"], boot["b"]["AP75"])
 
 
 def test_bootstrap_spread_shrinks_with_more_images():
     """The same detector's AP varies less over resamples of 120 images than of 15."""
     ds = ShapesDataset(120, seed=4)
     preds = random_predictions(ds, np.random.default_rng(1))
-    small = bootstrap_ap({"r": preds[:15]}, _Resampled(ds, np.arange(15)), num_samples=60)["r"]
-    large = bootstrap_ap({"r": preds}, ds, num_samples=60)["r"]
+    small = bootstrap_ap({"r": preds[:15]}, _Resampled(ds, np.arange(15)), num_samples=60)["r"]["AP"]
+    large = bootstrap_ap({"r": preds}, ds, num_samples=60)["r"]["AP"]
     assert large.std() < small.std()
     assert abs(large.mean() - coco_evaluate(preds, ds)["AP"]) < 2 * large.std()

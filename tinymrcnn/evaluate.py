@@ -370,10 +370,13 @@ def bootstrap_ap(
     its detections); every run is scored on the *same* resamples, so the
     difference between two runs' arrays is a paired bootstrap of their gap.
 
-    Returns {run name: (num_samples,) AP}. The spread of a run's array is how
-    much its AP depends on which images happen to be held out; a gap between
-    runs is larger than that noise when its 2.5..97.5 percentile interval
-    excludes 0.
+    The resamples depend only on ``seed`` and ``len(dataset)``, so separate
+    calls with the same seed and dataset are paired as well.
+
+    Returns {run name: {"AP", "AP50", "AP75": (num_samples,) arrays}}. The
+    spread of a run's array is how much its AP depends on which images
+    happen to be held out; a gap between runs is larger than that noise when
+    its 2.5..97.5 percentile interval excludes 0.
     """
     class_names = _class_names(dataset)
     rank = None
@@ -387,13 +390,15 @@ def bootstrap_ap(
         rank = _image_id_rank(image_ids)
         cells[name] = [dict(per_cell[k][0]) for k in range(len(class_names))]  # area "all": {image: match}
     samples = np.random.default_rng(seed).integers(0, len(dataset), size=(num_samples, len(dataset)))
-    out = {name: np.empty(num_samples) for name in predictions_by_run}
+    t50, t75 = (int(np.argmin(np.abs(IOU_THRESHOLDS - t))) for t in (0.5, 0.75))
+    out = {name: {key: np.empty(num_samples) for key in ("AP", "AP50", "AP75")} for name in predictions_by_run}
     for s, sample in enumerate(samples):
         sample = sample[np.argsort(rank[sample], kind="mergesort")]  # pooled in image-id order, as coco_evaluate
         for name, per_class in cells.items():
             precision = np.stack(
                 [precision_recall([by_image[i] for i in sample if i in by_image])[0] for by_image in per_class], -1
             )  # (T, R, K)
-            valid = precision[precision > -1]
-            out[name][s] = float(np.mean(valid)) if valid.size else -1.0
+            for key, p in (("AP", precision), ("AP50", precision[t50]), ("AP75", precision[t75])):
+                valid = p[p > -1]
+                out[name][key][s] = float(np.mean(valid)) if valid.size else -1.0
     return out
