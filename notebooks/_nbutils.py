@@ -1,20 +1,29 @@
-"""What the notebooks share: the small-size switch and the trained toy model.
+"""What the notebooks share: the mode switch and the trained toy model.
 
-Notebooks 1, 3, 4, 6, 7 and 8 look at one trained shapes model, and notebook 9
-trains five more. Training takes minutes, so each run is written to
-``notebooks/_run/<name>/`` (git ignores it) and a later notebook that asks
+Notebooks 1, 3, 4, 7 and 8 look at one trained shapes model, and notebook 9
+compares five settings of it. Training takes minutes, so each run is written
+to ``notebooks/_run/<name>/`` (git ignores it) and a later notebook that asks
 for the *same* run (same training settings, same model config, same number
 of steps) loads the checkpoint instead of training again. Change a setting
 and the run is trained afresh; delete ``notebooks/_run`` to start over.
 
-In the test mode the models are as good as untrained: every figure of one
-says "untrained (test mode)" in its title (:func:`titled`, :func:`label_figure`).
+Three modes, chosen with the environment variable TINYMRCNN_NOTEBOOK_MODE:
 
-Environment variables:
-    TINYMRCNN_NOTEBOOK_SMALL=1   tiny settings (what the tests run, a few seconds
-                                 per training step); anything else: full size.
-    TINYMRCNN_NOTEBOOK_RUNS=DIR  where runs are kept (default notebooks/_run).
+    default  the toy model trains once (800 steps of 4 images, a few minutes),
+             then every notebook loads it; notebook 9 draws the recorded
+             ablation results (notebooks/ablation_results.json) instead of
+             training its 15 runs.
+    full     as default, and notebook 9 trains its 15 runs (5 settings x 3
+             seeds, about an hour on 2 cores) and writes its own results.
+    test     tiny settings, what the test suite runs (TINYMRCNN_NOTEBOOK_SMALL=1
+             means the same): a few small steps per training run. The models
+             are as good as untrained, and every figure of one says
+             "untrained (test mode)" in its title (:func:`titled`,
+             :func:`label_figure`).
+
+TINYMRCNN_NOTEBOOK_RUNS=DIR keeps the runs somewhere else (default notebooks/_run).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +36,23 @@ import matplotlib
 from tinymrcnn import MaskRCNN, MaskRCNNConfig
 from tinymrcnn.train import TrainConfig, read_metrics, train
 
-SMALL = os.environ.get("TINYMRCNN_NOTEBOOK_SMALL") == "1"
+MODES = ("default", "full", "test")
+
+
+def _mode() -> str:
+    mode = os.environ.get("TINYMRCNN_NOTEBOOK_MODE", "").strip().lower()
+    if os.environ.get("TINYMRCNN_NOTEBOOK_SMALL") == "1" and mode in ("", "test"):
+        return "test"
+    if mode not in MODES + ("",):
+        raise ValueError(f"TINYMRCNN_NOTEBOOK_MODE must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode or "default"
+
+
+MODE = _mode()
+SMALL = MODE == "test"
 TEST_MODE_LABEL = "untrained (test mode)"
-RUNS = Path(os.environ.get("TINYMRCNN_NOTEBOOK_RUNS") or Path(__file__).resolve().parent / "_run")
+NOTEBOOK_DIR = Path(__file__).resolve().parent
+RUN_DIR = Path(os.environ.get("TINYMRCNN_NOTEBOOK_RUNS") or NOTEBOOK_DIR / "_run")
 
 
 def titled(title: str) -> str:
@@ -56,12 +79,15 @@ def toy_train_config(**changes) -> TrainConfig:
     small is 30 steps of 2 images: enough for every loss to fall, not enough
     for good masks.
     """
-    settings = dict(iters=30, batch_size=2, warmup_iters=10, num_train_images=200, num_val_images=24) if SMALL \
+    settings = (
+        dict(iters=30, batch_size=2, warmup_iters=10, num_train_images=200, num_val_images=24)
+        if SMALL
         else dict(iters=800, batch_size=4, warmup_iters=50, num_train_images=4000, num_val_images=200)
+    )
     settings.update(log_every=1, checkpoint_every=0, seed=0)
     settings.update(changes)
     name = settings.pop("name", "toy")
-    return TrainConfig(out_dir=str(RUNS / (name + ("-small" if SMALL else ""))), **settings)
+    return TrainConfig(out_dir=str(RUN_DIR / (name + ("-small" if SMALL else ""))), **settings)
 
 
 def _settings(train_config: dict) -> dict:
@@ -83,13 +109,15 @@ def train_or_load(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, 
     if ckpt.exists() and metrics.exists():
         model, _, meta = MaskRCNN.load(str(ckpt), return_extra=True)
         state = meta.get("train", {})
-        same = (json.loads(meta["config"]) == json.loads(model_config.to_json())
-                and _settings(state.get("config", {})) == _settings(json.loads(json.dumps(cfg.to_dict())))
-                and state.get("step") == cfg.iters)
+        same = (
+            json.loads(meta["config"]) == json.loads(model_config.to_json())
+            and _settings(state.get("config", {})) == _settings(json.loads(json.dumps(cfg.to_dict())))
+            and state.get("step") == cfg.iters
+        )
         if same:
             trained_now = False
     if trained_now:
-        with warnings.catch_warnings():      # tqdm.auto warns in a notebook without ipywidgets
+        with warnings.catch_warnings():  # tqdm.auto warns in a notebook without ipywidgets
             warnings.simplefilter("ignore")
             import tqdm.auto  # noqa: F401
         backend = matplotlib.get_backend()
@@ -98,11 +126,11 @@ def train_or_load(cfg: TrainConfig, model_config: MaskRCNNConfig | None = None, 
             # train() draws its PNG curves after switching matplotlib to "Agg";
             # switch back so that the notebook's figures still show inline.
             import matplotlib.pyplot as plt
+
             plt.switch_backend(backend)
         model = MaskRCNN.load(str(ckpt))
     steps, evals = read_metrics(str(metrics))
-    return model, {"history": steps, "eval": evals[-1]["eval"], "checkpoint": str(ckpt),
-                   "trained_now": trained_now}
+    return model, {"history": steps, "eval": evals[-1]["eval"], "checkpoint": str(ckpt), "trained_now": trained_now}
 
 
 def trained_toy_model():

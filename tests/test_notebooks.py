@@ -106,3 +106,41 @@ def test_notebook_runs(path, notebook_env):
     figures = sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
     print(f"{path.name}: {time.perf_counter() - t0:.1f} s, {figures} figures")
     assert figures >= 1, f"{path.name} drew no figure"
+
+
+@pytest.mark.slow
+def test_ablations_notebook_default_mode_draws_the_recorded_results(notebook_env, monkeypatch):
+    """In the default mode notebook 9 trains nothing: it reads notebooks/ablation_results.json and draws it."""
+    recorded = json.loads((NOTEBOOK_DIR / "ablation_results.json").read_text())
+    assert len(recorded["seeds"]) >= 3 and recorded["heldout_images"] == 200
+    monkeypatch.delenv("TINYMRCNN_NOTEBOOK_SMALL")
+    monkeypatch.setenv("TINYMRCNN_NOTEBOOK_MODE", "default")
+    runs_before = sorted(p.name for p in notebook_env.iterdir())
+    nb = execute(nbformat.read(NOTEBOOK_DIR / "09_ablations.ipynb", as_version=4))
+    text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
+    assert f"recorded on {recorded['date']}" in text
+    assert "untrained (test mode)" not in text
+    assert sorted(p.name for p in notebook_env.iterdir()) == runs_before  # nothing trained, nothing written
+    figures = sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+    assert figures == 1
+
+
+def test_notebook_mode_is_checked(monkeypatch):
+    """A mistyped mode is one clear error naming the choices."""
+    sys.path.insert(0, str(NOTEBOOK_DIR))
+    try:
+        import _nbutils
+
+        monkeypatch.setenv("TINYMRCNN_NOTEBOOK_MODE", "fast")
+        with pytest.raises(ValueError, match="TINYMRCNN_NOTEBOOK_MODE must be one of default, full, test, got 'fast'"):
+            _nbutils._mode()
+        monkeypatch.setenv("TINYMRCNN_NOTEBOOK_MODE", "")
+        monkeypatch.setenv("TINYMRCNN_NOTEBOOK_SMALL", "1")
+        assert _nbutils._mode() == "test"
+        monkeypatch.setenv("TINYMRCNN_NOTEBOOK_MODE", "Full")
+        assert _nbutils._mode() == "full"
+        monkeypatch.delenv("TINYMRCNN_NOTEBOOK_SMALL")
+        monkeypatch.delenv("TINYMRCNN_NOTEBOOK_MODE")
+        assert _nbutils._mode() == "default"
+    finally:
+        sys.path.remove(str(NOTEBOOK_DIR))
