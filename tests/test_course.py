@@ -789,3 +789,19 @@ def test_the_wheel_holds_the_exercise_notebooks(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for ex in EXERCISES:
         assert f"tinymrcnn/course/notebooks/{ex.notebook}" in names
+
+
+def test_the_exercises_follow_the_notebooks_test_mode(monkeypatch):
+    """TINYMRCNN_NOTEBOOK_MODE=test shortens the exercise notebooks' training as the old switch does."""
+    from tinymrcnn.course.notebook import notebook_steps
+
+    monkeypatch.delenv("TINYMRCNN_NOTEBOOK_SMALL", raising=False)
+    monkeypatch.delenv("TINYMRCNN_NOTEBOOK_MODE", raising=False)
+    assert notebook_steps(30) == 30
+    monkeypatch.setenv("TINYMRCNN_NOTEBOOK_MODE", "test")
+    assert notebook_steps(30) == 2
+    monkeypatch.setenv("TINYMRCNN_NOTEBOOK_MODE", "default")
+    monkeypatch.setenv("TINYMRCNN_NOTEBOOK_SMALL", "1")
+    assert notebook_steps(30) == 30  # an explicit mode wins
+    monkeypatch.delenv("TINYMRCNN_NOTEBOOK_MODE")
+    assert notebook_steps(30) == 2

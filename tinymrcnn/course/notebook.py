@@ -7,8 +7,9 @@ the model normally calls; :func:`use_conv2d_backward` and
 :func:`use_roi_align` route the model through the reference for the
 duration of a ``with`` block, so the run trains on the student's code.
 
-``TINYMRCNN_NOTEBOOK_SMALL=1`` (CI) makes :func:`notebook_steps` return the
-small step count, so every notebook runs in seconds.
+``TINYMRCNN_NOTEBOOK_MODE=test`` (or ``TINYMRCNN_NOTEBOOK_SMALL=1``; CI sets
+it) makes :func:`notebook_steps` return the small step count, so every
+notebook runs in seconds: the test mode of the step-through notebooks.
 
 :func:`setup_exercise` (the first cell of every exercise notebook) turns on
 inline figures and lets each exercise run on its own, in any order: every
@@ -32,8 +33,9 @@ import numpy as np
 
 
 def small() -> bool:
-    """True when TINYMRCNN_NOTEBOOK_SMALL=1: run every notebook in its shortest form."""
-    return os.environ.get("TINYMRCNN_NOTEBOOK_SMALL", "") == "1"
+    """True in the test mode (TINYMRCNN_NOTEBOOK_MODE=test or TINYMRCNN_NOTEBOOK_SMALL=1): shortest runs."""
+    mode = os.environ.get("TINYMRCNN_NOTEBOOK_MODE", "").strip().lower()
+    return mode == "test" or (mode == "" and os.environ.get("TINYMRCNN_NOTEBOOK_SMALL", "") == "1")
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def is_reference(fn) -> bool:
 
 
 def notebook_steps(full: int, short: int = 2) -> int:
-    """``full`` training steps, or ``short`` under TINYMRCNN_NOTEBOOK_SMALL=1."""
+    """``full`` training steps, or ``short`` in the test mode (:func:`small`)."""
     return short if small() else full
 
 
