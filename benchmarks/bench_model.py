@@ -28,12 +28,12 @@ def main():
         type=int,
         default=None,
         help="BLAS threads in the runtime session (default: the preset's, "
-        "MaskRCNNConfig.blas_threads; 0 leaves the process's setting alone)",
+        "MaskRCNNConfig.blas_threads; 0: one per core)",
     )
     args = ap.parse_args()
     overrides = {}
     if args.blas_threads is not None:
-        overrides["blas_threads"] = args.blas_threads or None
+        overrides["blas_threads"] = args.blas_threads
     ds = ShapesDataset(args.batch * (args.repeats + 2), seed=0)
     model = MaskRCNN(MaskRCNNConfig.shapes(**overrides), seed=0)
     opt = AdamW(model.parameters(), lr=1e-3)

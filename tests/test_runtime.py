@@ -76,3 +76,22 @@ def test_compute_gradients_skips_the_backward_on_a_non_finite_loss(monkeypatch):
     monkeypatch.setattr(model, "backward", lambda: pytest.fail("backward ran after a NaN loss"))
     losses = runtime.compute_gradients(model, images, targets)
     assert np.isnan(losses["loss_mask"])
+
+
+def test_blas_threads_zero_shares_the_cores_among_the_workers(monkeypatch):
+    """0 = one BLAS thread per core for one process, the cores divided among several (at least one each)."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    if not blas_threads():
+        pytest.skip("no BLAS library found by threadpoolctl")
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
+    config = MaskRCNNConfig.shapes(blas_threads=0)
+    for processes, expected in ((1, 4), (2, 2), (3, 1), (8, 1)):
+        with runtime.session(config, processes=processes):
+            assert all(n == expected for n in blas_threads()), (processes, blas_threads())
+    assert MaskRCNNConfig.torchvision_r50_fpn().blas_threads == 0
+    with pytest.raises(ValueError, match="blas_threads must be None, 0"):
+        MaskRCNNConfig.shapes(blas_threads=-1)

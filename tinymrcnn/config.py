@@ -103,9 +103,12 @@ class MaskRCNNConfig:
     # ---- numerics ----------------------------------------------------------
     dtype: str = "float32"
     # BLAS threads inside tinymrcnn.runtime.session (training, evaluation, the CLI,
-    # the benchmarks; None: leave the process's setting alone). 1 is fastest on a small CPU: the Numba kernels
-    # already run in parallel, and OpenBLAS's spin-waiting threads steal their
-    # cores (measured on 2 cores: 0.53 s per training step instead of 4.6 s).
+    # the benchmarks; None: leave the process's setting alone; 0: the CPU's cores,
+    # shared out among the data-parallel workers). 1 is fastest for the small
+    # shapes model: its products are too small to split, the Numba kernels already
+    # run in parallel, and OpenBLAS's spin-waiting threads steal their cores
+    # (measured on 2 cores: 0.53 s per training step instead of 4.6 s). The
+    # ResNet-50 preset's large products do gain from every core (README, Speed).
     blas_threads: int | None = 1
     # Where the convolutions and RoIAlign run: "cpu" (NumPy + Numba, the default)
     # or "cuda" (the numba.cuda kernels; float32 only). docs/gpu.md says what
@@ -143,6 +146,10 @@ class MaskRCNNConfig:
         need(
             self.device == "cpu" or self.dtype == "float32",
             f"device='cuda' runs float32 kernels; dtype must be float32, got {self.dtype!r}",
+        )
+        need(
+            self.blas_threads is None or (isinstance(self.blas_threads, int) and self.blas_threads >= 0),
+            f"blas_threads must be None, 0 (the cores, shared among workers) or a thread count, got {self.blas_threads!r}",
         )
         need(self.size_divisible >= 1, "size_divisible must be >= 1")
         need(self.mask_num_convs >= 1, "mask_num_convs must be >= 1")
@@ -225,6 +232,7 @@ class MaskRCNNConfig:
             mask_channels=256,
             mask_target_mode="soft",
             mask_target_aligned=False,
+            blas_threads=0,
         )
         cfg.update(overrides)
         return cls(**cfg)

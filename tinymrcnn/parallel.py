@@ -269,7 +269,7 @@ def _worker_main(conn):
             flat.read_params(params.array)
             images, targets = load_batch(train_set, indices, step, cfg.seed, cfg.hflip, rank, n_workers)
             model.rng = np.random.default_rng(step_seeds(cfg.seed, step, rank, n_workers)[1])
-            with runtime.session(model.config):
+            with runtime.session(model.config, processes=n_workers):
                 losses = runtime.compute_gradients(model, images, targets)
             flat.write_grads(grads.array[rank - 1])
             conn.send(("losses", losses))

@@ -20,6 +20,7 @@ benchmarks and the data-parallel workers (``parallel.py``):
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
@@ -28,12 +29,14 @@ from .kernels import get_device, set_device
 
 
 @contextmanager
-def session(config):
+def session(config, processes: int = 1):
     """Run the ops on ``config.device`` with ``config.blas_threads`` BLAS threads, then restore both.
 
     BLAS threads: the Numba kernels already run in parallel, and on a small
     machine OpenBLAS's spin-waiting threads steal their cores (README, Speed),
-    so the presets use one. None leaves the process's setting alone.
+    so the shapes preset uses one. None leaves the process's setting alone; 0
+    shares the CPU's cores out among ``processes`` (the data-parallel workers
+    that run at once), at least one thread each.
     """
     previous = get_device()
     with ExitStack() as stack:
@@ -42,7 +45,8 @@ def session(config):
         if config.blas_threads is not None:
             from threadpoolctl import threadpool_limits
 
-            stack.enter_context(threadpool_limits(limits=config.blas_threads, user_api="blas"))
+            threads = config.blas_threads or max(1, (os.cpu_count() or 1) // max(1, processes))
+            stack.enter_context(threadpool_limits(limits=threads, user_api="blas"))
         yield
 
 

@@ -501,7 +501,7 @@ def _train_loop(
     step = start_step
     history = []
     last_good = (start_step, ckpt_path) if resumed else None
-    with runtime.session(model.config), _data_parallel(model, n_workers, cfg) as pool:
+    with runtime.session(model.config, processes=n_workers), _data_parallel(model, n_workers, cfg) as pool:
         _compile_warm_up(model, pool, train_set, cfg, n_workers, step, log)
         bar = tqdm(
             total=cfg.iters,
