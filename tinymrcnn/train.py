@@ -447,46 +447,40 @@ def train(
                     os.remove(os.path.join(cfg.out_dir, name))
             with open(metrics_path, "w"):
                 pass
-        return _train_loop(
-            cfg,
-            model,
-            optimizer,
-            train_set,
-            val_set,
-            start_step,
-            elapsed,
-            warmup_end_s,
-            ckpt_path,
-            metrics_path,
-            progress,
-            log,
-            stops,
-            resume,
-            (best_path, best),
-        )
+        run = _Run(cfg, model, optimizer, train_set, val_set, ckpt_path, metrics_path, best_path, progress, log, stops)
+        return _train_loop(run, start_step, elapsed, warmup_end_s, resume, best)
 
 
-def _train_loop(
-    cfg,
-    model,
-    optimizer,
-    train_set,
-    val_set,
-    start_step,
-    elapsed,
-    warmup_end_s,
-    ckpt_path,
-    metrics_path,
-    progress,
-    log,
-    stops,
-    resumed,
-    best=(None, None),
-):
+@dataclass
+class _Run:
+    """What a training run works with, fixed from its first step to its last."""
+
+    cfg: TrainConfig
+    model: MaskRCNN
+    optimizer: object
+    train_set: object
+    val_set: object
+    ckpt_path: str
+    metrics_path: str
+    best_path: str
+    progress: bool
+    log: object
+    stops: object
+
+
+def _train_loop(run: _Run, start_step: int, elapsed: float, warmup_end_s, resumed: bool, best):
+    """Steps from ``start_step`` until the budget is spent, then the final checkpoint and evaluation."""
     from tqdm.auto import tqdm
 
-    best_path, best = best
-
+    cfg, model, optimizer, train_set, val_set = run.cfg, run.model, run.optimizer, run.train_set, run.val_set
+    ckpt_path, metrics_path, best_path, progress, log, stops = (
+        run.ckpt_path,
+        run.metrics_path,
+        run.best_path,
+        run.progress,
+        run.log,
+        run.stops,
+    )
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
     # (a run shorter than its warm-up just warms up: the decay would start after its end)
     schedule = WarmupCosine(
