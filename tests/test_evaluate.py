@@ -344,3 +344,12 @@ def test_bootstrap_spread_shrinks_with_more_images():
     large = bootstrap_ap({"r": preds}, ds, num_samples=60)["r"]["AP"]
     assert large.std() < small.std()
     assert abs(large.mean() - coco_evaluate(preds, ds)["AP"]) < 2 * large.std()
+
+
+def test_bootstrap_refuses_an_empty_dataset_or_no_samples():
+    ds = ShapesDataset(2, seed=1)
+    preds = random_predictions(ds, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="at least one image and one sample, got 0 image"):
+        bootstrap_ap({"r": []}, _Resampled(ds, np.arange(0)))
+    with pytest.raises(ValueError, match="num_samples=0"):
+        bootstrap_ap({"r": preds}, ds, num_samples=0)

@@ -43,6 +43,7 @@ import numpy as np
 # The exact values pycocotools uses (np.linspace rounding included).
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)  # (T,) = 10
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, int(np.round((1.0 - 0.0) / 0.01)) + 1)  # (R,) = 101
+T50, T75 = (int(np.argmin(np.abs(IOU_THRESHOLDS - t))) for t in (0.5, 0.75))  # AP50's and AP75's rows
 AREA_RANGES = {"all": (0.0, 1e10), "small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, 1e10)}
 
 
@@ -96,11 +97,10 @@ def coco_evaluate(
             "file's category ids and image ids",
             stacklevel=2,
         )
-    t50, t75 = (int(np.argmin(np.abs(IOU_THRESHOLDS - t))) for t in (0.5, 0.75))
     return {
         "AP": mean_valid(precision[..., 0]),
-        "AP50": mean_valid(precision[t50, ..., 0]),
-        "AP75": mean_valid(precision[t75, ..., 0]),
+        "AP50": mean_valid(precision[T50, ..., 0]),
+        "AP75": mean_valid(precision[T75, ..., 0]),
         "APs": mean_valid(precision[..., 1]),
         "APm": mean_valid(precision[..., 2]),
         "APl": mean_valid(precision[..., 3]),
@@ -378,6 +378,11 @@ def bootstrap_ap(
     happen to be held out; a gap between runs is larger than that noise when
     its 2.5..97.5 percentile interval excludes 0.
     """
+    if len(dataset) == 0 or num_samples < 1:
+        raise ValueError(
+            f"bootstrap_ap needs at least one image and one sample, got {len(dataset)} image(s), "
+            f"num_samples={num_samples}"
+        )
     class_names = _class_names(dataset)
     rank = None
     cells = {}
@@ -390,7 +395,6 @@ def bootstrap_ap(
         rank = _image_id_rank(image_ids)
         cells[name] = [dict(per_cell[k][0]) for k in range(len(class_names))]  # area "all": {image: match}
     samples = np.random.default_rng(seed).integers(0, len(dataset), size=(num_samples, len(dataset)))
-    t50, t75 = (int(np.argmin(np.abs(IOU_THRESHOLDS - t))) for t in (0.5, 0.75))
     out = {name: {key: np.empty(num_samples) for key in ("AP", "AP50", "AP75")} for name in predictions_by_run}
     for s, sample in enumerate(samples):
         sample = sample[np.argsort(rank[sample], kind="mergesort")]  # pooled in image-id order, as coco_evaluate
@@ -398,7 +402,7 @@ def bootstrap_ap(
             precision = np.stack(
                 [precision_recall([by_image[i] for i in sample if i in by_image])[0] for by_image in per_class], -1
             )  # (T, R, K)
-            for key, p in (("AP", precision), ("AP50", precision[t50]), ("AP75", precision[t75])):
+            for key, p in (("AP", precision), ("AP50", precision[T50]), ("AP75", precision[T75])):
                 valid = p[p > -1]
                 out[name][key][s] = float(np.mean(valid)) if valid.size else -1.0
     return out
