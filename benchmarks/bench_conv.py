@@ -2,19 +2,22 @@
 
     python benchmarks/bench_conv.py               # the table (float32)
     python benchmarks/bench_conv.py --repeats 9   # more repeats (the median is reported)
+    python benchmarks/bench_conv.py --rounds 5    # more interleaved rounds (default 3)
     python benchmarks/bench_conv.py --stat min    # the fastest repeat (a busy machine)
     python benchmarks/bench_conv.py --cold-start  # first call with an empty / a warm Numba cache
     python benchmarks/bench_conv.py --profile     # our time split into its kernels
 
 Each row times one forward and one backward (dx, dw, db) of a convolution at
 (N, C, H, W) -> O channels: 3x3 with padding 1 on three shapes, and a 1x1.
-Each implementation runs in its own process (one after the other), each shape
-with a warm-up call and then ``--repeats`` timed calls; the table gives the
-median.
+Each implementation runs in its own process, each shape with a warm-up call
+and then ``--repeats`` timed calls. The processes take turns for ``--rounds``
+rounds, so that the shared machine's changing load falls on all of them.
 torch (``torch.nn.functional.conv2d`` + autograd) is used when importable.
 
-"vs torch" is torch's time / ours (throughput ratio; target >= 0.7), and
-"vs NumPy" is the NumPy baseline's time / ours (target >= 5). "path" is the
+"vs torch" is torch's time / ours (throughput ratio; target >= 0.7): the median
+of the rounds' ratios, with their range; "vs NumPy" is the NumPy baseline's
+time / ours, for reference (both are bound by the same sgemm at 256 channels,
+so there is no target for it). The time columns are medians over the rounds. "path" is the
 algorithm tinymrcnn picks for the shape (tinymrcnn/kernels/cpu/conv.py):
 "direct" (conv_direct.py, Numba dot products), "GEMM" (shifted windows in
 BLAS) or "blocks" (one GEMM per image, kernel == stride).
@@ -143,14 +146,18 @@ def time_one(impl: str, repeats: int, stat: str) -> list[float]:
     return times
 
 
-def run_table(repeats: int, stat: str) -> None:
+def run_table(repeats: int, stat: str, rounds: int) -> None:
     """The table. Each implementation runs in its own process: three thread pools in one
     process (Numba's, OpenBLAS's, torch's OpenMP) were measured to slow each other down
-    up to 20x on 2 cores, which would make the ratios meaningless."""
+    up to 20x on 2 cores, which would make the ratios meaningless. The processes take
+    turns for ``rounds`` rounds (the order reversed every other round), so that a change
+    in the machine's load falls on all of them; a round gives one ratio per shape, and the
+    table reports each implementation's median time and the median and range of the
+    per-round ratios."""
     torch, _ = _torch()
     print(
         f"# conv2d forward+backward, float32, {stat} of {repeats} after a warm-up, "
-        f"each implementation in its own process"
+        f"each implementation in its own process, {rounds} interleaved rounds"
     )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
@@ -158,31 +165,37 @@ def run_table(repeats: int, stat: str) -> None:
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
         + (f"torch {torch.__version__}, {torch.get_num_threads()} threads" if torch else "torch: not installed")
     )
-    results = {}
-    for impl in ("tinymrcnn", "numpy", "torch"):
-        out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--impl", impl, "--repeats", str(repeats), "--stat", stat],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        results[impl] = json.loads(out.strip().splitlines()[-1])
+    impls = ["tinymrcnn", "numpy"] + (["torch"] if torch else [])
+    results = {impl: [] for impl in impls}  # impl -> per round, ms per shape
+    for r in range(rounds):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--impl", impl, "--repeats", str(repeats), "--stat", stat],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            results[impl].append(json.loads(out.strip().splitlines()[-1]))
+    times = {impl: np.array(v) for impl, v in results.items()}  # (rounds, shapes)
     head = (
         f"{'(N, C, H, W) -> O, k':<30}{'path':>7}{'tinymrcnn':>11}{'NumPy':>10}{'torch':>10}"
-        f"{'vs torch':>10}{'vs NumPy':>10}"
+        f"{'vs torch':>10}{'(range)':>14}{'vs NumPy':>10}"
     )
     print(head)
     print("-" * len(head))
     for row, (N, C, H, W, O, k) in enumerate(SHAPES):
-        t_ours, t_np, t_torch = (results[impl][row] for impl in ("tinymrcnn", "numpy", "torch"))
+        ours, np_t = times["tinymrcnn"][:, row], times["numpy"][:, row]
         name = f"({N}, {C}, {H}, {W}) -> {O}, {k}x{k}"
-        have_torch = t_torch == t_torch  # not nan
-        print(
-            f"{name:<30}{_path((N, C, H, W), (O, C, k, k), k // 2):>7}{t_ours:>9.1f}ms{t_np:>8.1f}ms"
-            + (f"{t_torch:>8.1f}ms{t_torch / t_ours:>9.2f}x" if have_torch else f"{'-':>10}{'-':>10}")
-            + f"{t_np / t_ours:>9.1f}x",
-            flush=True,
-        )
+        line = f"{name:<30}{_path((N, C, H, W), (O, C, k, k), k // 2):>7}{np.median(ours):>9.1f}ms{np.median(np_t):>8.1f}ms"
+        if torch:
+            ratios = times["torch"][:, row] / ours  # torch's time / ours, round by round
+            line += (
+                f"{np.median(times['torch'][:, row]):>8.1f}ms{np.median(ratios):>9.2f}x"
+                f"{f'{ratios.min():.2f}-{ratios.max():.2f}':>14}"
+            )
+        else:
+            line += f"{'-':>10}{'-':>10}{'-':>14}"
+        print(line + f"{np.median(np_t / ours):>9.1f}x", flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +301,7 @@ def run_cold_start() -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the table (ratios per round)")
     ap.add_argument(
         "--stat",
         choices=sorted(STAT),
@@ -311,7 +325,7 @@ def main(argv=None) -> None:
     elif args.profile:
         run_profile(args.repeats)
     else:
-        run_table(args.repeats, args.stat)
+        run_table(args.repeats, args.stat, args.rounds)
 
 
 if __name__ == "__main__":
