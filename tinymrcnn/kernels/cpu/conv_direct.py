@@ -101,8 +101,10 @@ def stack_rows(xt, kh, sh, ph, pw, Ho, out):
     Entries outside the input are 0; Ws = out.shape[2] may be wider than the
     padded input (the extra columns are zeros that round a row up to whole
     blocks). ph and pw may be negative (they then crop). Every copy is a
-    contiguous run of C numbers (measured ~1.5x faster than stacking straight
-    from (N, C, H, W), which transposes kh times).
+    contiguous run of C numbers, and each output row is written front to back
+    (column v, then its kh input rows): measured ~1.5x faster than stacking
+    straight from (N, C, H, W), which transposes kh times, and 1.4-2.2x faster
+    than writing the kh input rows one after the other.
     """
     N, H, W, C = xt.shape
     Ws = out.shape[2]
@@ -110,17 +112,17 @@ def stack_rows(xt, kh, sh, ph, pw, Ho, out):
     vhi = max(min(Ws, W + pw), vlo)
     for task in prange(N * Ho):
         n, r = task // Ho, task % Ho
-        for i in range(kh):
-            h = r * sh + i - ph
-            dst = out[n, r, :, i, :]  # (Ws, C)
-            if h < 0 or h >= H:
-                dst[:, :] = 0
-                continue
-            dst[:vlo, :] = 0
-            dst[vhi:, :] = 0
-            src = xt[n, h]
-            for v in range(vlo, vhi):
-                d, s = dst[v], src[v - pw]
+        dst = out[n, r]  # (Ws, kh, C)
+        dst[:vlo] = 0
+        dst[vhi:] = 0
+        for v in range(vlo, vhi):
+            for i in range(kh):
+                h = r * sh + i - ph
+                d = dst[v, i]
+                if h < 0 or h >= H:
+                    d[:] = 0
+                    continue
+                s = xt[n, h, v - pw]
                 for c in range(C):
                     d[c] = s[c]
 
