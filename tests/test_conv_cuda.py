@@ -303,6 +303,25 @@ def test_bad_input_is_rejected_before_any_kernel():
         Tile(bm=64, bn=64, bk=16, tm=4, tn=4, reduce=100).check()
 
 
+def test_mismatched_shapes_are_named_before_any_kernel():
+    """Each pass names the argument that does not fit: channels, bias length, dy's shape."""
+    x = np.zeros((1, 2, 5, 5), np.float32)
+    w = np.zeros((3, 2, 3, 3), np.float32)  # conv2d: 2 -> 3 channels; as conv_transpose2d: 3 -> 2
+    y = np.zeros((1, 3, 5, 5), np.float32)  # conv2d(x, w, padding=1)
+    with pytest.raises(ValueError, match="expects 2 input channels, x has 3"):
+        conv2d_forward_cuda(y, w, padding=1)
+    with pytest.raises(ValueError, match="bias has 2 entries, weight has 3 output channels"):
+        conv2d_forward_cuda(x, w, np.zeros(2, np.float32), padding=1)
+    with pytest.raises(ValueError, match=r"dy \(1, 3, 4, 5\) \(expected \(1, 3, 5, 5\)\)"):
+        conv2d_backward_cuda(y[:, :, :4], x, w, padding=1)
+    with pytest.raises(ValueError, match="expects 3 input channels, x has 2"):
+        conv_transpose2d_forward_cuda(x, w, padding=1)
+    with pytest.raises(ValueError, match="bias has 3 entries, weight has 2 output channels"):
+        conv_transpose2d_forward_cuda(y, w, np.zeros(3, np.float32), padding=1)
+    with pytest.raises(ValueError, match=r"dy \(1, 2, 5, 4\) \(expected \(1, 2, 5, 5\)\)"):
+        conv_transpose2d_backward_cuda(x[..., :4], y, w, padding=1)
+
+
 # ---------------------------------------------------------------------------
 # Real hardware (skipped without it): production tile, medium shapes.
 

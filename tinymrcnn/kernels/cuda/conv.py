@@ -443,6 +443,37 @@ def _out_size(H, W, kh, kw, sh, sw, ph, pw):
     return Ho, Wo
 
 
+def _checked_forward(x, weight, bias, stride, padding, transposed):
+    """The arguments of a forward (conv2d, or conv_transpose2d with weight (C_in, C_out, ...)); -> stride, padding."""
+    _check_array(x, "x", 4)
+    _check_array(weight, "weight", 4)
+    _check_array(bias, "bias", 1)
+    c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    if c_in != x.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} expects {c_in} input channels, x has {x.shape[1]}")
+    if bias is not None and bias.shape[0] != c_out:
+        raise ValueError(f"bias has {bias.shape[0]} entries, weight has {c_out} output channels")
+    return _stride_padding(stride, padding)
+
+
+def _checked_backward(dy, x, weight, stride, padding, transposed):
+    """The arguments of a backward: dy must have the forward's output shape; -> stride, padding."""
+    _check_array(dy, "dy", 4)
+    (sh, sw), (ph, pw) = _checked_forward(x, weight, None, stride, padding, transposed)
+    N, _, H, W = x.shape
+    _, _, kh, kw = weight.shape
+    if transposed:
+        expect = (N, weight.shape[1], (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw)
+    else:
+        expect = (N, weight.shape[0]) + _out_size(H, W, kh, kw, sh, sw, ph, pw)
+    if tuple(dy.shape) != expect:
+        raise ValueError(
+            f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"dy {tuple(dy.shape)} (expected {expect})"
+        )
+    return (sh, sw), (ph, pw)
+
+
 def _gather_gemm(tile, a, a_mstride, src, tab, K, mul, div, out_shape, bias):
     """Launch gemm_gather: out (N, M, Ht, Wt) from the source map src (N, Cs, Hs, Ws)."""
     N, M, Ht, Wt = out_shape
@@ -529,16 +560,9 @@ def conv2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, tile=None):
     arrays (NumPy arrays are copied over). stride, padding: int or pair.
     Returns y (N, O, Ho, Wo) as a device array.
     """
-    _check_array(x, "x", 4)
-    _check_array(weight, "weight", 4)
-    _check_array(bias, "bias", 1)
-    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
+    (sh, sw), (ph, pw) = _checked_forward(x, weight, bias, stride, padding, transposed=False)
     N, C, H, W = x.shape
-    O, Cw, kh, kw = weight.shape
-    if Cw != C:
-        raise ValueError(f"weight {tuple(weight.shape)} expects {Cw} input channels, x has {C}")
-    if bias is not None and bias.shape[0] != O:
-        raise ValueError(f"bias has {bias.shape[0]} entries, weight has {O} output channels")
+    O, _, kh, kw = weight.shape
     Ho, Wo = _out_size(H, W, kh, kw, sh, sw, ph, pw)
     tile = _resolve_tile(tile)
     x, weight, bias = _on_device(x, weight, bias)
@@ -554,18 +578,9 @@ def conv2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=None):
         dW[o,c,i,j]   = sum_{n,oh,ow} dy[n,o,oh,ow] x[n,c,oh*s-p+i,ow*s-p+j]
         db[o]         = sum_{n,oh,ow} dy[n,o,oh,ow]
     """
-    _check_array(dy, "dy", 4)
-    _check_array(x, "x", 4)
-    _check_array(weight, "weight", 4)
-    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
-    N, C, H, W = x.shape
-    O, Cw, kh, kw = weight.shape
-    Ho, Wo = _out_size(H, W, kh, kw, sh, sw, ph, pw)
-    if Cw != C or tuple(dy.shape) != (N, O, Ho, Wo):
-        raise ValueError(
-            f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-            f"dy {tuple(dy.shape)} (expected {(N, O, Ho, Wo)})"
-        )
+    (sh, sw), (ph, pw) = _checked_backward(dy, x, weight, stride, padding, transposed=False)
+    H, W = x.shape[2:]
+    kh, kw = weight.shape[2:]
     tile = _resolve_tile(tile)
     dy, x, weight = _on_device(dy, x, weight)
     dx = _conv2d_dx(tile, dy, weight, (H, W), (sh, sw), (ph, pw), None)
@@ -587,16 +602,9 @@ def conv_transpose2d_forward_cuda(x, weight, bias=None, stride=1, padding=0, til
     x (N, C_in, H, W), weight (C_in, C_out, kh, kw), bias (C_out,) or None.
     Returns y (N, C_out, (H-1)*s - 2p + kh, (W-1)*s - 2p + kw): conv2d's dx of x.
     """
-    _check_array(x, "x", 4)
-    _check_array(weight, "weight", 4)
-    _check_array(bias, "bias", 1)
-    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
-    N, Cin, H, W = x.shape
-    Cw, Cout, kh, kw = weight.shape
-    if Cw != Cin:
-        raise ValueError(f"weight {tuple(weight.shape)} expects {Cw} input channels, x has {Cin}")
-    if bias is not None and bias.shape[0] != Cout:
-        raise ValueError(f"bias has {bias.shape[0]} entries, weight has {Cout} output channels")
+    (sh, sw), (ph, pw) = _checked_forward(x, weight, bias, stride, padding, transposed=True)
+    H, W = x.shape[2:]
+    kh, kw = weight.shape[2:]
     Hout, Wout = (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw
     if Hout < 1 or Wout < 1:
         raise ValueError(f"conv_transpose2d gives no output for input {H}x{W}")
@@ -612,18 +620,8 @@ def conv_transpose2d_backward_cuda(dy, x, weight, stride=1, padding=0, tile=None
     As the adjoint of conv2d: dx = conv2d(dy, W), dW = conv2d's dweight with
     (dy := x, x := dy), db = dy summed over (N, H, W).
     """
-    _check_array(dy, "dy", 4)
-    _check_array(x, "x", 4)
-    _check_array(weight, "weight", 4)
-    (sh, sw), (ph, pw) = _stride_padding(stride, padding)
-    N, Cin, H, W = x.shape
-    Cw, Cout, kh, kw = weight.shape
-    expect = (N, Cout, (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw)
-    if Cw != Cin or tuple(dy.shape) != expect:
-        raise ValueError(
-            f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-            f"dy {tuple(dy.shape)} (expected {expect})"
-        )
+    (sh, sw), (ph, pw) = _checked_backward(dy, x, weight, stride, padding, transposed=True)
+    kh, kw = weight.shape[2:]
     tile = _resolve_tile(tile)
     dy, x, weight = _on_device(dy, x, weight)
     dx = conv2d_forward_cuda(dy, weight, None, (sh, sw), (ph, pw), tile)
