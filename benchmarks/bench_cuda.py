@@ -228,7 +228,7 @@ def bench_roi_align(cuda, torch, dev, tv_roi_align, roi_cuda, shape, k, out, sca
     if cpu_check:
         from tinymrcnn.ops.roi_align import roi_align, roi_align_backward
 
-        refs = [roi_align(x, rois, out, **kw), roi_align_backward(dy, rois, shape, **kw)]
+        refs = [roi_align(x, rois, out, **kw), roi_align_backward(dy, x, rois, out, **kw)]
         errs["cpu"] = max(rel_err(g, r) for g, r in zip(got, refs))
     if torch is not None and tv_roi_align is not None:
         tx = torch.from_numpy(x).to(dev).requires_grad_()
@@ -309,7 +309,7 @@ def smoke_model_config(device):
 
 def bench_model(cuda, repeats, smoke):
     """Rows for one training step and one predict(), device="cuda" against device="cpu"."""
-    from tinymrcnn import MaskRCNN, MaskRCNNConfig
+    from tinymrcnn import MaskRCNN, MaskRCNNConfig, runtime
     from tinymrcnn.data.shapes import ShapesDataset
 
     batch, size = (1, 32) if smoke else (4, 128)
@@ -322,10 +322,12 @@ def bench_model(cuda, repeats, smoke):
     rows = []
 
     def step(m):
-        m.zero_grad()
-        losses = m.forward_train(images, targets)
-        m.backward()
-        return losses
+        with runtime.session(m.config):  # config.device picks the kernels only inside a session
+            return runtime.compute_gradients(m, images, targets)
+
+    def predict(m):
+        with runtime.session(m.config):
+            return m.predict(images)
 
     losses = {d: step(m) for d, m in models.items()}
     err = max(abs(losses["cuda"][k] - v) / max(abs(v), 1e-12) for k, v in losses["cpu"].items())
@@ -340,7 +342,7 @@ def bench_model(cuda, repeats, smoke):
         }
     )
 
-    preds = {d: m.predict(images) for d, m in models.items()}
+    preds = {d: predict(m) for d, m in models.items()}
     counts = {d: [len(p["scores"]) for p in preds[d]] for d in preds}
     if counts["cpu"] == counts["cuda"]:
         diff = max(
@@ -354,7 +356,7 @@ def bench_model(cuda, repeats, smoke):
         check, bad = f"detections {sum(counts['cpu'])}; max score diff {diff:.1e}", not diff <= 1e-3
     else:
         check, bad = f"detection counts differ: cpu {counts['cpu']}, cuda {counts['cuda']}", False
-    t = {d: median_time(lambda m=m: m.predict(images), sync[d], repeats) for d, m in models.items()}
+    t = {d: median_time(lambda m=m: predict(m), sync[d], repeats) for d, m in models.items()}
     rows.append({"op": f"predict(), batch {batch}", "gpu": t["cuda"], "cpu": t["cpu"], "check": check, "bad": bad})
     return rows
 

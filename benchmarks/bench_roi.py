@@ -36,9 +36,9 @@ import time
 
 import numpy as np
 
-from tinymrcnn.kernels.cpu.roi_align import roi_align_backward_stripes, roi_align_forward_nhwc
+from tinymrcnn.kernels.cpu.roi_align import channels_last, roi_align_backward_stripes, roi_align_forward_nhwc
 from tinymrcnn.model.poolers import MultiScaleRoIAlign
-from tinymrcnn.ops.roi_align import channels_last, roi_align_backward_reference, roi_align_reference
+from tinymrcnn.ops.roi_align import roi_align_backward_reference, roi_align_reference
 
 C, OUT, SAMPLING, IMAGE = 256, 7, 2, 800
 SIZES = (200, 100, 50, 25)
@@ -152,7 +152,7 @@ def main():
             t_f += (time.perf_counter() - t) / n * len(r)
             c_f += (time.process_time() - c) / n * len(r)
             t, c = time.perf_counter(), time.process_time()
-            roi_align_backward_reference(g[:n], r[:n], f.shape, 2.0**-lvl, SAMPLING)
+            roi_align_backward_reference(g[:n], f, r[:n], OUT, 2.0**-lvl, SAMPLING)
             t_b += (time.perf_counter() - t) / n * len(r)
             c_b += (time.process_time() - c) / n * len(r)
         row("forward, NumPy reference", k, (t_f, t_f, c_f), f"timed on {sub} RoIs/level, scaled")

@@ -1,0 +1,104 @@
+"""The benchmark scripts still run against the current code.
+
+Benchmarks are not tests (no timing is asserted here), but a script that no
+longer imports, or calls an op with an outdated signature, is found only when
+someone wants a number -- on a GPU machine, when its time is short. So every
+script is imported, the cheap ones run end to end on tiny settings, and the
+GPU benchmark's CPU-side checks and model wiring run without a GPU (its
+RoIAlign row on Numba's CUDA simulator, in a child process as in
+tests/test_conv_cuda.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+SCRIPTS = sorted(f[:-3] for f in os.listdir(BENCH) if f.startswith("bench_") and f.endswith(".py"))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args, **env):
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_benchmark_imports(name):
+    module = _load(name)
+    assert callable(module.main)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["benchmarks/bench_nms.py", "--repeats", "1", "--sizes", "100"], "100"),
+        (["benchmarks/bench_roi.py", "--repeats", "1", "--ref-rois", "1"], "backward, NumPy reference"),
+        (["benchmarks/bench_conv.py", "--impl", "tinymrcnn", "--repeats", "1"], "["),
+        (["benchmarks/bench_model.py", "--batch", "1", "--repeats", "1"], "whole step"),
+    ],
+    ids=["nms", "roi", "conv", "model"],
+)
+def test_cheap_benchmarks_run(args, expect):
+    assert expect in _run(args)
+
+
+def test_gpu_benchmark_times_the_model_inside_a_cuda_session(monkeypatch):
+    """config.device only takes effect inside runtime.session: the model rows must open one."""
+    from tinymrcnn import runtime
+
+    bench = _load("bench_cuda")
+    devices = []
+
+    @contextlib.contextmanager
+    def recording_session(config, processes=1):
+        devices.append(config.device)  # (the kernels stay on the CPU: there is no GPU here)
+        yield
+
+    monkeypatch.setattr(runtime, "session", recording_session)
+    rows = bench.bench_model(SimpleNamespace(synchronize=lambda: None), repeats=1, smoke=True)
+    assert [r["op"].split(",")[0] for r in rows] == ["training step", "predict()"]
+    assert not any(r["bad"] for r in rows)
+    # every timed and checked call of each model: 1 check + 2 warm-ups + 1 timed, training and predict
+    assert devices.count("cuda") == devices.count("cpu") == 8
+
+
+_SIM_ROI_ROW = """
+import numpy as np
+from numba import cuda
+from tinymrcnn.kernels.cuda.roi_align import roi_align_backward_cuda, roi_align_forward_cuda
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("bench_cuda", "benchmarks/bench_cuda.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+row = bench.bench_roi_align(cuda, None, None, None, (roi_align_forward_cuda, roi_align_backward_cuda),
+                            (1, 2, 6, 7), 3, 2, 0.5, 1, True, np.random.default_rng(0))
+print(row["errs"]["cpu"])
+"""
+
+
+def test_gpu_benchmark_roi_align_row_on_the_simulator():
+    err = float(_run(["-c", _SIM_ROI_ROW], NUMBA_ENABLE_CUDASIM="1").split()[-1])
+    assert err < 1e-5
