@@ -298,10 +298,17 @@ def run_cold_start() -> None:
             print(f"{label:<14}{t_import:>9.2f}s{t_first:>15.2f}s", flush=True)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the table (ratios per round)")
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds of the table (ratios per round)")
     ap.add_argument(
         "--stat",
         choices=sorted(STAT),
