@@ -20,8 +20,13 @@ from types import SimpleNamespace
 
 import pytest
 
+import tinymrcnn
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
+# the children import the tinymrcnn these tests import (the installed one in CI, whose
+# Numba cache the other tests have filled), not whatever their working folder holds
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(tinymrcnn.__file__)))
 SCRIPTS = sorted(f[:-3] for f in os.listdir(BENCH) if f.startswith("bench_") and f.endswith(".py"))
 
 
@@ -32,11 +37,12 @@ def _load(name):
     return module
 
 
-def _run(args, **env):
+def _run(args, tmp_path, **env):
+    path = os.pathsep.join([PACKAGE_PARENT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     proc = subprocess.run(
         [sys.executable, *args],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=REPO, **env),
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=path, **env),
         capture_output=True,
         text=True,
         timeout=600,
@@ -54,15 +60,15 @@ def test_benchmark_imports(name):
 @pytest.mark.parametrize(
     "args, expect",
     [
-        (["benchmarks/bench_nms.py", "--repeats", "1", "--sizes", "100"], "100"),
-        (["benchmarks/bench_roi.py", "--repeats", "1", "--ref-rois", "1"], "backward, NumPy reference"),
-        (["benchmarks/bench_conv.py", "--impl", "tinymrcnn", "--repeats", "1"], "["),
-        (["benchmarks/bench_model.py", "--batch", "1", "--repeats", "1"], "whole step"),
+        ([os.path.join(BENCH, "bench_nms.py"), "--repeats", "1", "--sizes", "100"], "100"),
+        ([os.path.join(BENCH, "bench_roi.py"), "--repeats", "1", "--ref-rois", "1"], "backward, NumPy reference"),
+        ([os.path.join(BENCH, "bench_conv.py"), "--impl", "tinymrcnn", "--repeats", "1"], "["),
+        ([os.path.join(BENCH, "bench_model.py"), "--batch", "1", "--repeats", "1"], "whole step"),
     ],
     ids=["nms", "roi", "conv", "model"],
 )
-def test_cheap_benchmarks_run(args, expect):
-    assert expect in _run(args)
+def test_cheap_benchmarks_run(args, expect, tmp_path):
+    assert expect in _run(args, tmp_path)
 
 
 def test_gpu_benchmark_times_the_model_inside_a_cuda_session(monkeypatch):
@@ -90,7 +96,7 @@ import numpy as np
 from numba import cuda
 from tinymrcnn.kernels.cuda.roi_align import roi_align_backward_cuda, roi_align_forward_cuda
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("bench_cuda", "benchmarks/bench_cuda.py")
+spec = importlib.util.spec_from_file_location("bench_cuda", sys.argv[1])
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 row = bench.bench_roi_align(cuda, None, None, None, (roi_align_forward_cuda, roi_align_backward_cuda),
@@ -99,6 +105,7 @@ print(row["errs"]["cpu"])
 """
 
 
-def test_gpu_benchmark_roi_align_row_on_the_simulator():
-    err = float(_run(["-c", _SIM_ROI_ROW], NUMBA_ENABLE_CUDASIM="1").split()[-1])
+def test_gpu_benchmark_roi_align_row_on_the_simulator(tmp_path):
+    out = _run(["-c", _SIM_ROI_ROW, os.path.join(BENCH, "bench_cuda.py")], tmp_path, NUMBA_ENABLE_CUDASIM="1")
+    err = float(out.split()[-1])
     assert err < 1e-5
