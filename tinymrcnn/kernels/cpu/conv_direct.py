@@ -43,7 +43,9 @@ are 8 scalar variables; the compiler vectorises the loop over the L inputs
 (8 float32 lanes on AVX2) and is summed across lanes once at the end. A local
 array of accumulators would be simpler to write but is kept in memory, not in
 registers (measured 5-20x slower). Bigger blocks need more registers than x86
-has (16 with AVX2): 3 x 4 and 2 x 6 blocks measured 5-45% slower.
+has (16 with AVX2): 3 x 4 and 2 x 6 blocks measured 5-45% slower; a 3 x 3
+block (9 sums, 15 registers) ran the forward 6-9% faster, about 3% of a
+forward + backward, too little for a second blocking scheme.
 
 What bounds it: each of the 8 sums is a chain of dependent multiply-adds (one
 per 8 inputs), and a multiply-add's result is ready only 4-5 cycles later, so
@@ -51,7 +53,7 @@ two FMA units would need 8-10 chains in flight to stay busy: 8 fill 80-100%
 of their slots. The 8 horizontal sums per block (over L = 288 inputs at 32
 channels) take a few percent more.
 Measured: 115-130 GFLOP/s for ``correlate`` and ``weight_sums`` on a 2-core
-AVX2 machine where OpenBLAS's sgemm peaks at about 160.
+AVX2 machine where OpenBLAS's sgemm reaches 160-170.
 
 A layout without the stacked copy was tried as well: read each window as kh
 runs of kw*C numbers straight from the padded channels-last rows. Then every
