@@ -147,7 +147,7 @@ def test_fast_equals_reference_chunked(op, dtype, tol, case, path, monkeypatch):
 
 
 # Channel counts in the direct path's range (conv_direct.py), multiples and not of
-# its blocks (2 pixels x 4 output channels), odd widths, stride 1/2, padding
+# its blocks (3 pixels x 3 output channels; 4 pixels in the weight gradient), odd widths, stride 1/2, padding
 # 0/1/2, batch 1 and 3, with the dispatch left as it is.
 DIRECT_CASES = [
     (1, 16, 9, 7, 16, 3, 1, 1),

@@ -33,39 +33,45 @@ two contiguous vectors:
 
 The copy costs kh times the input (3x for 3x3), once per pass.
 
-The blocking: 2 pixels x 4 output channels in registers
+The blocking: 3 pixels x 3 output channels in registers
 -------------------------------------------------------
-``correlate`` computes a block of PIXELS = 2 neighbouring output pixels times
-OUTPUTS = 4 output channels at once: 8 dot products that share their loads
-(each input number is used 4 times, each weight 2 times). The 8 running sums
-are 8 scalar variables; the compiler vectorises the loop over the L inputs
-(fastmath allows reordering the sums), so each sum lives in one SIMD register
-(8 float32 lanes on AVX2) and is summed across lanes once at the end. A local
-array of accumulators would be simpler to write but is kept in memory, not in
-registers (measured 5-20x slower). Bigger blocks need more registers than x86
-has (16 with AVX2): 3 x 4 and 2 x 6 blocks measured 5-45% slower; a 3 x 3
-block (9 sums, 15 registers) ran the forward 6-9% faster, about 3% of a
-forward + backward, too little for a second blocking scheme.
+``correlate`` computes a block of PIXELS = 3 neighbouring output pixels times
+OUTPUTS = 3 output channels at once: 9 dot products that share their loads
+(each input number is used 3 times, each weight 3 times: 6 loads for 9
+multiply-adds). The 9 running sums are 9 scalar variables; the compiler
+vectorises the loop over the L inputs (fastmath allows reordering the sums),
+so each sum lives in one SIMD register (8 float32 lanes on AVX2) and is summed
+across lanes once at the end. A local array of accumulators would be simpler
+to write but is kept in memory, not in registers (measured 5-20x slower).
+9 sums and the 6 loaded vectors take 15 of the 16 SIMD registers of AVX2;
+bigger blocks (3 x 4, 2 x 6) spill and measured 5-45% slower. The weight rows
+are padded to a multiple of 3 (33 rows for 32 channels: 3% of the work is
+thrown away), and the measured gain is bigger than that: against a 2 x 4
+block (8 sums, 6 loads), 1.20x on (8, 32, 64, 64) -> 32, 1.37x on
+(2, 64, 128, 128) -> 64, 1.09-1.15x on (2, 64, 32, 32) -> 64, and 0.98-1.04x
+on the mask head's (16, 64, 14, 14) -> 64 (same process, alternating).
 
-The loop order: for each block of 4 output channels, all the pixels of the
-row. Its 4 weight rows (4*L numbers: 4.6 KB at 32 channels) then stay in the
+The loop order: for each block of 3 output channels, all the pixels of the
+row. Its 3 weight rows (3*L numbers: 3.5 KB at 32 channels) then stay in the
 core's first-level cache while the row streams past them. The other order
-(for each pixel pair, all output channels) reads every weight row again for
-each pixel pair: O*L numbers, 37 KB at 32 channels and 147 KB at 64, more
-than the 32 KB first-level cache, so the loads come from the second level
-and wait on its bandwidth. Measured, same process, alternating: ``correlate``
-1.15-1.27x faster this way round on (8, 32, 64, 64) -> 32,
-(2, 64, 128, 128) -> 64, (16, 64, 14, 14) -> 64 and (2, 64, 32, 32) -> 64.
-(``weight_sums`` turned the same way came out from 0.97x to 1.27x, mixed, and
-keeps its order.)
+(for each block of pixels, all output channels) reads every weight row again
+for each block of pixels: O*L numbers, 37 KB at 32 channels and 147 KB at 64,
+more than the 32 KB first-level cache, so the loads come from the second
+level and wait on its bandwidth. Measured with the 2 x 4 block: 1.15-1.27x
+faster this way round on the four shapes above. (The blocks and orders were
+first tried the other way round, where a 3 x 3 block gained only 6-9%.)
 
-What bounds it: each of the 8 sums is a chain of dependent multiply-adds (one
+What bounds it: each of the 9 sums is a chain of dependent multiply-adds (one
 per 8 inputs), and a multiply-add's result is ready only 4-5 cycles later, so
-two FMA units would need 8-10 chains in flight to stay busy: 8 fill 80-100%
-of their slots. The 8 horizontal sums per block (over L = 288 inputs at 32
-channels) take a few percent more.
-Measured: 115-130 GFLOP/s for ``correlate`` and ``weight_sums`` on a 2-core
-AVX2 machine where OpenBLAS's sgemm reaches 160-170.
+two FMA units need 8-10 chains in flight to stay busy. The 9 horizontal sums
+per block (over L = 288 inputs at 32 channels) take a few percent more.
+Measured: ``correlate`` at 130-155 GFLOP/s on a 2-core AVX2 machine where
+OpenBLAS's sgemm reaches 160-170.
+
+``weight_sums`` (below) keeps 4 pixels x 2 rows of dW: its sums live in dW
+(memory), not in registers, and 3 x 3 or 8 x 1 blocks, or the output-channel
+loop outside the pixel loop, measured from 0.72x to 1.27x of it, mixed or
+slower across the four shapes; it runs at 105-120 GFLOP/s.
 
 A layout without the stacked copy was tried as well: read each window as kh
 runs of kw*C numbers straight from the padded channels-last rows. Then every
@@ -103,9 +109,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, parallel_chunksize, prange
 
-PIXELS = 2  # output pixels per register block (the first index of the sums s00..s13)
-OUTPUTS = 4  # output channels per register block (the second index)
-GRAD_PIXELS = 4  # pixels per step of the weight gradient (a multiple of PIXELS)
+PIXELS = 3  # output pixels per register block (the first index of the sums s00..s22)
+OUTPUTS = 3  # output channels per register block (the second index)
+GRAD_PIXELS = 4  # pixels per step of the weight gradient
 TASKS_PER_CHUNK = 2  # rows a thread takes at a time
 
 
@@ -171,24 +177,28 @@ def correlate(xs, wk, bias, step, y):
         n, r = task // Ho, task % Ho
         row = xs[n, r]
         for o in range(0, O, OUTPUTS):
-            w0, w1, w2, w3 = wk[o], wk[o + 1], wk[o + 2], wk[o + 3]
+            w0, w1, w2 = wk[o], wk[o + 1], wk[o + 2]
             for q in range(0, Wo, PIXELS):
-                x0 = row[q * step : q * step + L]  # the windows of pixels q and q + 1
+                x0 = row[q * step : q * step + L]  # the windows of pixels q, q + 1, q + 2
                 x1 = row[(q + 1) * step : (q + 1) * step + L]
-                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
-                for k in range(L):  # vectorised: 8 SIMD accumulators
-                    a, b = x0[k], x1[k]
+                x2 = row[(q + 2) * step : (q + 2) * step + L]
+                s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = zero
+                for k in range(L):  # vectorised: 9 SIMD accumulators
+                    a, b, c = x0[k], x1[k], x2[k]
                     s00 += a * w0[k]
                     s01 += a * w1[k]
                     s02 += a * w2[k]
-                    s03 += a * w3[k]
                     s10 += b * w0[k]
                     s11 += b * w1[k]
                     s12 += b * w2[k]
-                    s13 += b * w3[k]
-                _store(y, n, r, q, o, s00, s01, s02, s03, bias)
+                    s20 += c * w0[k]
+                    s21 += c * w1[k]
+                    s22 += c * w2[k]
+                _store(y, n, r, q, o, s00, s01, s02, bias)
                 if q + 1 < Wo:
-                    _store(y, n, r, q + 1, o, s10, s11, s12, s13, bias)
+                    _store(y, n, r, q + 1, o, s10, s11, s12, bias)
+                if q + 2 < Wo:
+                    _store(y, n, r, q + 2, o, s20, s21, s22, bias)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -234,16 +244,14 @@ def _four(d, q, Wo, zero):
 
 
 @njit(inline="always")
-def _store(y, n, r, q, o, s0, s1, s2, s3, bias):
-    """y[n, o + t, r, q] = s_t + bias[o + t] for the channels t < 4 that exist."""
+def _store(y, n, r, q, o, s0, s1, s2, bias):
+    """y[n, o + t, r, q] = s_t + bias[o + t] for the channels t < 3 that exist."""
     O = y.shape[1]
     y[n, o, r, q] = s0 + bias[o]
     if o + 1 < O:
         y[n, o + 1, r, q] = s1 + bias[o + 1]
     if o + 2 < O:
         y[n, o + 2, r, q] = s2 + bias[o + 2]
-    if o + 3 < O:
-        y[n, o + 3, r, q] = s3 + bias[o + 3]
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +274,7 @@ def flipped_weights(w: np.ndarray) -> np.ndarray:
 def _stacked(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, Ho: int, Wo: int):
     """The stacked rows of x for an output of Ho x Wo, flattened: (N, Ho, Ws*kh*C), and the step of a pixel."""
     N, C = x.shape[:2]
-    Wb = -(-Wo // GRAD_PIXELS) * GRAD_PIXELS  # pixels rounded up to whole blocks
+    Wb = max(-(-Wo // PIXELS) * PIXELS, -(-Wo // GRAD_PIXELS) * GRAD_PIXELS)  # rounded up to whole blocks
     Ws = max((Wb - 1) * sw + kw, x.shape[3] + pw)
     xt = np.empty((N, x.shape[2], x.shape[3], C), dtype=x.dtype)
     xs = np.empty((N, Ho, Ws, kh, C), dtype=x.dtype)
