@@ -29,9 +29,8 @@ def conv2d_backward(dy, x, weight, stride, padding, need_input_grad=True):
         dx = np.zeros_like(x) if need_input_grad else None
         return dx, np.zeros_like(weight), np.zeros(weight.shape[0], dtype=x.dtype)
     g = _conv.geometry(x.shape, weight.shape, stride, padding)
-    dyw = _conv.wide_of(dy, g)  # shared by both products
-    dx = _conv.conv_input_grad(dy, weight, g, dyw=dyw) if need_input_grad else None
-    return dx, _conv.conv_weight_grad(dy, x, g, dyw=dyw), dy.sum(axis=(0, 2, 3))
+    dx, dw = _conv.conv_gradients(dy, x, weight, g, need_input_grad)
+    return dx, dw, dy.sum(axis=(0, 2, 3))
 
 
 def _transposed_geometry(y_shape, weight, stride, padding):

@@ -524,6 +524,17 @@ def conv_input_grad(dy, w, g: Geometry, bias=None, dyw=None) -> np.ndarray:
     return dx
 
 
+def conv_gradients(dy, x, w, g: Geometry, need_input_grad=True):
+    """(dx or None, dW) of conv2d: the two passes share their layout of dy."""
+    if g.direct:  # both from the stacked windows of dy
+        if need_input_grad:
+            return conv_direct.backward(dy, x, w, (g.sh, g.sw), (g.ph, g.pw))
+        return None, conv_weight_grad(dy, x, g)
+    dyw = wide_of(dy, g)  # None where the pass does not use it
+    dx = conv_input_grad(dy, w, g, dyw=dyw) if need_input_grad else None
+    return dx, conv_weight_grad(dy, x, g, dyw=dyw)
+
+
 def conv_weight_grad(dy, x, g: Geometry, dyw=None) -> np.ndarray:
     """dW (O, C, kh, kw) of conv2d for upstream dy (N, O, Ho, Wo) and input x (N, C, H, W).
 
