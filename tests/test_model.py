@@ -317,7 +317,9 @@ def test_overfits_two_images_and_recovers_the_masks():
     model = MaskRCNN(MaskRCNNConfig.shapes(), seed=0)
     opt = AdamW([p for p in model.parameters()], lr=2e-3, weight_decay=0.0)
     first = None
-    for _ in range(300):
+    for step in range(300):
+        if step == 250:  # the last 50 steps at a tenth of the rate, as a schedule's decay: at the
+            opt.lr = 2e-4  # full rate one mask's IoU swung between 0.66 and 0.97 from step 150 to 350
         model.zero_grad()
         losses = model.forward_train(list(images), list(targets))
         total = sum(losses.values())
