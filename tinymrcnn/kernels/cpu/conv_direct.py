@@ -104,8 +104,9 @@ The passes
   from the windows of dy that the input gradient has just stacked, with x as
   the multipliers, which saves stacking x: 1.11-1.16x faster for the two
   passes together on the benchmark and model shapes (same process, alternating).
-  No BLAS at all on this path: on a 2-core machine, OpenBLAS's threads and
-  Numba's would fight over the cores (``kernels/cpu/conv.py``).
+
+No BLAS at all on this path: on a 2-core machine, OpenBLAS's threads and
+Numba's would fight over the cores (``kernels/cpu/conv.py``).
 """
 
 from __future__ import annotations
