@@ -95,3 +95,48 @@ def test_blas_threads_zero_shares_the_cores_among_the_workers(monkeypatch):
     assert MaskRCNNConfig.torchvision_r50_fpn().blas_threads == 0
     with pytest.raises(ValueError, match="blas_threads must be None, 0"):
         MaskRCNNConfig.shapes(blas_threads=-1)
+
+
+# -- Numba's thread pool (tinymrcnn/kernels/cpu/__init__.py), in fresh interpreters ------------------
+_POOL_PROBE = """
+import json, os
+import tinymrcnn.kernels.cpu
+import numba
+from numba.np.ufunc import parallel
+started = parallel._is_initialized
+parallel._launch_threads()  # what the first parallel loop would do
+try:
+    import numba.np.ufunc.omppool  # noqa: F401
+    omp = True
+except ImportError:
+    omp = False
+print(json.dumps({"started": started, "layer": numba.threading_layer(), "omp_loads": omp,
+                  "policy": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+def _probe_pool(**env_changes):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")}
+    env.update(env_changes)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    out = subprocess.run([sys.executable, "-c", _POOL_PROBE], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_kernels_start_numbas_pool_on_openmp_and_leave_the_environment_as_it_was():
+    got = _probe_pool()
+    assert got["started"]
+    assert got["layer"] == ("omp" if got["omp_loads"] else "workqueue")
+    assert got["policy"] is None  # set only while the pool started
+
+
+def test_the_environment_chooses_the_layer_and_the_wait_policy():
+    chosen = _probe_pool(NUMBA_THREADING_LAYER="workqueue")
+    assert chosen["layer"] == "workqueue" and not chosen["started"]  # left to Numba
+    assert _probe_pool(OMP_WAIT_POLICY="active")["policy"] == "active"

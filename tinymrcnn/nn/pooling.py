@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from ..checks import check_float_array, pair
-from ..kernels import cpu as _cpu_kernels  # noqa: F401  (picks Numba's threading layer before any prange runs)
+from ..kernels import cpu as _cpu_kernels  # noqa: F401  (starts Numba's thread pool before any prange runs)
 from .module import Module
 
 
