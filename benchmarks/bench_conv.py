@@ -37,6 +37,11 @@ import time
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+try:  # torch before tinymrcnn: it then keeps its own OpenMP runtime and wait policy
+    import torch  # noqa: F401  (tinymrcnn/kernels/cpu/__init__.py)
+except ImportError:
+    pass
+
 import tinymrcnn.kernels.cpu.conv as kc
 from tinymrcnn.ops import conv2d, conv2d_backward
 

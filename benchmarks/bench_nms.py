@@ -17,6 +17,11 @@ import time
 
 import numpy as np
 
+try:  # torch before tinymrcnn: it then keeps its own OpenMP runtime and wait policy
+    import torch  # noqa: F401  (tinymrcnn/kernels/cpu/__init__.py)
+except ImportError:
+    pass
+
 from tinymrcnn.ops import nms
 from tinymrcnn.ops.nms import nms_reference
 

@@ -40,6 +40,11 @@ from collections import defaultdict
 
 import numpy as np
 
+try:  # torch before tinymrcnn: it then keeps its own OpenMP runtime and wait policy
+    import torch  # noqa: F401  (tinymrcnn/kernels/cpu/__init__.py)
+except ImportError:
+    pass
+
 from tinymrcnn import runtime
 from tinymrcnn import torchvision_compat as tvc
 from tinymrcnn.data.shapes import ShapesDataset

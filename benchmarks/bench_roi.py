@@ -20,10 +20,10 @@ Rows
 Times are the minimum and the median wall time of repeated runs, and the
 minimum CPU time of the process (all threads); us/RoI is min wall / K. The
 machine may be shared: the minimum is the least disturbed run, and the load
-average is printed with the table. On a loaded machine Numba's OpenMP
-threads spin while they wait for a descheduled sibling, which made the
-2-thread backward 3x slower than 1 thread during development; run with
-OMP_WAIT_POLICY=passive (or NUMBA_THREADING_LAYER=workqueue) there. Usage:
+average is printed with the table. (OpenMP threads that spin while they
+wait for a descheduled sibling made the 2-thread backward 3x slower than 1
+thread on a loaded machine; tinymrcnn starts Numba's pool with passive
+waiting, ``tinymrcnn/kernels/cpu/__init__.py``.) Usage:
 
     python benchmarks/bench_roi.py [--repeats 20] [--threads N]
 """
@@ -35,6 +35,11 @@ import os
 import time
 
 import numpy as np
+
+try:  # torch before tinymrcnn: it then keeps its own OpenMP runtime and wait policy
+    import torch  # noqa: F401  (tinymrcnn/kernels/cpu/__init__.py)
+except ImportError:
+    pass
 
 from tinymrcnn.kernels.cpu.roi_align import channels_last, roi_align_backward_stripes, roi_align_forward_nhwc
 from tinymrcnn.model.poolers import MultiScaleRoIAlign

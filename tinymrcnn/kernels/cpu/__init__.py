@@ -21,8 +21,11 @@ pixels, so what a launch costs matters as much as the loops themselves.
   environment sets a policy (on an idle machine, ``OMP_WAIT_POLICY=active``
   makes the two-thread step of a single process faster: 172 ms against
   ~240 ms). The variable is set only while the pool starts, here, and then
-  removed again, so that other OpenMP libraries (torch, in the benchmarks
-  that compare with it) keep their own defaults.
+  removed again. (A torch imported *after* this shares the same OpenMP
+  runtime and so its passive wait: torch's 32-channel convolution in
+  ``benchmarks/bench_conv.py`` took 24.4 ms instead of 16-20. Imported
+  before, torch keeps its own runtime; the benchmarks that time torch do
+  that.)
 * Where Numba's OpenMP layer cannot load (no libgomp; macOS without Intel
   OpenMP), workqueue. ``NUMBA_THREADING_LAYER`` in the environment
   overrides all of this.
