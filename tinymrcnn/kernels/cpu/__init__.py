@@ -11,17 +11,18 @@ pixels, so what a launch costs matters as much as the loops themselves.
   loop in a virtual machine. Measured on a 2-core AMD EPYC (2026-12-04): one
   worker's step (2 images, one thread) 131-135 ms with OpenMP against
   192-201 ms with workqueue; a step of ``train --workers 2``
-  (``benchmarks/bench_train.py``) 133-153 ms against 147-184 ms.
+  (``benchmarks/bench_train.py``, the two alternating) 118-124 ms against
+  130-175 ms.
 * **Idle threads sleep.** OpenMP's idle threads spin by default, waiting for
   the next loop. On a 2-core machine shared with another program that is a
   disaster: two processes with two threads each took 1.52 s per step
   (``benchmarks/bench_model.py``, both at once) with spinning threads,
-  0.22 s with sleeping ones (OpenMP's passive wait) and 0.24 s with
-  workqueue. So the pool starts with ``OMP_WAIT_POLICY=PASSIVE`` unless the
-  environment sets a policy (on an idle machine, ``OMP_WAIT_POLICY=active``
-  makes the two-thread step of a single process faster: 172 ms against
-  ~240 ms). The variable is set only while the pool starts, here, and then
-  removed again. (A torch imported *after* this shares the same OpenMP
+  0.22-0.25 s with sleeping ones (OpenMP's passive wait) and 0.24 s with
+  workqueue. One such process alone took about the same with either wait
+  (passive 180-193 ms, the default 194-198, always spinning 185-232). So
+  the pool starts with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment
+  sets a policy; the variable is set only while the pool starts, here, and
+  then removed again. (A torch imported *after* this shares the same OpenMP
   runtime and so its passive wait: torch's 32-channel convolution in
   ``benchmarks/bench_conv.py`` took 24.4 ms instead of 16-20. Imported
   before, torch keeps its own runtime; the benchmarks that time torch do
