@@ -84,11 +84,13 @@ def test_gpu_benchmark_times_the_model_inside_a_cuda_session(monkeypatch):
         yield
 
     monkeypatch.setattr(runtime, "session", recording_session)
-    rows = bench.bench_model(SimpleNamespace(synchronize=lambda: None), repeats=1, smoke=True)
+    label, rows, table = bench.bench_model(SimpleNamespace(synchronize=lambda: None), 1, "smoke", stages=True)
     assert [r["op"].split(",")[0] for r in rows] == ["training step", "predict()"]
     assert not any(r["bad"] for r in rows)
-    # every timed and checked call of each model: 1 check + 2 warm-ups + 1 timed, training and predict
-    assert devices.count("cuda") == devices.count("cpu") == 8
+    # every timed and checked call of each model: 1 check + 2 warm-ups + 1 timed, training and predict,
+    # and the stage table's one training step
+    assert devices.count("cuda") == devices.count("cpu") == 9
+    assert "backbone.body forward" in table and "host <-> device: to host" in table
 
 
 _SIM_ROI_ROW = """

@@ -291,6 +291,49 @@ def test_gpu_without_device_gives_one_clear_message():
         conv2d_forward_cuda(x, np.zeros((1, 1, 3, 3), np.float32))
 
 
+def test_numpy_that_numba_cuda_cannot_compile_with_is_named(monkeypatch):
+    """numba-cuda 0.30.4 + NumPy 2.5 fails at the first kernel compile; require_cuda says so first."""
+    from tinymrcnn.kernels.cuda import device
+
+    real_import = device.importlib.import_module
+
+    def broken_numpy_support(name, *args):
+        if name == "numba.cuda.np.npyimpl":
+            raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+        return real_import(name, *args)
+
+    device._numpy_support_problem.cache_clear()
+    monkeypatch.setattr(device.importlib, "import_module", broken_numpy_support)
+    try:
+        assert device._numpy_support_problem() == "module 'numpy' has no attribute 'row_stack'"
+    finally:
+        device._numpy_support_problem.cache_clear()
+    # require_cuda on a machine with a GPU and libNVVM, but that NumPy
+    gpu = type("FakeCuda", (), {"is_available": staticmethod(lambda: True)})
+    monkeypatch.setattr(device, "_import_numba_cuda", lambda: gpu)
+    monkeypatch.setattr(device, "is_simulator", lambda: False)
+    monkeypatch.setattr(device, "_nvvm_available", lambda: True)
+    monkeypatch.setattr(device, "_numpy_support_problem", lambda: "module 'numpy' has no attribute 'row_stack'")
+    with pytest.raises(RuntimeError, match=r'cannot compile kernels with NumPy .*row_stack.*"numpy<2.5"'):
+        device.require_cuda()
+
+
+def test_low_occupancy_warnings_are_off_unless_the_environment_asks(monkeypatch):
+    from types import SimpleNamespace
+
+    from tinymrcnn.kernels.cuda import device
+
+    monkeypatch.delenv("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", raising=False)
+    config = SimpleNamespace(CUDA_LOW_OCCUPANCY_WARNINGS=1)
+    monkeypatch.setitem(sys.modules, "numba.cuda.core.config", config)
+    device._quiet_occupancy_warnings()
+    assert config.CUDA_LOW_OCCUPANCY_WARNINGS == 0
+    monkeypatch.setenv("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "1")
+    config.CUDA_LOW_OCCUPANCY_WARNINGS = 1
+    device._quiet_occupancy_warnings()
+    assert config.CUDA_LOW_OCCUPANCY_WARNINGS == 1
+
+
 def test_bad_input_is_rejected_before_any_kernel():
     x = np.zeros((1, 2, 5, 5), np.float32)
     with pytest.raises(ValueError, match="float32"):

@@ -44,6 +44,19 @@ SCRIPT = textwrap.dedent("""
                 assert dx.dtype == dtype, dx.dtype
                 np.testing.assert_allclose(dx, dx_cpu, rtol=tol, atol=tol)
                 print("ok", dtype.__name__, mode, aligned, sampling)
+    # more outputs than the grid has threads: the grid-stride loop (1 block of 32 threads, 270 outputs)
+    import tinymrcnn.kernels.cuda.roi_align as R
+    R.MAX_BLOCKS = 1
+    x = rng.standard_normal((2, 3, 6, 7))
+    for mode in ("avg", "max"):
+        y = roi_align_forward_cuda(cuda.to_device(x), rois, (3, 5), 0.8, 2, True, mode).copy_to_host()
+        np.testing.assert_allclose(y, roi_align(x, rois, (3, 5), 0.8, 2, True, mode), rtol=1e-12, atol=1e-12)
+        dy = rng.standard_normal(y.shape)
+        dx = roi_align_backward_cuda(cuda.to_device(dy), cuda.to_device(rois), x.shape, 0.8, 2, True, mode,
+                                     x_dev=cuda.to_device(x)).copy_to_host()
+        np.testing.assert_allclose(dx, roi_align_backward(dy, x, rois, (3, 5), 0.8, 2, True, mode),
+                                   rtol=1e-12, atol=1e-12)
+    print("ok grid-stride loop")
     # zero RoIs
     y = roi_align_forward_cuda(cuda.to_device(np.ones((1, 2, 4, 4))), np.zeros((0, 5)), 2)
     assert y.shape == (0, 2, 2, 2)

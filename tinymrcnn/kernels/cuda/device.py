@@ -32,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -98,7 +100,47 @@ def require_cuda():
             "which installs numba-cuda[cu12]; for a CUDA 13 driver: pip install "
             '"numba-cuda[cu13]"), or install a CUDA toolkit and point CUDA_HOME at it.'
         )
+    problem = _numpy_support_problem()
+    if problem:
+        raise RuntimeError(
+            f"numba.cuda cannot compile kernels with NumPy {np.__version__} ({problem}). "
+            'Install a NumPy it supports: pip install "numpy<2.5" (the CUDA extra asks for it).'
+        )
+    _quiet_occupancy_warnings()
     return cuda
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_support_problem() -> str:
+    """Why numba.cuda's NumPy support fails to load, or "" (asked once per process).
+
+    numba-cuda loads it at the first kernel compile; a NumPy newer than it
+    knows can break that (numba-cuda 0.30.4 with NumPy 2.5: "module 'numpy'
+    has no attribute 'row_stack'"), deep inside the compiler. Loading it here
+    turns that into require_cuda's one message.
+    """
+    try:
+        importlib.import_module("numba.cuda.np.npyimpl")
+    except ImportError:  # Numba's built-in target, or another layout: let the compiler report it
+        return ""
+    except AttributeError as e:
+        return str(e)
+    return ""
+
+
+def _quiet_occupancy_warnings() -> None:
+    """Turn off numba.cuda's low-occupancy warning, unless the environment sets it.
+
+    The model launches small grids by design (a 2 x 2 pyramid level, 12
+    RoIs of one image), and the warning comes once per launch: hundreds a
+    training step. NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=1 brings it back.
+    """
+    if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" in os.environ:
+        return
+    for name in ("numba.cuda.core.config", "numba.core.config"):  # numba-cuda's copy, Numba's own
+        config = sys.modules.get(name)
+        if config is not None and hasattr(config, "CUDA_LOW_OCCUPANCY_WARNINGS"):
+            config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 
 @functools.lru_cache(maxsize=1)

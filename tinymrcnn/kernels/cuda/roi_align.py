@@ -31,7 +31,8 @@ SIMD loop, runs across the elements).
 * backward: each thread takes dy of its bin and adds dy * w / count (avg) to
   the four taps of every sample, or dy * w to the four taps of the winning
   sample (max, recomputed from x as the forward). Different bins and RoIs
-  share taps, so the adds are ``cuda.atomic.add``.
+  share taps, so the adds are ``cuda.atomic.add``. The gradient starts as
+  zeros, written by a 1-D kernel over the flat array.
 
 Host wrappers (operate on numba device arrays; the ops' device path)
 --------------------------------------------------------------------
@@ -177,15 +178,9 @@ def _kernels(dtype: str):
                     cuda.atomic.add(dx, (b, c, y1, x1), cast(g * w4))
 
     @cuda.jit
-    def fill_zero(a):
-        for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
-            n = i
-            w = n % a.shape[3]
-            n //= a.shape[3]
-            h = n % a.shape[2]
-            n //= a.shape[2]
-            c = n % a.shape[1]
-            a[n // a.shape[1], c, h, w] = 0
+    def fill_zero(flat):
+        for i in range(cuda.grid(1), flat.size, cuda.gridsize(1)):
+            flat[i] = 0
 
     return cuda, forward, backward, fill_zero
 
@@ -280,7 +275,7 @@ def roi_align_backward_cuda(
         )
     dx = empty(shape, dy_dev.dtype)
     if dx.size:
-        fill_zero[_launch(dx.size)](dx)
+        fill_zero[_launch(dx.size)](dx.reshape(dx.size))  # flat: no index arithmetic per element
     if dy_dev.size:
         backward[_launch(dy_dev.size)](
             dy_dev, rois_dev, x_dev, float(spatial_scale), int(sampling_ratio), bool(aligned), mode == "max", dx
