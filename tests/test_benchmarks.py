@@ -93,6 +93,23 @@ def test_gpu_benchmark_times_the_model_inside_a_cuda_session(monkeypatch):
     assert "backbone.body forward" in table and "host <-> device: to host" in table
 
 
+def test_gpu_benchmark_r50_rows_use_the_r50_preset_at_512():
+    """--r50 times torchvision's architecture on 2 unresized 512x512 images, on both devices."""
+    bench = _load("bench_cuda")
+    config, images, targets, label = bench.model_inputs("r50")
+    assert [im.shape for im in images] == [(3, 512, 512)] * 2 and len(targets) == 2
+    for device in ("cpu", "cuda"):
+        c = config(device)
+        assert (c.device, c.block, c.blocks_per_stage, c.min_size, c.max_size) == (
+            device,
+            "bottleneck",
+            (3, 4, 6, 3),
+            512,
+            512,
+        )
+    assert "R50-FPN" in label
+
+
 _SIM_ROI_ROW = """
 import numpy as np
 from numba import cuda
