@@ -160,6 +160,24 @@ def test_a_mistake_is_one_line_and_touches_nothing(run, capsys, argv, message):
     assert (snapshot(run["RUN"]), sorted(os.listdir(run["BASE"]))) == before
 
 
+def test_cuda_without_a_gpu_is_one_line_and_makes_no_folder(run, capsys, monkeypatch, tmp_path):
+    """--device cuda where numba.cuda finds no GPU: refused before the run's folder is made."""
+    from tinymrcnn.kernels.cuda import device
+
+    def no_gpu():
+        raise RuntimeError("the GPU path was asked for, but no usable NVIDIA GPU and CUDA driver were found (test).")
+
+    monkeypatch.setattr(device, "require_cuda", no_gpu)
+    for argv in (
+        ["train", "--out", tmp_path / "gpu_run", "--iters", "1", "--device", "cuda", *SMALL],
+        ["predict", "--checkpoint", run["CKPT"], run["IMG"], "--out", tmp_path / "gpu_pred", "--device", "cuda"],
+    ):
+        status, _, err = cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert status == 1 and len(lines) == 1 and "no usable NVIDIA GPU" in lines[0], err
+        assert not os.path.exists(argv[argv.index("--out") + 1])
+
+
 def test_debug_shows_the_traceback(run, capsys, monkeypatch):
     with pytest.raises(UsageError, match="not a checkpoint"):
         main(["--debug", "evaluate", "--checkpoint", run["RANDOM"]])

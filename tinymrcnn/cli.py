@@ -436,6 +436,7 @@ def cmd_predict(args):
     if args.max_size is not None and args.max_size < 32:
         raise UsageError(f"argument --max-size: must be at least 32 pixels, got {args.max_size}")
     model = _load_model(args.checkpoint, args.device)
+    runtime.check_device(model.config)  # before the folder is made
     os.makedirs(args.out, exist_ok=True)
     failed = []
     for path in args.images:

@@ -50,6 +50,17 @@ def session(config, processes: int = 1):
         yield
 
 
+def check_device(config) -> None:
+    """Raise :func:`session`'s error now if ``config.device`` cannot run (no GPU for "cuda").
+
+    Changes nothing: the commands call it before they write anything, so a
+    mistaken ``--device cuda`` leaves no half-made run behind.
+    """
+    previous = get_device()
+    set_device(config.device)
+    set_device(previous)
+
+
 def compute_gradients(model, images, targets) -> dict:
     """One training step's gradients: zero them, forward with losses, backward.
 

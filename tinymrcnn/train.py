@@ -381,8 +381,8 @@ def train(
 
     Everything is checked before anything is written: the config
     (:meth:`TrainConfig.validate`), the output folder (:func:`check_out_dir`:
-    a folder holding a run needs ``resume`` or ``overwrite``) and, for
-    ``resume``, the checkpoint. Raises :class:`TrainingInterrupted` after
+    a folder holding a run needs ``resume`` or ``overwrite``), for
+    ``resume`` the checkpoint, and the model's device. Raises :class:`TrainingInterrupted` after
     Ctrl-C/SIGTERM (a checkpoint at the current step is saved) and
     :class:`NonFiniteLossError` if training diverges.
     """
@@ -427,6 +427,8 @@ def train(
         label_map(model.config.class_names, val_set.class_names, _describe_dataset(val_set))
     best_path = os.path.join(cfg.out_dir, "best.npz")
     best = _previous_best(best_path, start_step) if resume else None
+
+    runtime.check_device(model.config)  # e.g. --device cuda without a GPU: before the folder is touched
 
     # -- from here on the folder is written to, under its lock
     os.makedirs(cfg.out_dir, exist_ok=True)
