@@ -86,6 +86,33 @@ def test_bad_config():
         AnchorGenerator(sizes=((0,),), aspect_ratios=((1.0,),))
 
 
+def test_config_with_several_sizes_per_level():
+    """anchor_sizes entries may be tuples: the RPN then scores sizes x ratios anchors per cell."""
+    from tinymrcnn import MaskRCNN, MaskRCNNConfig
+
+    sizes = ((24, 34), (48, 68), (96, 136), (192, 272), (384, 543))
+    cfg = MaskRCNNConfig.shapes(anchor_sizes=sizes)
+    assert cfg.num_anchors_per_location == 6
+    assert MaskRCNNConfig.from_json(cfg.to_json()) == cfg  # nested JSON arrays come back as tuples
+    rpn = MaskRCNN(cfg).rpn
+    assert rpn.anchor_generator.num_anchors_per_location() == [6] * 5
+    assert rpn.head.cls_logits.weight.shape[0] == 6 and rpn.head.bbox_pred.weight.shape[0] == 24
+    # level P3 (stride 8), size 68, ratio 1 (a = 1 * 2 + 1), at the origin cell
+    np.testing.assert_array_equal(rpn.anchor_generator.cell_anchors[1][3], [-34, -34, 34, 34])
+    # a plain number per level is one size
+    assert MaskRCNNConfig.shapes(anchor_sizes=(16, 32, 64, 128, 256)).anchor_sizes_per_level == (
+        (16,),
+        (32,),
+        (64,),
+        (128,),
+        (256,),
+    )
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        MaskRCNNConfig.shapes(anchor_sizes=((24, 34), 48, 96, 192, 384))  # the RPN head is shared
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        MaskRCNNConfig.shapes(anchor_sizes=(24, 48, 96, 192, -1))
+
+
 @pytest.mark.torch
 def test_matches_torchvision_anchor_code_in_torch():
     """torchvision's AnchorGenerator.generate_anchors + grid_anchors, repeated in torch."""

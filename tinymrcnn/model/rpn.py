@@ -80,7 +80,7 @@ class RegionProposalNetwork(Module):
         c = config
         self.config = c
         self.anchor_generator = AnchorGenerator(
-            sizes=tuple((s,) for s in c.anchor_sizes),
+            sizes=c.anchor_sizes_per_level,
             aspect_ratios=(tuple(c.aspect_ratios),) * len(c.anchor_sizes),
             cell_centered=c.anchor_cell_centered,
         )
