@@ -177,7 +177,7 @@ class MaskRCNNConfig:
         FPN width 64, anchors 24..384 px for shapes of 25-68 px (square root of
         the box area, median 51, so P3's 48 px anchors fit the typical shape;
         with 16..256 px, 68% of the shapes had no anchor at the RPN's positive
-        IoU of 0.7, and 6-minute runs reached a lower mask AP: README, "What it
+        IoU of 0.7, and 6-minute runs missed more of them: README, "What it
         reaches"), RoI counts sized for a CPU, aligned RoIAlign, mask targets
         and mask paste (detectron2; the aligned paste is worth 0.01-0.02 mask
         AP on these shapes), and a 2-conv, 64-wide mask head that still
