@@ -111,6 +111,8 @@ def test_config_with_several_sizes_per_level():
         MaskRCNNConfig.shapes(anchor_sizes=((24, 34), 48, 96, 192, 384))  # the RPN head is shared
     with pytest.raises(ValueError, match="anchor_sizes"):
         MaskRCNNConfig.shapes(anchor_sizes=(24, 48, 96, 192, -1))
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        MaskRCNNConfig.shapes(anchor_sizes=("24", 48, 96, 192, 384))  # a clear error, not a TypeError
 
 
 @pytest.mark.torch

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -143,8 +144,12 @@ class MaskRCNNConfig:
         need(len(self.anchor_sizes) == 5, "anchor_sizes needs one entry per level P2..P6")
         per_level = self.anchor_sizes_per_level
         need(
-            all(len(s) == len(per_level[0]) and all(v > 0 for v in s) for s in per_level),
-            f"anchor_sizes needs the same number of positive sizes on every level (the RPN head "
+            all(
+                len(s) == len(per_level[0])
+                and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 for v in s)
+                for s in per_level
+            ),
+            f"anchor_sizes needs the same number of sizes (positive numbers) on every level (the RPN head "
             f"is shared across levels), got {self.anchor_sizes}",
         )
         need(self.roi_op in ("roi_align", "roi_pool"), f"roi_op must be roi_align or roi_pool, got {self.roi_op!r}")
