@@ -1,12 +1,16 @@
 """One training step and one predict() of the shapes preset, stage by stage.
 
     python benchmarks/bench_model.py [--batch 4] [--repeats 5] [--blas-threads 1]
+                                     [--numba-threads 1] [--default-malloc]
 
 Prints the time of each stage of the forward and the backward
 (``tinymrcnn.runtime.StageTimer``, which wraps the stages' methods while it
 watches), so the slowest stage is visible, and the same for predict(). Batch
 of 128x128 shapes images, float32, inside ``runtime.session`` (the preset's
-device and BLAS threads), as in training.
+device and BLAS threads), as in training; ``--batch 2 --numba-threads 1`` is
+one data-parallel worker's share of a step on 2 cores. The process keeps the
+memory it frees, as training does (``runtime.keep_freed_memory``);
+``--default-malloc`` leaves the C allocator as it is, to compare.
 """
 
 import argparse
@@ -17,6 +21,12 @@ import numpy as np
 from tinymrcnn import MaskRCNN, MaskRCNNConfig, runtime
 from tinymrcnn.data.shapes import ShapesDataset
 from tinymrcnn.optim import AdamW
+
+
+def numba_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
 
 
 def main():
@@ -30,7 +40,15 @@ def main():
         help="BLAS threads in the runtime session (default: the preset's, "
         "MaskRCNNConfig.blas_threads; 0: one per core)",
     )
+    ap.add_argument("--numba-threads", type=int, default=None, help="Numba threads (default: Numba's)")
+    ap.add_argument("--default-malloc", action="store_true", help="do not call runtime.keep_freed_memory()")
     args = ap.parse_args()
+    if args.numba_threads is not None:
+        import numba
+
+        numba.set_num_threads(args.numba_threads)
+    if not args.default_malloc:
+        runtime.keep_freed_memory()
     overrides = {}
     if args.blas_threads is not None:
         overrides["blas_threads"] = args.blas_threads
@@ -62,7 +80,8 @@ def main():
                 steps.append(time.perf_counter() - t0)
         print(
             f"training step, batch {args.batch} x 128x128 (median of {args.repeats}), "
-            f"blas_threads={model.config.blas_threads}: {1000 * np.median(steps):.0f} ms"
+            f"blas_threads={model.config.blas_threads}, numba_threads={numba_threads()}, "
+            f"{'default malloc' if args.default_malloc else 'freed memory kept'}: {1000 * np.median(steps):.0f} ms"
         )
         print(timer.table(args.repeats, total_s=sum(steps)))
 

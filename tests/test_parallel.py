@@ -72,6 +72,60 @@ def test_pool_gradient_is_the_mean_of_the_shard_gradients(tmp_path):
         assert np.abs(a - expected).max() <= 1e-5 * scale, name
 
 
+def test_a_worker_uses_the_shard_it_loaded_ahead_only_for_that_step(tmp_path):
+    c = cfg(tmp_path, "ahead", iters=1, batch_size=4, workers=2)
+    model = MaskRCNN(small_model_config(), seed=0)
+    train_set, _ = make_datasets(c)
+    zero = [np.array([0]), np.array([1])]
+    ahead, other = [np.array([2]), np.array([3, 4])], [np.array([2]), np.array([5, 6])]
+    reference = MaskRCNN(small_model_config(), seed=0)
+    expected = {
+        name: shard_gradient(reference, train_set, indices, 7, 1, 2)[0]
+        for name, indices in (("ahead", ahead[1]), ("other", other[1]))
+    }
+    assert expected["ahead"] != expected["other"]
+    # the flips of step 7 are not those of step 6: a shard loaded ahead with the wrong step's would differ
+    flipped = [load_batch(train_set, ahead[1], s, c.seed, c.hflip, 1, 2)[0][0] for s in (6, 7)]
+    assert not np.array_equal(*flipped)
+    got = {}
+    with WorkerPool(model, 2, c.to_dict()) as pool:
+        for name, shards in (("ahead", ahead), ("other", other)):
+            pool.start_step(6, zero, next_shards=ahead)  # the worker loads ahead[1] for step 7
+            pool.finish_step()
+            pool.start_step(7, shards)  # ... and uses it only if step 7 takes those images
+            (got[name],) = pool.finish_step()
+    for name in expected:
+        for k, v in expected[name].items():
+            np.testing.assert_allclose(got[name][k], v, rtol=1e-5, err_msg=f"{name} {k}")
+
+
+def test_the_trainer_takes_the_shard_it_loaded_ahead_only_for_that_step(tmp_path):
+    from tinymrcnn.train import _Shards
+
+    c = cfg(tmp_path, "ahead", iters=1, batch_size=4, workers=2)
+    train_set, _ = make_datasets(c)
+    batches = _Shards(train_set, c, 2)
+    batches.load_ahead(5)
+    ahead = batches.ahead
+    images, targets = batches.take(5)
+    assert images is ahead[1] and targets is ahead[2]
+    batches.load_ahead(5)
+    images, _ = batches.take(6)  # another step: loaded now, with step 6's images and flips
+    fresh, _ = load_batch(train_set, batches.indices(6)[0], 6, c.seed, c.hflip, 0, 2)
+    for a, b in zip(images, fresh):
+        np.testing.assert_array_equal(a, b)
+    assert batches.ahead is None
+
+    def unreadable(step):
+        raise OSError(f"cannot read an image of step {step}")
+
+    batches.load = unreadable
+    batches.load_ahead(7)  # not this step's error ...
+    assert batches.ahead is None
+    with pytest.raises(OSError, match="step 7"):
+        batches.take(7)  # ... but step 7's
+
+
 def test_data_parallel_resume_continues_exactly(tmp_path):
     full = train(cfg(tmp_path, "full", iters=4, workers=2), small_model_config(), progress=False)
     train(cfg(tmp_path, "split", iters=2, workers=2, checkpoint_every=2), small_model_config(), progress=False)
@@ -88,7 +142,10 @@ def test_data_parallel_resume_continues_exactly(tmp_path):
 def test_a_failing_worker_is_reported_with_its_traceback(tmp_path):
     c = cfg(tmp_path, "bad", iters=1, workers=2)
     model = MaskRCNN(small_model_config(), seed=0)
+    bad = [np.array([0]), np.array([c.num_train_images + 100])]
     with WorkerPool(model, 2, c.to_dict()) as pool:
-        pool.start_step(0, [np.array([0]), np.array([c.num_train_images + 100])])
+        pool.start_step(0, [np.array([0]), np.array([1])], next_shards=bad)
+        pool.finish_step()  # failing to load step 1 ahead is not step 0's error ...
+        pool.start_step(1, bad)
         with pytest.raises(RuntimeError, match=r"training worker 1 failed:(.|\n)*Error"):
-            pool.finish_step()
+            pool.finish_step()  # ... but step 1's

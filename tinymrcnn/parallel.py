@@ -33,6 +33,12 @@ float arrays, in the order of ``model.parameters()``:
                            -> write its gradient into its row of `grads`
              main: wait, average the rows into param.grad, clip, optimizer step
 
+Loading a shard's images (~1 ms per shapes image) happens while a process
+would otherwise wait: each step's message also carries the indices of step
+s + 1, which a worker loads after sending its gradient, and the main process
+loads its own next shard while it waits for the workers' gradients
+(``train.train_step``'s ``while_waiting``).
+
 Each worker draws its flips and samples from generators seeded by
 (seed, step, rank), so a run with the same number of workers is reproducible
 and resumes exactly.
@@ -200,11 +206,17 @@ class WorkerPool:
             raise RuntimeError(f"training worker {rank} failed:\n{payload}")
         return payload
 
-    def start_step(self, step: int, shards: list[np.ndarray]) -> None:
-        """Publish the current parameters and hand shards 1..n-1 to the workers."""
+    def start_step(self, step: int, shards: list[np.ndarray], next_shards: list[np.ndarray] | None = None) -> None:
+        """Publish the current parameters and hand shards 1..n-1 to the workers.
+
+        ``next_shards``: the shards of step + 1, which each worker then loads
+        while it waits for that step (after sending its gradient, while this
+        process averages them and updates the parameters).
+        """
         self.flat.write_params(self.params.array)
         for rank in range(1, self.n):
-            self.conns[rank - 1].send(("step", (step, shards[rank].tolist())))
+            nxt = None if next_shards is None else next_shards[rank].tolist()
+            self.conns[rank - 1].send(("step", (step, shards[rank].tolist(), nxt)))
 
     def finish_step(self) -> list[dict]:
         """Wait for the workers; average their gradients into the caller's; their losses."""
@@ -251,6 +263,7 @@ def _worker_main(conn):
         from .model.mask_rcnn import MaskRCNN
 
         numba.set_num_threads(1)  # one core per worker
+        runtime.keep_freed_memory()
         cfg = SimpleNamespace(**train_cfg_dict)  # the trainer's TrainConfig, as a dict
         model = MaskRCNN(MaskRCNNConfig.from_json(config_json), seed=cfg.seed)
         model.train()
@@ -261,18 +274,26 @@ def _worker_main(conn):
         grads = _Shared((max(n_workers - 1, 1), size), dtype, name=grads_name)
         train_set, _ = make_datasets(cfg, model.config.class_names, check_files=False)
         conn.send(("ready", None))
-        while True:
-            kind, payload = conn.recv()
-            if kind == "stop":
-                break
-            step, indices = payload
-            flat.read_params(params.array)
-            images, targets = load_batch(train_set, indices, step, cfg.seed, cfg.hflip, rank, n_workers)
-            model.rng = np.random.default_rng(step_seeds(cfg.seed, step, rank, n_workers)[1])
-            with runtime.session(model.config, processes=n_workers):
+
+        def load(step, indices):
+            return load_batch(train_set, indices, step, cfg.seed, cfg.hflip, rank, n_workers)
+
+        ahead = None  # (step, indices, batch): loaded while the caller finished the step before
+        with runtime.session(model.config, processes=n_workers):  # for the worker's life (~1 ms a step otherwise)
+            while True:
+                kind, payload = conn.recv()
+                if kind == "stop":
+                    break
+                step, indices, next_indices = payload
+                flat.read_params(params.array)
+                hit = ahead is not None and ahead[:2] == (step, indices)
+                images, targets = ahead[2] if hit else load(step, indices)
+                model.rng = np.random.default_rng(step_seeds(cfg.seed, step, rank, n_workers)[1])
                 losses = runtime.compute_gradients(model, images, targets)
-            flat.write_grads(grads.array[rank - 1])
-            conn.send(("losses", losses))
+                flat.write_grads(grads.array[rank - 1])
+                conn.send(("losses", losses))
+                # (an error loading ahead reaches the caller at the next finish_step, as if loaded then)
+                ahead = None if next_indices is None else (step + 1, next_indices, load(step + 1, next_indices))
     except (EOFError, KeyboardInterrupt):
         pass
     except Exception:

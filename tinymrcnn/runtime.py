@@ -15,17 +15,59 @@ benchmarks and the data-parallel workers (``parallel.py``):
 
     with runtime.record_layers(model, ["backbone.body.layer2"]) as outputs:
         model.predict([image])                     # outputs["backbone.body.layer2"]: [(N, C, H, W)]
+
+    runtime.keep_freed_memory()                    # a training process: reuse freed pages
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import platform
+import sys
 import time
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 
 from .kernels import get_device, set_device
+
+# glibc's mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # the largest glibc accepts on a 64-bit machine
+_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory it frees instead of handing it back to the OS.
+
+    A training step allocates and frees the same arrays every step
+    (activations, gradients, the convolutions' stacked copies, from a few
+    KB to a few MB each). By default glibc's malloc serves the large ones
+    with a fresh ``mmap`` and gives them back on ``free``, and returns free
+    space at the top of its heap to the OS; the next step's arrays then land
+    on new pages, which the kernel zero-fills on first touch. Measured on
+    the shapes preset (one worker's step of 2 images): ~3000 page faults
+    per step, 117 ms per step; with the two thresholds raised, 3-4 faults
+    and 109 ms. The process's memory then stays near its peak between
+    steps instead of shrinking, which is what a training process wants.
+
+    Process-wide and permanent; only on Linux with glibc (elsewhere it does
+    nothing and returns False). Called by ``train()`` and by each
+    data-parallel worker before their first step.
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # Both together: setting either one switches off glibc's adaptive thresholds, and
+    # raising only one of them left the step slower than the default (measured).
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    )
 
 
 @contextmanager

@@ -63,6 +63,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -295,16 +296,54 @@ def make_optimizer(model, cfg: TrainConfig):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw or sgd)")
 
 
-def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | None, pool=None):
+class _Shards:
+    """This process's shard (0) of each step's batch, and the next one loaded ahead.
+
+    With data-parallel workers, ``train_step`` waits for their gradients after
+    computing its own; the next step's shard is loaded in that wait instead of
+    at the start of the next step (the workers do the same, ``parallel.py``).
+    Which images a step takes, and their flips, depend only on the step, so
+    loading ahead changes nothing in the run.
+    """
+
+    def __init__(self, train_set, cfg: TrainConfig, n_workers: int):
+        self.train_set, self.cfg, self.n_workers = train_set, cfg, n_workers
+        self.ahead = None  # (step, images, targets)
+
+    def indices(self, step: int) -> list[np.ndarray]:
+        """The image indices of step ``step``, one shard per worker."""
+        return shard(batch_indices(len(self.train_set), self.cfg.batch_size, step, self.cfg.seed), self.n_workers)
+
+    def load(self, step: int):
+        cfg = self.cfg
+        return load_batch(self.train_set, self.indices(step)[0], step, cfg.seed, cfg.hflip, 0, self.n_workers)
+
+    def load_ahead(self, step: int) -> None:
+        try:
+            self.ahead = (step, *self.load(step))
+        except Exception:  # loading ahead only saves time: an error shows when its step loads
+            self.ahead = None
+
+    def take(self, step: int):
+        """(images, targets) of step ``step``: the ones loaded ahead, or loaded now."""
+        ahead, self.ahead = self.ahead, None
+        return ahead[1:] if ahead is not None and ahead[0] == step else self.load(step)
+
+
+def train_step(model, optimizer, images, targets, lr: float, grad_clip: float | None, pool=None, while_waiting=None):
     """One step; returns the losses and the gradient norm before clipping.
 
     With a :class:`tinymrcnn.parallel.WorkerPool` (whose workers were handed
     their shards by ``pool.start_step``), ``images`` is this process's shard;
     the gradients of all shards are averaged before the update, and the
-    losses returned are the shards' means.
+    losses returned are the shards' means. ``while_waiting`` (with a pool) is
+    called between this shard's gradient and the workers': the training loop
+    loads its next batch there.
     """
     loss_dict = runtime.compute_gradients(model, images, targets)
     if pool is not None:
+        if while_waiting is not None:
+            while_waiting()
         shards = [loss_dict] + pool.finish_step()  # drains the workers even after a NaN here
         loss_dict = {k: float(np.mean([d[k] for d in shards])) for k in loss_dict}
     bad = [k for k, v in loss_dict.items() if not math.isfinite(v)]  # (losses are >= 0: a mean keeps a NaN/inf)
@@ -496,7 +535,9 @@ def _train_loop(run: _Run, start_step: int, elapsed: float, warmup_end_s, resume
     n_workers = 1 if model.config.device == "cuda" and not cfg.workers else resolve_workers(cfg.workers, cfg.batch_size)
     step = start_step
     history = []
+    batches = _Shards(train_set, cfg, n_workers)
     last_good = (start_step, ckpt_path) if resumed else None
+    runtime.keep_freed_memory()
     with runtime.session(model.config, processes=n_workers), _data_parallel(model, n_workers, cfg) as pool:
         _compile_warm_up(model, pool, train_set, cfg, n_workers, step, log)
         bar = tqdm(
@@ -519,14 +560,15 @@ def _train_loop(run: _Run, start_step: int, elapsed: float, warmup_end_s, resume
             if warmup_end_s is None and step >= cfg.warmup_iters:
                 warmup_end_s = elapsed
             t0 = time.perf_counter()  # loading the batch counts as training time
-            idx = shard(batch_indices(len(train_set), cfg.batch_size, step, cfg.seed), n_workers)
-            if pool is not None:
-                pool.start_step(step, idx)  # workers 1.. take shards 1..; we take shard 0
-            images, targets = load_batch(train_set, idx[0], step, cfg.seed, cfg.hflip, 0, n_workers)
+            if pool is not None:  # workers 1.. take shards 1..; we take shard 0
+                pool.start_step(step, batches.indices(step), batches.indices(step + 1))
+            images, targets = batches.take(step)
             model.rng = np.random.default_rng(step_seeds(cfg.seed, step, 0, n_workers)[1])
             lr = schedule.lr_at(step, schedule_progress(cfg, step, elapsed, warmup_end_s))
             try:
-                losses, gnorm = train_step(model, optimizer, images, targets, lr, cfg.grad_clip, pool)
+                losses, gnorm = train_step(
+                    model, optimizer, images, targets, lr, cfg.grad_clip, pool, partial(batches.load_ahead, step + 1)
+                )
             except NonFiniteLossError as e:
                 bar.close()
                 raise _diverged(step + 1, str(e), last_good, cfg.lr) from None
