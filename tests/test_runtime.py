@@ -175,9 +175,10 @@ def test_keep_freed_memory_reuses_the_pages_of_freed_arrays():
     kept = _run_probe(_MALLOC_PROBE, "keep")
     assert kept["applied"] is True
     # By default glibc gives the freed 24 MB back and faults every page in again next time
-    # (~6000 faults per cycle measured); kept, the next cycle reuses them.
-    assert default["faults"] > 5 * 1000
-    assert kept["faults"] < 100
+    # (~6000 faults per cycle measured, 4 KB pages); kept, the next cycle reuses them.
+    if default["faults"] < 1000:  # e.g. huge pages: few faults to begin with
+        pytest.skip(f"this machine's default allocator faulted only {default['faults']} times")
+    assert kept["faults"] < default["faults"] / 50
 
 
 def test_keep_freed_memory_is_a_no_op_without_glibc(monkeypatch):
