@@ -539,7 +539,7 @@ def _train_loop(run: _Run, start_step: int, elapsed: float, warmup_end_s, resume
     last_good = (start_step, ckpt_path) if resumed else None
     runtime.keep_freed_memory()
     with runtime.session(model.config, processes=n_workers), _data_parallel(model, n_workers, cfg) as pool:
-        _compile_warm_up(model, pool, train_set, cfg, n_workers, step, log)
+        _compile_warm_up(model, pool, batches, cfg, n_workers, step, log)
         bar = tqdm(
             total=cfg.iters,
             initial=start_step,
@@ -675,7 +675,7 @@ def _weights_finite(model) -> bool:
 COMPILE_NOTICE_S = 3.0
 
 
-def _compile_warm_up(model, pool, train_set, cfg, n_workers, step, log):
+def _compile_warm_up(model, pool, batches: _Shards, cfg, n_workers, step, log):
     """One forward and backward pass on step ``step``'s batch (all workers), the gradient thrown away.
 
     The first pass of a process compiles the Numba kernels, or loads them from
@@ -692,10 +692,9 @@ def _compile_warm_up(model, pool, train_set, cfg, n_workers, step, log):
     timer.start()
     t0 = time.perf_counter()
     buffers = {k: v.copy() for k, v in model.state_dict().items()}
-    idx = shard(batch_indices(len(train_set), cfg.batch_size, step, cfg.seed), n_workers)
     if pool is not None:
-        pool.start_step(step, idx)
-    images, targets = load_batch(train_set, idx[0], step, cfg.seed, cfg.hflip, 0, n_workers)
+        pool.start_step(step, batches.indices(step))
+    images, targets = batches.load(step)
     model.rng = np.random.default_rng(step_seeds(cfg.seed, step, 0, n_workers)[1])
     try:
         runtime.compute_gradients(model, images, targets)
