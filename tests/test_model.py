@@ -253,6 +253,25 @@ def test_mask_batch_size_per_image_caps_the_mask_branch():
         tiny_config(mask_batch_size_per_image=0)
 
 
+def test_cross_class_decay_reranks_before_the_top_n_cut():
+    """One object scored as square (A) and as circle (C), another circle (B) elsewhere: the decay lowers C
+    below B, and with two detections per image B takes C's place; without it C stays, as in torchvision."""
+    proposals = [np.array([[10, 10, 50, 50], [60, 60, 100, 100], [12, 10, 52, 50]], np.float32)]
+    probs = np.array([[0.06, 0.9, 0.04, 0.0], [0.45, 0.05, 0.5, 0.0], [0.1, 0.2, 0.7, 0.0]])  # bg, sq, ci, tri
+    logits = np.log(np.maximum(probs, 1e-9)).astype(np.float32)
+    deltas = np.zeros((3, 16), np.float32)  # every class's box is the proposal
+
+    def detect(**overrides):
+        heads = MaskRCNN(tiny_config(dtype="float32", box_detections_per_img=2, **overrides), seed=0).roi_heads
+        (d,) = heads.postprocess_detections(logits, deltas, proposals, [(128, 128)])
+        return d["labels"].tolist(), np.round(d["scores"].astype(np.float64), 4).tolist(), d["boxes"][:, 0].tolist()
+
+    assert detect(box_cross_class_decay=1.0) == ([1, 2], [0.9, 0.7], [10, 12])  # NMS per class took only A as a square
+    assert detect(box_cross_class_decay=0.2) == ([1, 2], [0.9, 0.5], [10, 60])
+    with pytest.raises(ValueError, match="box_cross_class_decay"):
+        tiny_config(box_cross_class_decay=1.5)
+
+
 def test_images_of_different_sizes_are_padded():
     model = MaskRCNN(tiny_config(dtype="float32"), seed=0)
     a, ta = toy_batch(1, size=64, seed=1, dtype=np.float32)

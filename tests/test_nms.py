@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tinymrcnn.ops import batched_nms, box_iou, nms
-from tinymrcnn.ops.nms import batched_nms_reference, nms_reference
+from tinymrcnn.ops.nms import batched_nms_reference, decay_across_classes, nms_reference
 
 
 def random_set(rng, dtype):
@@ -148,3 +148,62 @@ def test_kernel_threshold_rounding_keeps_the_strict_comparison_exact():
         assert t32.dtype == np.float32 and t32 <= thr
         near = np.float32(thr) + np.arange(-3, 4, dtype=np.float32) * np.spacing(np.float32(thr))
         np.testing.assert_array_equal(near > t32, near.astype(np.float64) > thr)
+
+
+def decay_by_hand(boxes, scores, labels, thr, factor):
+    """The cross-class decay as a loop over pairs: i is decayed when some j of another label outranks it
+    (higher score, or equal score and earlier) and overlaps it by IoU > thr."""
+    out = scores.copy()
+    for i in range(len(scores)):
+        for j in range(len(scores)):
+            outranks = scores[j] > scores[i] or (scores[j] == scores[i] and j < i)
+            iou = box_iou(boxes[i : i + 1], boxes[j : j + 1])[0, 0]
+            if outranks and labels[j] != labels[i] and float(iou) > thr:
+                out[i] = scores[i] * scores.dtype.type(factor)
+                break
+    return out
+
+
+def test_decay_across_classes_equals_the_pairwise_loop_on_500_random_sets():
+    rng = np.random.default_rng(1)
+    for trial in range(500):
+        dtype = np.float32 if trial % 2 else np.float64
+        boxes, scores = random_set(rng, dtype)
+        labels = rng.integers(1, 4, boxes.shape[0])
+        thr = float(rng.choice([0.0, 0.5, 0.7, rng.random()]))
+        factor = float(rng.choice([0.0, 0.2, 1.0, rng.random()]))
+        got = decay_across_classes(boxes, scores, labels, thr, factor)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, decay_by_hand(boxes, scores, labels, thr, factor), err_msg=f"trial {trial}")
+
+
+def test_decay_across_classes_known_outcome():
+    boxes = np.array(
+        [
+            [0, 0, 10, 10],  # 0: square, 0.9
+            [2, 0, 12, 10],  # 1: circle on the same object (IoU 2/3 with 0), 0.6 -> decayed by 0
+            [0, 0, 10, 5],  # 2: circle, IoU exactly 0.5 with 0: not strictly greater -> kept
+            [20, 20, 30, 30],  # 3: circle far away -> kept
+            [20, 20, 30, 30],  # 4: triangle, same score as 3 but later in the input -> decayed by 3
+            [4, 0, 14, 10],  # 5: triangle, 0.5: IoU 0.43 with 0, 2/3 with 1 -> decayed by 1, decayed itself
+        ],
+        np.float64,
+    )
+    scores = np.array([0.9, 0.6, 0.8, 0.4, 0.4, 0.5])
+    labels = np.array([1, 2, 2, 2, 3, 3])
+    got = decay_across_classes(boxes, scores, labels, 0.5, 0.25)
+    np.testing.assert_array_equal(got, [0.9, 0.15, 0.8, 0.4, 0.1, 0.125])
+    np.testing.assert_array_equal(decay_across_classes(boxes, scores, labels, 0.5, 1.0), scores)
+    same_label = decay_across_classes(boxes, scores, np.ones(6, np.int64), 0.5, 0.25)
+    np.testing.assert_array_equal(same_label, scores)  # only another class decays a detection
+
+
+def test_decay_across_classes_empty_and_bad_input():
+    got = decay_across_classes(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), 0.5, 0.2)
+    assert got.shape == (0,) and got.dtype == np.float32
+    boxes, scores, labels = np.zeros((2, 4)), np.ones(2), np.ones(2, np.int64)
+    for factor in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="factor"):
+            decay_across_classes(boxes, scores, labels, 0.5, factor)
+    with pytest.raises(ValueError, match="labels must be a 1-d array"):
+        decay_across_classes(boxes, scores, np.ones(3, np.int64), 0.5, 0.2)

@@ -29,7 +29,7 @@ from .. import losses
 from ..nn import Linear, Module, ReLU
 from ..ops import roi_align
 from ..ops.boxes import BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes
-from ..ops.nms import batched_nms
+from ..ops.nms import batched_nms, decay_across_classes
 from .mask_head import MaskHead
 from .matcher import BalancedPositiveNegativeSampler, Matcher
 from .poolers import MultiScaleRoIAlign
@@ -253,7 +253,8 @@ class RoIHeads(Module):
         return detections, info
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_sizes):
-        """Softmax, per-class decode, clip, threshold, per-class NMS, top-N (docs/semantics.md#box-head)."""
+        """Softmax, per-class decode, clip, threshold, per-class NMS, cross-class decay, top-N
+        (docs/semantics.md#box-head)."""
         c = self.config
         k = c.num_classes
         z = class_logits - class_logits.max(axis=1, keepdims=True)
@@ -275,7 +276,10 @@ class RoIHeads(Module):
             keep = remove_small_boxes(boxes, c.box_min_size)
             boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
             keep = batched_nms(np.ascontiguousarray(boxes), np.ascontiguousarray(sc), labels, c.box_nms_thresh)
-            keep = keep[: c.box_detections_per_img]
+            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
+            if c.box_cross_class_decay < 1.0:
+                sc = decay_across_classes(boxes, sc, labels, c.box_nms_thresh, c.box_cross_class_decay)
+            keep = np.argsort(-sc, kind="stable")[: c.box_detections_per_img]
             out.append(
                 {
                     "boxes": np.ascontiguousarray(boxes[keep], dtype=np.float32),

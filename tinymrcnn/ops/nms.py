@@ -10,6 +10,10 @@ kept indices come back in decreasing score order, as torchvision's
 ``tinymrcnn/kernels/cpu/nms.py``; ``nms_reference`` and
 ``batched_nms_reference`` are the readable NumPy versions with the same
 signatures, and the tests assert that they agree exactly.
+
+``decay_across_classes`` is a softer step after per-class NMS: it lowers the
+score of a detection that another class has already claimed, instead of
+dropping it (docs/semantics.md#box-head).
 """
 
 from __future__ import annotations
@@ -82,7 +86,36 @@ def batched_nms_reference(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarra
     return order[np.asarray(keep, dtype=np.int64)].astype(np.int64, copy=False)
 
 
-def _check_inputs(boxes, scores, idxs=None) -> int:
+def decay_across_classes(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float, factor: float
+) -> np.ndarray:
+    """Scores after a cross-class decay: the per-class NMS leaves one object detected as two classes.
+
+    boxes (N, 4), scores (N,), labels (N,) integers, iou_threshold in [0, 1],
+    factor in [0, 1] -> new scores (N,), same dtype. A detection whose box has
+    IoU strictly greater than ``iou_threshold`` with a *higher-scoring*
+    detection of *another* label gets its score multiplied by ``factor``
+    (ties: the earlier in input order counts as higher). The comparison uses
+    the original scores, so a decayed detection still decays the ones below
+    it. ``factor=1`` changes nothing; ``factor=0`` is class-agnostic NMS on
+    top of the per-class one, which also drops the second guess when it is
+    the right one (an object half under another of a different class).
+    """
+    n = _check_inputs(boxes, scores, labels, "labels")
+    thr = _check_threshold(iou_threshold)
+    factor = float(factor)
+    if not 0.0 <= factor <= 1.0:
+        raise ValueError(f"factor must be in [0, 1], got {factor!r}")
+    rank = np.empty(n, np.int64)
+    rank[np.argsort(-scores, kind="stable")] = np.arange(n)  # 0 = best
+    higher = rank[None, :] < rank[:, None]  # higher[i, j]: j outranks i
+    other_class = labels[None, :] != labels[:, None]
+    overlaps = box_iou(boxes, boxes).astype(np.float64) > thr
+    claimed = (higher & other_class & overlaps).any(axis=1)  # (N,)
+    return np.where(claimed, scores * scores.dtype.type(factor), scores)
+
+
+def _check_inputs(boxes, scores, idxs=None, idxs_name: str = "idxs") -> int:
     """Validate shapes and values; return N."""
     check_boxes(boxes, "boxes")
     check_float_array(scores, "scores", ndim=1)
@@ -92,11 +125,11 @@ def _check_inputs(boxes, scores, idxs=None) -> int:
     if idxs is not None:
         if not isinstance(idxs, np.ndarray) or idxs.ndim != 1 or idxs.shape[0] != n:
             raise ValueError(
-                f"idxs must be a 1-d array with one entry per box ({n} boxes), "
+                f"{idxs_name} must be a 1-d array with one entry per box ({n} boxes), "
                 f"got {getattr(idxs, 'shape', type(idxs).__name__)}"
             )
         if not np.issubdtype(idxs.dtype, np.integer):
-            raise ValueError(f"idxs must hold integers, got {idxs.dtype}")
+            raise ValueError(f"{idxs_name} must hold integers, got {idxs.dtype}")
     return n
 
 
